@@ -1,0 +1,4 @@
+from .launch import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,305 @@
+"""Typed run configuration: YAML file + ``--set key=value`` overrides, validated before any replica starts.
+
+Every mistake becomes one ``UserError`` line naming the key and what is valid
+(unknown keys get a did-you-mean), so a week-long job never dies at step 0 on a typo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "digits"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"          # digits | mnist | emnist | cifar10 | imagenet | imagenet-mini | folder
+    root: str | None = None          # local path or gs://bucket/prefix (shards)
+    split: str = "balanced"          # EMNIST split
+    image_size: int = 16
+    augment: str = "digits"          # moco_v1 | moco_v2 | small | small_v2 | digits
+    workers: int = 0
+    shuffle_buffer: int = 1000       # streaming shards: seeded shuffle buffer
+    on_bad_sample: str = "error"     # error | skip
+    test_fraction: float = 0.3       # digits: held-out stratified split
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "small_resnet"       # resnet18 | resnet34 | resnet50 | small_resnet
+    in_channels: int = 1
+    small_stem: bool = True          # 3x3 stride-1 stem, no max-pool (28-32 px images)
+    width: int = 32                  # small_resnet base width
+    dim: int = 128                   # feature dimension of the head
+    mlp: bool = True                 # v2 MLP head (v1: linear)
+    bn_splits: int = 8               # Split BN sub-batches (1 = plain BN on each replica)
+    sync_bn: bool = False            # BN over the global batch (instead of shuffle BN)
+
+
+@dataclass
+class MocoConfig:
+    K: int = 4096                    # queue length (negatives)
+    m: float = 0.99                  # key encoder momentum
+    T: float = 0.1                   # softmax temperature
+    symmetric: bool = True           # both crops serve as query in turn
+    shuffle: str = "gather"          # gather | all_to_all | none
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 128            # global batch (all replicas together), as in the papers
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"         # cosine | step | constant
+    lr_steps: list = field(default_factory=lambda: [120, 160])  # epochs where lr *= 0.1 (step)
+    warmup_epochs: int = 0
+    precision: str = "auto"          # auto | fp32 | bf16 | fp16
+    log_every: int = 10              # steps between host reads of loss/acc
+    seed: int = 0
+    max_steps_per_epoch: int = 0     # 0 = the whole epoch (small values for smoke tests)
+    collapse_warn: bool = True       # warn when the loss sits at the uniform-logits value
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 5               # epochs between kNN monitors (0 = only at the end)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    batch_size: int = 256
+    max_bank: int = 0                # 0 = whole train set as the feature bank
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1                   # epochs between checkpoints (0 = off)
+    keep: int = 3                    # keep the last K checkpoints
+    dir: str | None = None           # default: <out>/checkpoints (local path or gs://)
+
+
+@dataclass
+class Config:
+    name: str = "digits"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits"),
+    "data.on_bad_sample": ("error", "skip"),
+    "model.arch": ("resnet18", "resnet34", "resnet50", "small_resnet"),
+    "moco.shuffle": ("gather", "all_to_all", "none"),
+    "train.schedule": ("cosine", "step", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def config_path(name_or_path: str | None) -> Path:
+    """A config name (``digits``) or a path to a YAML file."""
+    name_or_path = name_or_path or DEFAULT_CONFIG
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist")
+        return p
+    p = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+        raise UserError(f"unknown config {name_or_path!r}; valid: {', '.join(names)} or a .yaml path")
+    return p
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate. Raises UserError."""
+    path = config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    cfg = from_dict(raw)
+    for item in overrides or []:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = Config()
+    for key, value in raw.items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """``section.key=value``; the value is parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r} must look like section.key=value (e.g. train.lr=0.03)")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text
+    _set(cfg, key.strip(), value)
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            prefix = ".".join(parts[:i])
+            full = [f"{prefix}.{n}" if prefix else n for n in names]
+            guess = difflib.get_close_matches(".".join(parts[: i + 1]), full, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else f"; valid: {', '.join(full)}"
+            raise UserError(f"unknown config key {dotted!r}{hint}")
+        f = next(f for f in dataclasses.fields(obj) if f.name == part)
+        current = getattr(obj, part)
+        if dataclasses.is_dataclass(current):
+            if i == len(parts) - 1:
+                if not isinstance(value, dict):
+                    raise UserError(f"config section {dotted!r} must be a mapping")
+                for k, v in value.items():
+                    _set(cfg, f"{dotted}.{k}", v)
+                return
+            obj = current
+            continue
+        if i != len(parts) - 1:
+            raise UserError(f"config key {'.'.join(parts[: i + 1])!r} is not a section")
+        setattr(obj, part, _coerce(dotted, value, f, current))
+        return
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, current: Any) -> Any:
+    typ = typing.get_type_hints(_owner(f))[f.name]
+    optional = typing.get_origin(typ) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(typ) if a is not type(None)] if optional else [typ]
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"config key {key!r} needs a value of type {args[0].__name__}")
+    want = args[0]
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 5e-4 as a string
+            except ValueError:
+                pass
+    elif want is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif want is list or typing.get_origin(want) is list:
+        if isinstance(value, list):
+            return value
+    else:
+        return value
+    raise UserError(f"config key {key!r} must be {want.__name__}, got {value!r}")
+
+
+_OWNERS: dict[int, type] = {}
+
+
+def _owner(f: dataclasses.Field) -> type:
+    if not _OWNERS:
+        for cls in (Config, DataConfig, ModelConfig, MocoConfig, TrainConfig, EvalConfig, CheckpointConfig):
+            for g in dataclasses.fields(cls):
+                _OWNERS[id(g)] = cls
+    return _OWNERS[id(f)]
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Range and consistency checks; with ``world_size`` also the per-replica split."""
+    for dotted, choices in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise UserError(f"config key {dotted!r} is {value!r}; valid: {', '.join(choices)}")
+    t, m, d, e = cfg.train, cfg.moco, cfg.data, cfg.eval
+    checks = [
+        (t.lr > 0, "train.lr", f"must be > 0, got {t.lr}"),
+        (t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}"),
+        (t.batch_size >= 2, "train.batch_size", f"must be >= 2, got {t.batch_size}"),
+        (0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}"),
+        (t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}"),
+        (t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}"),
+        (t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}"),
+        (t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0"),
+        (0 <= m.m < 1, "moco.m", f"must be in [0, 1), got {m.m}"),
+        (m.T > 0, "moco.T", f"must be > 0, got {m.T}"),
+        (m.K >= 1, "moco.K", f"must be >= 1, got {m.K}"),
+        (cfg.model.dim >= 1, "model.dim", f"must be >= 1, got {cfg.model.dim}"),
+        (cfg.model.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {cfg.model.in_channels}"),
+        (cfg.model.bn_splits >= 1, "model.bn_splits", f"must be >= 1, got {cfg.model.bn_splits}"),
+        (cfg.model.width >= 1, "model.width", f"must be >= 1, got {cfg.model.width}"),
+        (d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}"),
+        (d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}"),
+        (d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}"),
+        (0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"),
+        (e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}"),
+        (e.knn_t > 0, "eval.knn_t", f"must be > 0, got {e.knn_t}"),
+        (e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}"),
+        (e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}"),
+        (cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}"),
+        (cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}"),
+        (not (cfg.model.sync_bn and cfg.model.bn_splits > 1), "model.sync_bn",
+         "cannot be combined with model.bn_splits > 1 (choose one BN scheme)"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise UserError(f"config key {key!r} {msg}")
+    enqueue = t.batch_size * (2 if m.symmetric else 1)
+    if m.K % enqueue:
+        what = "2 x global batch (symmetric loss enqueues both crops)" if m.symmetric else "the global batch"
+        raise UserError(f"moco.K={m.K} must be divisible by {what} = {enqueue}; "
+                        f"e.g. moco.K={max(enqueue, m.K // enqueue * enqueue)}")
+    if world_size is not None:
+        validate_world(cfg, world_size)
+
+
+def validate_world(cfg: Config, world_size: int) -> None:
+    """Checks that depend on the replica count."""
+    t = cfg.train
+    if t.batch_size % world_size:
+        raise UserError(f"train.batch_size={t.batch_size} (global) must be divisible by the "
+                        f"{world_size} replicas")
+    per = t.batch_size // world_size
+    if per % cfg.model.bn_splits:
+        raise UserError(f"per-replica batch {per} must be divisible by model.bn_splits="
+                        f"{cfg.model.bn_splits}")
+    if cfg.moco.shuffle == "all_to_all" and per % world_size:
+        raise UserError(f"moco.shuffle=all_to_all needs the per-replica batch {per} divisible by "
+                        f"the {world_size} replicas")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

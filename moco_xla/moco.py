@@ -1,0 +1,91 @@
+"""MoCo: a query encoder, a momentum key encoder, a queue of negative keys, InfoNCE.
+
+Read alongside the official builder (facebookresearch/moco, moco/builder.py): the
+same steps under the paper's names. What differs is what a TPU needs: the queue
+pointer is a device tensor (no ``int(ptr)``, which syncs and recompiles every
+step), the momentum update is one fused foreach op, collectives go through the
+Runtime, and nothing is read back to the host here.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .runtime import Runtime
+from .shuffle import shuffled_keys
+
+
+class MoCo(nn.Module):
+    """MoCo v1/v2. ``forward(im_q, im_k)`` returns (loss, {'loss', 'acc'}), all device tensors."""
+
+    def __init__(self, encoder_q: nn.Module, runtime: Runtime, dim: int = 128, K: int = 65536,
+                 m: float = 0.999, T: float = 0.07, symmetric: bool = False,
+                 shuffle: str = "gather") -> None:
+        super().__init__()
+        self.rt = runtime
+        self.K, self.m, self.T = K, m, T
+        self.symmetric = symmetric
+        self.shuffle = shuffle
+        self.encoder_q = encoder_q
+        self.encoder_k = copy.deepcopy(encoder_q)  # same init; trained only by momentum
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update_key_encoder(self) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q, as one fused foreach op."""
+        k_params = list(self.encoder_k.parameters())
+        q_params = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_lerp_(k_params, q_params, 1.0 - self.m)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Write the global batch of keys over the oldest ones; the pointer stays on the device."""
+        keys = self.rt.all_gather(keys)
+        n = keys.shape[0]
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % self.K
+        self.queue.index_copy_(1, idx, keys.t().to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
+
+    def query(self, im_q: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encoder_q(im_q).float(), dim=1)
+
+    @torch.no_grad()
+    def key(self, im_k: torch.Tensor) -> torch.Tensor:
+        """Keys from the momentum encoder, with shuffle BN across replicas."""
+        k, _ = shuffled_keys(self.rt, self.encoder_k, im_k, self.shuffle)
+        return F.normalize(k.float(), dim=1)
+
+    def contrastive_loss(self, im_q: torch.Tensor, im_k: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """InfoNCE with the positive at index 0; logits, softmax and loss in fp32."""
+        q = self.query(im_q)
+        k = self.key(im_k)
+        l_pos = (q * k).sum(dim=1, keepdim=True)
+        l_neg = q @ self.queue.clone().detach()
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(dim=1) == 0).float().mean()
+        return loss, acc, k
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        self.momentum_update_key_encoder()
+        if self.symmetric:  # each crop is the query once (official CIFAR-10 demo)
+            loss_12, acc_12, k2 = self.contrastive_loss(im_q, im_k)
+            loss_21, acc_21, k1 = self.contrastive_loss(im_k, im_q)
+            loss, acc, k = loss_12 + loss_21, (acc_12 + acc_21) / 2, torch.cat([k1, k2])
+        else:
+            loss, acc, k = self.contrastive_loss(im_q, im_k)
+        self.dequeue_and_enqueue(k)
+        return loss, {"loss": loss.detach(), "acc": acc.detach()}
+
+    def uniform_loss(self) -> float:
+        """The loss of uniform logits, ln(K+1) per view: where a collapsed run sits."""
+        import math
+        return math.log(self.K + 1) * (2 if self.symmetric else 1)

@@ -1,0 +1,103 @@
+"""Shuffle BN: encode the keys in batches that mix samples from every replica.
+
+Why: BN statistics computed on a replica's own batch let the query find its
+positive key through the batch mean and variance (the "leak"), and the loss
+stalls. Shuffling the key batch across replicas before the key encoder, then
+putting the keys back, closes the leak (MoCo, He et al. 2020, Sec. 3.3).
+
+Two modes, same contract ``keys = unshuffle(encode(shuffle(images)))``:
+- ``gather`` (the official recipe): gather all N x B key images, apply one random
+  permutation that every replica agrees on (shared by broadcast), each replica
+  encodes its slice, gather the keys and undo the permutation.
+- ``all_to_all`` (communication-light): each replica permutes its own batch and
+  sends B/N images to every replica; keys come back the same way. Moves B images
+  per replica instead of N x B.
+Both are built from the Runtime's collectives, so they run unchanged on TPU
+(xm.all_gather / xm.all_reduce / xm.all_to_all), on GPUs (NCCL) and on CPUs (gloo).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .runtime import Runtime
+
+MODES = ("gather", "all_to_all", "none")
+
+
+def shared_permutation(rt: Runtime, n: int, device: torch.device) -> torch.Tensor:
+    """A random permutation of range(n), identical on every replica.
+
+    Replica 0 draws n random keys and broadcasts them; every replica argsorts the
+    same keys. Drawn on the device (no host sync, static shape).
+    """
+    keys = rt.broadcast(torch.rand(n, device=device), src=0)
+    return torch.argsort(keys)
+
+
+def shuffle_gather(rt: Runtime, x: torch.Tensor, perm: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather all replicas' batches, permute, keep this replica's slice.
+
+    Returns (this replica's slice of the shuffled global batch, the global permutation).
+    """
+    x_all = rt.all_gather(x)
+    if perm is None:
+        perm = shared_permutation(rt, x_all.shape[0], x.device)
+    idx_this = perm.view(rt.world_size, -1).index_select(0, rt.rank_index).view(-1)
+    return x_all.index_select(0, idx_this), perm
+
+
+def unshuffle_gather(rt: Runtime, k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Gather the encoded slices and return this replica's keys in their original order."""
+    k_all = rt.all_gather(k)                       # row i is the key of global sample perm[i]
+    idx_unshuffle = torch.argsort(perm)
+    idx_this = idx_unshuffle.view(rt.world_size, -1).index_select(0, rt.rank_index).view(-1)
+    return k_all.index_select(0, idx_this)
+
+
+def shuffle_all_to_all(rt: Runtime, x: torch.Tensor, perm: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permute the local batch and send B/N of it to every replica (one all_to_all).
+
+    Every replica's BN batch then holds a random B/N of each replica's samples.
+    Returns (mixed batch, the local permutation).
+    """
+    if perm is None:
+        perm = torch.argsort(torch.rand(x.shape[0], device=x.device))
+    return rt.all_to_all(x.index_select(0, perm)), perm
+
+
+def unshuffle_all_to_all(rt: Runtime, k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Send every key back to its owner (all_to_all is its own inverse here) and un-permute."""
+    return rt.all_to_all(k).index_select(0, torch.argsort(perm))
+
+
+def shuffled_keys(rt: Runtime, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  mode: str = "gather", perm: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode key images with shuffle BN. Returns (keys in x's order, the permutation used).
+
+    ``mode='none'`` encodes in place (for SyncBN, or Split BN on one replica where
+    the local batch is shuffled so sub-batches are random).
+    """
+    if mode == "gather":
+        x_s, perm = shuffle_gather(rt, x, perm)
+        return unshuffle_gather(rt, encode(x_s), perm), perm
+    if mode == "all_to_all":
+        x_s, perm = shuffle_all_to_all(rt, x, perm)
+        return unshuffle_all_to_all(rt, encode(x_s), perm), perm
+    if mode == "none":
+        return encode(x), None
+    raise ValueError(f"unknown shuffle mode {mode!r}; valid: {', '.join(MODES)}")
+
+
+def bytes_per_step(mode: str, world_size: int, batch: int, image_numel: int, key_dim: int,
+                   elem_bytes: int = 4) -> int:
+    """Bytes one replica receives per shuffle (images in, keys back), counted from the shapes."""
+    if mode == "gather":
+        return (world_size - 1) * batch * (image_numel + key_dim) * elem_bytes
+    if mode == "all_to_all":
+        return (world_size - 1) * (batch // world_size) * (image_numel + key_dim) * elem_bytes
+    return 0

@@ -1,0 +1,49 @@
+"""Shared test helpers: real gloo process groups on this machine, tiny configs."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PJRT_DEVICE", "CPU")  # tests never look for a TPU
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    from moco_xla.runtime import make_runtime
+    rt = make_runtime("cpu", rank, world, rank)
+    try:
+        result = fn(rt, *args)
+        torch.save(result, Path(out_dir) / f"{rank}.pt")
+    finally:
+        rt.shutdown()
+
+
+def run_gloo(fn: Callable, world: int, *args: Any) -> list[Any]:
+    """Run ``fn(rt, *args)`` in ``world`` real gloo processes; return each rank's result."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_gloo_entry, args=(world, _free_port(), d, fn, args), nprocs=world, join=True)
+        return [torch.load(Path(d) / f"{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture
+def tiny_cfg():
+    from moco_xla.config import load_config
+    return load_config("tiny")
