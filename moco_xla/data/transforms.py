@@ -10,6 +10,7 @@ Presets, chosen by ``data.augment``:
 from __future__ import annotations
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -27,43 +28,72 @@ def normalize_for(channels: int, preset: str) -> v2.Normalize:
     return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _to_float() -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+class ToChannels:
+    """uint8 image tensor -> exactly ``channels`` channels: gray is replicated to RGB, RGB becomes gray.
+
+    Lets any dataset feed any model (MNIST into a 3-channel ResNet, ImageNet into a gray one).
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        c = img.shape[-3]
+        if c == self.channels:
+            return img
+        if c in (2, 4):  # drop alpha
+            return self(tv_tensors.Image(img[..., : c - 1, :, :]))
+        if self.channels == 3 and c == 1:
+            return tv_tensors.Image(img.expand(*img.shape[:-3], 3, *img.shape[-2:]).contiguous())
+        if self.channels == 1 and c == 3:
+            return tv_tensors.Image(v2.functional.rgb_to_grayscale(img))
+        raise ValueError(f"cannot convert a {c}-channel image to {self.channels} channels")
+
+    def __repr__(self) -> str:
+        return f"ToChannels({self.channels})"
+
+
+def _prepare(channels: int) -> list:
+    """Image (PIL or uint8 tensor) -> uint8 tensor with the model's channels; crops run on uint8 (fast)."""
+    return [v2.ToImage(), ToChannels(channels)]
+
+
+def _finish(norm: v2.Normalize) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), norm]
 
 
 def pretrain_transform(preset: str, size: int, channels: int) -> v2.Compose:
     """The random augmentation applied independently to each of the two views."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augment {preset!r}; valid: {', '.join(PRESETS)}")
     norm = normalize_for(channels, preset)
     blur_k = max(3, (size // 10) | 1)  # odd kernel about 10% of the image, as in MoCo v2
-    gray = [v2.Grayscale(num_output_channels=channels)] if channels == 1 else []
     if preset == "digits":
         ops = [v2.RandomResizedCrop(size, scale=(0.4, 1.0), ratio=(0.8, 1.25), antialias=True),
                v2.RandomApply([v2.GaussianBlur(blur_k, sigma=(0.1, 1.0))], p=0.5)]
-        return v2.Compose(_to_float() + gray + ops + [norm])
+        return v2.Compose(_prepare(channels) + ops + _finish(norm))
     scale = (0.2, 1.0)
-    color = [] if channels == 1 else None
+    color: list = []  # colour jitter and random grayscale mean nothing on a gray image
     if preset in ("moco_v1", "small"):
-        color = color if color is not None else [v2.RandomGrayscale(p=0.2), v2.ColorJitter(0.4, 0.4, 0.4, 0.4)]
+        if channels == 3:
+            color = [v2.RandomGrayscale(p=0.2), v2.ColorJitter(0.4, 0.4, 0.4, 0.4)]
         ops = [v2.RandomResizedCrop(size, scale=scale, antialias=True), *color, v2.RandomHorizontalFlip()]
     else:  # moco_v2 / small_v2: aug+
-        color = color if color is not None else [
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        if channels == 3:
+            color = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
         ops = [v2.RandomResizedCrop(size, scale=scale, antialias=True), *color,
                v2.RandomApply([v2.GaussianBlur(blur_k, sigma=(0.1, 2.0))], p=0.5),
                v2.RandomHorizontalFlip()]
-    if preset not in PRESETS:
-        raise ValueError(f"unknown augment {preset!r}; valid: {', '.join(PRESETS)}")
-    return v2.Compose(_to_float() + gray + ops + [norm])
+    return v2.Compose(_prepare(channels) + ops + _finish(norm))
 
 
 def eval_transform(preset: str, size: int, channels: int) -> v2.Compose:
     """Deterministic transform for feature banks, kNN and linear probes."""
-    gray = [v2.Grayscale(num_output_channels=channels)] if channels == 1 else []
     if preset in ("moco_v1", "moco_v2") and size >= 64:
         resize = [v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
     else:
         resize = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-    return v2.Compose(_to_float() + gray + resize + [normalize_for(channels, preset)])
+    return v2.Compose(_prepare(channels) + resize + _finish(normalize_for(channels, preset)))
 
 
 class TwoCrops:

@@ -1,0 +1,75 @@
+"""Image bytes <-> uint8 tensors [C, H, W].
+
+Decoding goes through torchvision.io (libjpeg-turbo / libpng, no PIL round trip)
+and falls back to PIL for the formats it lacks (BMP, TIFF, PPM, ...). A file that
+neither can decode raises ``BadImage`` with a short reason; callers name the path.
+"""
+from __future__ import annotations
+
+import io
+
+import torch
+
+
+class BadImage(ValueError):
+    """Image bytes that cannot be decoded."""
+
+
+def decode_bytes(data: bytes, channels: int | None = None) -> torch.Tensor:
+    """uint8 [C, H, W]; ``channels`` 1 or 3 converts, None keeps gray as 1 and colour as 3."""
+    from torchvision.io import ImageReadMode, decode_image
+    if not data:
+        raise BadImage("empty file")
+    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(channels, ImageReadMode.UNCHANGED)
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    except (RuntimeError, ValueError):
+        img = _decode_pil(data, channels)
+    return _fix_channels(img)
+
+
+def _decode_pil(data: bytes, channels: int | None) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            gray = im.mode in ("1", "L", "I", "I;16", "F", "LA")
+            im = im.convert("L" if channels == 1 or (channels is None and gray) else "RGB")
+            arr = np.asarray(im)
+    except UnidentifiedImageError:
+        raise BadImage("not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _fix_channels(img: torch.Tensor) -> torch.Tensor:
+    """Drop alpha: gray+alpha -> gray, RGBA -> RGB."""
+    if img.shape[0] == 2:
+        return img[:1]
+    if img.shape[0] == 4:
+        return img[:3]
+    return img
+
+
+def decode_file(path: str, channels: int | None = None) -> torch.Tensor:
+    with open(path, "rb") as f:
+        return decode_bytes(f.read(), channels)
+
+
+def encode_png(img: torch.Tensor) -> bytes:
+    """Lossless PNG bytes of a uint8 [C, H, W] (C = 1 or 3) or [H, W] tensor."""
+    from torchvision.io import encode_png as tv_encode_png
+    if img.dim() == 2:
+        img = img.unsqueeze(0)
+    return tv_encode_png(img.contiguous()).numpy().tobytes()
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'jpg' or 'png' from magic bytes, else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return None
