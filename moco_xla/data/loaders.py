@@ -56,8 +56,8 @@ class EpochLoader:
     """This replica's batches for one epoch; ``len`` is the step count, the same on every replica.
 
     ``set_epoch(epoch, start_step)`` resumes a checkpoint taken mid-epoch: iteration starts at
-    batch ``start_step``; ``seek`` skips the earlier batches without loading them (map-style
-    datasets), else they are read and dropped (streams).
+    batch ``start_step``; ``seek`` skips the earlier batches without decoding them (map-style
+    datasets and shard streams), else they are read and dropped.
     """
 
     def __init__(self, loader: DataLoader, steps: int, set_epoch: Callable[[int], None] | None,
@@ -129,7 +129,7 @@ def pretrain_loader(ds: Dataset | ShardSet, batch: int, rank: int, world: int, s
         stream = PretrainStream(ds, rank, world, batch, steps, seed)
         loader = DataLoader(stream, batch_size=batch, num_workers=workers, persistent_workers=persistent,
                             collate_fn=_collate_views, generator=gen)
-        return EpochLoader(loader, steps, _seeding(stream.set_epoch, gen, seed, rank))
+        return EpochLoader(loader, steps, _seeding(stream.set_epoch, gen, seed, rank), stream.seek)
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
                         persistent_workers=persistent, collate_fn=_collate_views, generator=gen)

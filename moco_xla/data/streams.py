@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from itertools import chain
+from itertools import chain, islice
 from typing import Iterable, Iterator
 
 import torch
@@ -89,19 +89,43 @@ def substituted(items: Iterable[tuple | None], where: str) -> Iterator[tuple]:
         raise UserError(f"no usable sample in {where}: every sample of this worker's range was bad")
 
 
+def delivered(batches: list[int], steps: int) -> list[int]:
+    """Batches each worker has delivered after ``steps`` DataLoader steps.
+
+    The DataLoader takes one batch from each worker in turn, passing over workers
+    that have run out (worker w holds ``batches[w]``).
+    """
+    out = [0] * len(batches)
+    for r in range(max(batches, default=0)):
+        for w, n in enumerate(batches):
+            if steps == 0:
+                return out
+            if n > r:
+                out[w] += 1
+                steps -= 1
+    return out
+
+
 class PretrainStream(IterableDataset):
-    """((view_q, view_k), label) for one replica; ``set_epoch`` reaches persistent workers via shared memory."""
+    """((view_q, view_k), label) for one replica.
+
+    ``set_epoch`` and ``seek`` (resume mid-epoch) write to shared memory, so persistent
+    workers see them; a resumed worker drops the samples already consumed before decoding.
+    """
 
     def __init__(self, shards: ShardSet, rank: int, world: int, batch: int, steps: int, seed: int) -> None:
         self.shards, self.rank, self.world, self.batch, self.steps, self.seed = \
             shards, rank, world, batch, steps, seed
-        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.state = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, first step
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch.fill_(epoch)
+        self.state[0] = epoch
+
+    def seek(self, step: int) -> None:
+        self.state[1] = step
 
     def __len__(self) -> int:
-        return self.steps * self.batch
+        return (self.steps - int(self.state[1])) * self.batch
 
     def plan(self, epoch: int, worker: int, workers: int) -> list[tuple[int, int, int]]:
         """(shard, skip, take) pieces this worker reads in ``epoch``."""
@@ -111,12 +135,14 @@ class PretrainStream(IterableDataset):
 
     def __iter__(self):
         worker, workers = _worker()
-        epoch = int(self.epoch[0])
+        epoch, start = (int(v) for v in self.state)
+        per_worker = [self.steps * (w + 1) // workers - self.steps * w // workers for w in range(workers)]
+        done = delivered(per_worker, start)[worker]
         s = self.shards
-        plan = self.plan(epoch, worker, workers)
-        raw = chain.from_iterable(iter_shard(s.manifest, *p, s.skips) for p in plan)
+        raw = chain.from_iterable(iter_shard(s.manifest, *p, s.skips) for p in self.plan(epoch, worker, workers))
         rng = random.Random(f"moco_xla-buffer/{self.seed}/{epoch}/{self.rank}/{worker}")
-        items = decoded(shuffled(raw, s.shuffle_buffer, rng), s.channels, s.skips)
+        order = islice(shuffled(raw, s.shuffle_buffer, rng), done * self.batch, None)
+        items = decoded(order, s.channels, s.skips)
         for img, label in substituted(items, f"{s.manifest.url} (replica {self.rank}, worker {worker})"):
             yield s.transform(img), label
 
