@@ -157,6 +157,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path) -> dict[str, Any]:
         "wall_s": time.time() - start, "images_per_s": images_per_s, "world_size": world,
         "backend": rt.name, "final_loss": epoch_log.get("loss"),
         "uniform_loss": model.uniform_loss(),
+        "skipped_samples": data.skipped_total(rt, bundle),  # data.on_bad_sample=skip, all replicas
     }
     if rt.is_master:
         write_summary(out_dir, summary)

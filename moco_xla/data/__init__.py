@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
@@ -26,7 +27,7 @@ from .shardset import ShardSet, check_shard_root, is_shard_root
 from .transforms import TwoCrops, eval_transform, pretrain_transform
 
 __all__ = ["DataBundle", "EpochLoader", "EvalLoader", "REGISTRY", "ShardSet", "build", "check",
-           "dataset_names", "eval_loader", "gathered_order", "pretrain_loader"]
+           "dataset_names", "eval_loader", "gathered_order", "pretrain_loader", "skipped_total"]
 
 
 @dataclass
@@ -42,6 +43,12 @@ class DataBundle:
     def skipped(self) -> int:
         """Bad samples skipped so far by this replica (pre-training and evaluation)."""
         return self.skips.total
+
+
+def skipped_total(rt, bundle: DataBundle) -> int:
+    """Bad samples skipped by all replicas together (one all_reduce: call it once, at the end)."""
+    count = torch.tensor([float(bundle.skipped)], device=rt.device)
+    return int(rt.all_reduce(count, op="sum").cpu()[0])
 
 
 def check(cfg) -> None:
