@@ -84,7 +84,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1                   # epochs between checkpoints (0 = off)
+    every: int = 1                   # epochs between checkpoints (0 = off; SIGTERM still writes one)
+    every_steps: int = 0             # also every N global steps, mid-epoch (0 = off)
     keep: int = 3                    # keep the last K checkpoints
     dir: str | None = None           # default: <out>/checkpoints (local path or gs://)
 
@@ -271,6 +272,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}"),
         (cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}"),
+        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps",
+         f"must be >= 0, got {cfg.checkpoint.every_steps}"),
         (not (cfg.model.sync_bn and cfg.model.bn_splits > 1), "model.sync_bn",
          "cannot be combined with model.bn_splits > 1 (choose one BN scheme)"),
     ]

@@ -8,26 +8,56 @@ One replica per TPU core (xmp.spawn), per GPU (torch.multiprocessing + NCCL) or
 per CPU process (gloo). Under torchrun (RANK/WORLD_SIZE set) this process *is*
 one replica. On a TPU pod slice, run the same command on every worker
 (``gcloud ... ssh --worker=all``): torch_xla's multi-host PJRT runtime joins them.
+
+Reliability: ``--resume auto`` continues from the newest checkpoint, so rerunning the same
+command after a crash or preemption picks up where the run stopped. SIGTERM (spot/preemptible
+VMs, Kubernetes) makes every replica stop at the same step, write a checkpoint and exit 75.
+Exit codes: 0 done, 2 bad input, 3 NaN/inf loss, 75 preempted (see errors.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import multiprocessing
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from . import checkpoint as ckpt
 from .config import Config, load_config, save_config, validate_world
-from .errors import UserError
+from .errors import NonFiniteLoss, Preempted, RunStopped, UserError
 from .runtime import BACKENDS, available_replicas, make_runtime, resolve_backend, xla_installed
+
+# Set by SIGTERM in this process. A process-wide flag on purpose: signals reach processes,
+# and on TPU v2/v3 several replica threads of one process share it.
+_STOP = threading.Event()
+REPLICA_GRACE_S = 120  # a stopping replica waits this long for the others before they are killed
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (and a did-you-mean for mistyped flags)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            flags = [o for a in self._actions for o in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                guess = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+                if word.startswith("-") and guess:
+                    message += f"; did you mean {guess[0]}?"
+                    break
+        raise UserError(f"{message} (see python -m moco_xla.launch --help)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moco_xla.launch", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m moco_xla.launch", description=__doc__.split("\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cores", type=int, default=None,
                    help="replicas: TPU cores (all or 1), GPUs, or CPU processes (default: all devices; CPU 1)")
     p.add_argument("--config", default=None, help="config name in configs/ or a YAML path (default: digits)")
@@ -35,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.03 (repeatable)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<config>-<time>)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="auto: continue from the newest checkpoint in --out (or checkpoint.dir) if "
+                        "there is one; PATH: a ckpt-*.pt file or a directory holding checkpoints")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p.parse_args(argv)
 
@@ -71,22 +104,35 @@ def default_out(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_replica(backend: str, rank: int, world: int, local_rank: int, cfg: Config, out: str) -> dict:
-    """The body of every replica: make the runtime, train, shut down."""
+def run_replica(backend: str, rank: int, world: int, local_rank: int, cfg: Config, out: str,
+                resume: str | None = None) -> dict:
+    """The body of every replica: make the runtime, train (until done or SIGTERM), shut down."""
     from .train import train
     rt = make_runtime(backend, rank, world, local_rank)
     try:
-        return train(cfg, rt, out)
+        return train(cfg, rt, out, resume, _STOP.is_set)
     finally:
         rt.shutdown()
 
 
-def _xla_replica(index: int, cfg: Config, out: str) -> None:
-    run_replica("xla", 0, 1, index, cfg, out)  # XlaRuntime reads rank and world from PJRT
+def install_stop_handler() -> None:
+    """SIGTERM asks this process's replicas to stop at the next agreed step (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.set())
 
 
-def _dist_replica(rank: int, backend: str, world: int, cfg: Config, out: str) -> None:
-    run_replica(backend, rank, world, rank, cfg, out)
+def _xla_replica(index: int, cfg: Config, out: str, resume: str | None) -> None:
+    run_replica("xla", 0, 1, index, cfg, out, resume)  # XlaRuntime reads rank and world from PJRT
+
+
+def _dist_replica(rank: int, backend: str, world: int, cfg: Config, out: str, resume: str | None,
+                  reports: Any) -> None:
+    install_stop_handler()
+    try:
+        run_replica(backend, rank, world, rank, cfg, out, resume)
+    except RunStopped as e:  # tell the parent why, then exit with the documented code
+        reports.put((rank, e.exit_code, type(e).__name__, str(e)))
+        sys.exit(e.exit_code)
 
 
 def free_port() -> int:
@@ -95,30 +141,143 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(backend: str, cores: int, cfg: Config, out: str) -> None:
-    """Start ``cores`` replicas of ``backend`` on this host and wait for them."""
+@contextlib.contextmanager
+def _sigterm(handler) -> Iterator[None]:
+    """Install a SIGTERM handler for the duration (main thread only), then restore the previous one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _STOP.clear()
+
+
+def _stop_here(signum: int, frame: Any) -> None:
+    _STOP.set()
+
+
+def _forward_to_replicas(signum: int, frame: Any) -> None:
+    """In the parent of spawned replicas: pass SIGTERM on; they checkpoint and exit 75."""
+    _STOP.set()
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def start(backend: str, cores: int, cfg: Config, out: str, resume: str | None = None) -> None:
+    """Start ``cores`` replicas of ``backend`` on this host and wait for them.
+
+    Raises RunStopped (UserError, NonFiniteLoss, Preempted) with the replicas' exit code.
+    """
     from .runtime.dist import env_rank
     env = env_rank()
-    if env is not None:  # under torchrun: this process is one replica
+    if env is not None:  # under torchrun: this process is one replica (torchrun forwards SIGTERM)
         rank, world, local_rank = env
-        run_replica(backend, rank, world, local_rank, cfg, out)
+        with _sigterm(_stop_here):
+            run_replica(backend, rank, world, local_rank, cfg, out, resume)
         return
     if backend == "xla":
         from .runtime.xla import spawn
-        spawn(_xla_replica, (cfg, out), nprocs=None if cores > 1 else 1)
+        with _sigterm(_stop_here if cores == 1 else _forward_to_replicas):
+            spawn(_xla_replica, (cfg, out, resume), nprocs=None if cores > 1 else 1)
         return
     if cores == 1:
-        run_replica(backend, 0, 1, 0, cfg, out)
+        with _sigterm(_stop_here):
+            run_replica(backend, 0, 1, 0, cfg, out, resume)
         return
+    _spawn_dist(backend, cores, cfg, out, resume)
+
+
+def _spawn_dist(backend: str, cores: int, cfg: Config, out: str, resume: str | None) -> None:
     import torch.multiprocessing as mp
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    mp.spawn(_dist_replica, args=(backend, cores, cfg, out), nprocs=cores, join=True)
+    reports = mp.get_context("spawn").SimpleQueue()
+    with _sigterm(_forward_to_replicas):
+        ctx = mp.spawn(_dist_replica, args=(backend, cores, cfg, out, resume, reports), nprocs=cores,
+                       join=False)
+        try:
+            while not ctx.join(grace_period=REPLICA_GRACE_S):
+                pass
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+            found = []
+            while not reports.empty():
+                found.append(reports.get())
+            if found or isinstance(e, mp.ProcessExitedException):
+                raise _replica_error(e, found) from None
+            raise  # a replica crashed with a traceback: a bug, shown as such
+
+
+def _replica_error(e: Exception, reports: list[tuple[int, int, str, str]]) -> RunStopped:
+    """The lowest rank's report (replicas agree on why they stop), else how the replica died."""
+    if reports:
+        _rank, code, kind, message = min(reports)
+        err = {"UserError": UserError, "NonFiniteLoss": NonFiniteLoss, "Preempted": Preempted}.get(
+            kind, RunStopped)(message)
+    else:
+        code = getattr(e, "exit_code", 1)
+        signal_name = getattr(e, "signal_name", None)
+        code = 128 - code if code < 0 else code  # the shell's convention for a signal
+        how = f"was killed by {signal_name}" if signal_name else f"exited with code {code}"
+        err = RunStopped(f"replica {getattr(e, 'error_index', '?')} {how}; rerun with --resume auto "
+                         f"to continue from the last checkpoint")
+    err.exit_code = code
+    return err
+
+
+def check_backend(cfg: Config, backend: str) -> None:
+    """Config values that only some backends support."""
+    if backend == "xla" and cfg.train.precision == "fp16":
+        raise UserError("train.precision=fp16 is not supported on XLA; valid there: auto, bf16, fp32")
+    if backend == "cpu" and cfg.train.precision == "fp16":
+        raise UserError("train.precision=fp16 needs --backend cuda; valid on cpu: auto, bf16, fp32")
+
+
+def plan_resume(cfg: Config, arg: str | None, out: Path) -> str | None:
+    """Validate the checkpoint directory and ``--resume``; the checkpoint to start from, or None."""
+    if arg is not None and not arg.strip():
+        raise UserError("--resume needs a value: auto, none, or a checkpoint path")
+    directory = ckpt.checkpoint_dir(cfg, out)
+    ckpt.check_storage(directory)
+    if arg is None:
+        existing = ckpt.latest_checkpoint(directory)
+        if existing:
+            raise UserError(f"{directory} already holds checkpoints (newest {existing}); pass "
+                            f"--resume auto to continue that run, or choose another --out")
+        return None
+    path = ckpt.resolve_resume(arg, directory)
+    if path is None:
+        if arg == "auto":
+            print(f"moco_xla: no checkpoint in {directory} yet; starting from scratch", flush=True)
+        return None
+    meta = ckpt.checkpoint_meta(path)
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"{path} is not a moco_xla checkpoint (no config in it)")
+    changed = ckpt.check_compatible(meta["config"], cfg, path)
+    note = f"; changed since: {', '.join(changed)}" if changed else ""
+    print(f"moco_xla: resuming {path} (epoch {meta.get('epoch', 0) + 1}, step "
+          f"{meta.get('step_in_epoch')}){note}", flush=True)
+    return path
+
+
+def check_data(cfg: Config) -> None:
+    """The data section (names, roots, buckets), before any replica starts."""
+    from . import data
+    check = getattr(data, "check", None)
+    if check is not None:
+        check(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
+        args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)
         backend = resolve_backend(args.backend)
         from .runtime.dist import env_rank
@@ -132,16 +291,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             world = replica_count(backend, args.cores)
         validate_world(cfg, world)
+        check_backend(cfg, backend)
+        check_data(cfg)
         out = Path(args.out) if args.out else default_out(cfg)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; pass a directory")
+        resume = plan_resume(cfg, args.resume, out)
         if env is None or env[0] == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
         print(f"moco_xla: {cfg.name} on {backend} x{world} -> {out}", flush=True)
-        start(backend, world, cfg, str(out))
-    except UserError as e:
-        if args.debug:
+        start(backend, world, cfg, str(out), resume)
+    except RunStopped as e:
+        if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        kind = "preempted" if isinstance(e, Preempted) else "error"
+        print(f"{kind}: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     if env is None or env[0] == 0:
         print_summary(out)
@@ -160,6 +325,11 @@ def print_summary(out: Path) -> None:
     print("\n".join(f"  {k:<14} {v:.2f}" if isinstance(v, float) else f"  {k:<14} {v}" for k, v in rows))
     print(f"  results in {out}")
 
+
+if multiprocessing.parent_process() is not None:
+    # A spawned replica process (xmp.spawn runs replicas in threads, which cannot install signal
+    # handlers): this module is imported by its main thread when the replica function arrives.
+    install_stop_handler()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,20 +3,27 @@
 Every replica runs ``train(cfg, rt, out_dir)`` with its own Runtime. The loop
 never reads a device tensor per step: loss and accuracy accumulate on the
 device and reach the host only through step closures at log intervals.
+Checkpoints (checkpoint.py) hold everything needed to continue bit-identically,
+mid-epoch included; SIGTERM and NaN/inf losses are agreed on across replicas by
+``StopGuard`` at log intervals, so every replica stops at the same step.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from . import data
+from .checkpoint import CheckpointStore, Position, checkpoint_dir, load_checkpoint, restore, save_checkpoint
 from .config import Config
+from .errors import NonFiniteLoss, Preempted, UserError
 from .knn import knn_accuracy
 from .models import build_encoder
 from .moco import MoCo
@@ -81,8 +88,68 @@ class CollapseDetector:
         return collapsed
 
 
-def train(cfg: Config, rt: Runtime, out_dir: str | Path) -> dict[str, Any]:
-    """Pre-train MoCo on this replica; returns the summary (identical on every replica)."""
+class StopGuard:
+    """Decides, identically on every replica, when training must stop: SIGTERM or a non-finite loss.
+
+    Per step it only updates device tensors (a step counter and the first step whose loss
+    was NaN/inf): no host read. At log intervals ``poll`` all_gathers [stop requested, first
+    bad step] and reads the gather of the *previous* interval, long finished by then, so XLA
+    never stalls on it; every replica reads the same values and stops at the same step.
+    ``agree`` decides synchronously, before any checkpoint is written.
+    """
+
+    NEVER = 2 ** 31 - 1
+
+    def __init__(self, rt: Runtime, global_step: int, steps_per_epoch: int,
+                 stop_requested: Callable[[], bool]) -> None:
+        self.rt, self.steps_per_epoch, self.stop_requested = rt, steps_per_epoch, stop_requested
+        self.step = torch.tensor(global_step, dtype=torch.int32, device=rt.device)
+        self.never = torch.tensor(self.NEVER, dtype=torch.int32, device=rt.device)
+        self.first_bad = self.never.clone()
+        self.pending: torch.Tensor | None = None
+        self.last_checkpoint: str | None = None
+
+    def observe(self, loss: torch.Tensor) -> None:
+        self.step += 1
+        bad_here = torch.where(torch.isfinite(loss.detach()), self.never, self.step)
+        self.first_bad = torch.minimum(self.first_bad, bad_here)
+
+    def poll(self) -> bool:
+        """At a log interval: True once the replicas agreed to stop. Raises NonFiniteLoss."""
+        previous, self.pending = self.pending, self._gather()
+        return previous is not None and self._decide(previous)
+
+    def agree(self) -> bool:
+        """Synchronous decision (epoch end, before a checkpoint). Raises NonFiniteLoss."""
+        self.pending = None
+        return self._decide(self._gather())
+
+    def _gather(self) -> torch.Tensor:
+        flag = torch.tensor([int(self.stop_requested())], dtype=torch.int32, device=self.rt.device)
+        return self.rt.all_gather(torch.cat([flag, self.first_bad.view(1)]).view(1, 2))
+
+    def _decide(self, status: torch.Tensor) -> bool:
+        status = status.cpu()  # the host read: once per log interval
+        bad = int(status[:, 1].min())
+        if bad != self.NEVER:
+            epoch, step = (bad - 1) // self.steps_per_epoch + 1, (bad - 1) % self.steps_per_epoch + 1
+            last = self.last_checkpoint or "none yet"
+            raise NonFiniteLoss(
+                f"loss became NaN/inf at global step {bad} (epoch {epoch}, step {step}/"
+                f"{self.steps_per_epoch}); no checkpoint was written after it, the last good one is "
+                f"{last}. Lower train.lr (or check the data) and rerun with --resume auto")
+        return bool(status[:, 0].max() > 0)
+
+
+def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = None,
+          stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Pre-train MoCo on this replica; returns the summary (identical on every replica).
+
+    ``resume``: a checkpoint to continue from, exactly where it stopped. When
+    ``stop_requested()`` turns true on any replica (SIGTERM), all replicas stop at the same
+    step, write a checkpoint and raise Preempted. A NaN/inf loss raises NonFiniteLoss
+    before anything broken is saved.
+    """
     out_dir = Path(out_dir)
     world = rt.world_size
     batch = cfg.train.batch_size // world
@@ -93,24 +160,39 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed * 1000 + rt.rank)  # replicas draw different augmentations
     loader = data.pretrain_loader(bundle.pretrain, batch, rt.rank, world, cfg.train.seed,
                                   cfg.data.workers, cfg.train.max_steps_per_epoch)
+    steps_per_epoch = len(loader)
+    store = CheckpointStore(checkpoint_dir(cfg, out_dir), cfg.checkpoint.keep)
+    pos, carried_sums = Position(), torch.zeros(2)
+    if resume:
+        pos, carried_sums = restore(load_checkpoint(resume), rt, model, optimizer, scaler)
+        _check_position(pos, steps_per_epoch, resume)
+        if rt.is_master:
+            tqdm.write(f"resuming {resume} at epoch {pos.epoch + 1}, step {pos.step}/{steps_per_epoch} "
+                       f"(global step {pos.global_step})")
+    if rt.is_master:
+        trim_metrics(out_dir, pos.global_step)
     writer = MetricsWriter(out_dir, enabled=rt.is_master)
     collapse = CollapseDetector(cfg, model.uniform_loss())
-    steps_per_epoch = len(loader)
-    global_step, knn_top1, start = 0, None, time.time()
-    images_per_s = 0.0
-    epoch_log: dict[str, Any] = {}
+    guard = StopGuard(rt, pos.global_step, steps_per_epoch, stop_requested)
+    guard.last_checkpoint = resume
+    session_start, wall_before = time.time(), pos.wall_s
 
-    for epoch in range(cfg.train.epochs):
+    def checkpoint(lr: float, sums: torch.Tensor) -> str:
+        pos.wall_s = wall_before + time.time() - session_start
+        guard.last_checkpoint = save_checkpoint(rt, store, cfg, model, optimizer, scaler, pos, lr, sums)
+        return guard.last_checkpoint
+
+    for epoch in range(pos.epoch, cfg.train.epochs):
+        start = pos.step
         lr = lr_at(cfg, epoch)
         set_lr(optimizer, lr)
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, start)
         model.train()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not rt.is_master, leave=False, dynamic_ncols=True)
-        loss_sum = torch.zeros((), device=rt.device)
-        acc_sum = torch.zeros((), device=rt.device)
-        t0 = time.time()
-        for step, (im_q, im_k) in enumerate(rt.device_loader(loader)):
+        sums = carried_sums.to(rt.device) if start else torch.zeros(2, device=rt.device)  # loss, acc
+        stop, t0 = False, time.time()
+        for step, (im_q, im_k) in enumerate(rt.device_loader(loader), start=start):
             with rt.autocast(cfg.train.precision):
                 loss, stats = model(im_q, im_k)
             optimizer.zero_grad(set_to_none=True)
@@ -123,46 +205,92 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path) -> dict[str, Any]:
             else:
                 loss.backward()
                 rt.optimizer_step(optimizer)
-            loss_sum += stats["loss"]
-            acc_sum += stats["acc"]
-            global_step += 1
+            sums += torch.stack([stats["loss"], stats["acc"]]).float()
+            guard.observe(stats["loss"])
+            pos.step, pos.global_step = step + 1, pos.global_step + 1
             bar.update(1)
-            if (step + 1) % cfg.train.log_every == 0:
-                rt.add_step_closure(_log_step, (writer, bar, epoch, global_step, lr, stats["loss"],
-                                                stats["acc"], (step + 1) * cfg.train.batch_size, t0))
+            mid_epoch = pos.step < steps_per_epoch  # the epoch end decides synchronously below
+            if pos.step % cfg.train.log_every == 0:
+                rt.add_step_closure(_log_step, (writer, bar, epoch, pos.global_step, lr, stats["loss"],
+                                                stats["acc"], (pos.step - start) * cfg.train.batch_size, t0))
+                stop = mid_epoch and guard.poll()
+            every = cfg.checkpoint.every_steps
+            if mid_epoch and (stop or (every and pos.global_step % every == 0)):
+                stop = guard.agree() or stop
+                path = checkpoint(lr, sums)
+                if stop:
+                    bar.close()
+                    _preempted(path, pos, steps_per_epoch)
         rt.mark_step()
         bar.close()
-        epoch_log = {}
-        sums = rt.all_reduce(torch.stack([loss_sum, acc_sum]), op="mean")  # one collective per epoch
-        rt.add_step_closure(_read_epoch, (epoch_log, sums, steps_per_epoch))
+        stop = guard.agree()
+        epoch_log: dict[str, Any] = {}
+        means = rt.all_reduce(sums, op="mean")  # one collective per epoch
+        rt.add_step_closure(_read_epoch, (epoch_log, means, steps_per_epoch))
         rt.mark_step()
         wall = time.time() - t0
-        images_per_s = steps_per_epoch * cfg.train.batch_size / max(wall, 1e-9)
-        record = {"type": "epoch", "epoch": epoch + 1, "step": global_step, "lr": lr,
-                  "images_per_s": images_per_s, "epoch_s": wall, **epoch_log}
+        pos.images_per_s = (pos.step - start) * cfg.train.batch_size / max(wall, 1e-9)
+        record = {"type": "epoch", "epoch": epoch + 1, "step": pos.global_step, "lr": lr,
+                  "images_per_s": pos.images_per_s, "epoch_s": wall, **epoch_log}
         if _knn_due(cfg, epoch):
-            knn_top1 = float(knn_accuracy(
+            pos.knn_top1 = float(knn_accuracy(
                 rt, model.encoder_q.backbone, bundle.bank, bundle.test, bundle.num_classes,
                 cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers))
-            record["knn_top1"] = knn_top1
+            record["knn_top1"] = pos.knn_top1
         record["collapse"] = collapse.check(epoch, epoch_log["loss"])
         writer.write(record)
         if rt.is_master:
-            knn = f"  knn {knn_top1:.2f}%" if "knn_top1" in record else ""
+            knn = f"  knn {pos.knn_top1:.2f}%" if "knn_top1" in record else ""
             tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_log['loss']:.4f}  "
-                       f"acc {epoch_log['acc']:.1f}%  lr {lr:.4g}  {images_per_s:.0f} img/s{knn}")
+                       f"acc {epoch_log['acc']:.1f}%  lr {lr:.4g}  {pos.images_per_s:.0f} img/s{knn}")
+        pos.epoch, pos.step, pos.final_loss = epoch + 1, 0, epoch_log["loss"]
+        last = epoch + 1 == cfg.train.epochs
+        every = cfg.checkpoint.every
+        if stop or (every and ((epoch + 1) % every == 0 or last)):
+            path = checkpoint(lr, torch.zeros(2))
+            if stop and not last:
+                _preempted(path, pos, steps_per_epoch)
 
+    pos.wall_s = wall_before + time.time() - session_start
     summary = {
-        "config": cfg.name, "knn_top1": knn_top1, "epochs": cfg.train.epochs, "steps": global_step,
-        "wall_s": time.time() - start, "images_per_s": images_per_s, "world_size": world,
-        "backend": rt.name, "final_loss": epoch_log.get("loss"),
-        "uniform_loss": model.uniform_loss(),
+        "config": cfg.name, "knn_top1": pos.knn_top1, "epochs": cfg.train.epochs, "steps": pos.global_step,
+        "wall_s": pos.wall_s, "images_per_s": pos.images_per_s, "world_size": world,
+        "backend": rt.name, "final_loss": pos.final_loss, "uniform_loss": model.uniform_loss(),
         "skipped_samples": data.skipped_total(rt, bundle),  # data.on_bad_sample=skip, all replicas
     }
     if rt.is_master:
         write_summary(out_dir, summary)
     writer.close()
     return summary
+
+
+def _check_position(pos: Position, steps_per_epoch: int, source: str) -> None:
+    if pos.step > steps_per_epoch:
+        raise UserError(f"checkpoint {source} stopped at step {pos.step} of an epoch, but an epoch "
+                        f"now has {steps_per_epoch} steps: the data changed (data.root?)")
+
+
+def _preempted(path: str, pos: Position, steps_per_epoch: int) -> None:
+    raise Preempted(f"stopped on SIGTERM after global step {pos.global_step} (epoch {pos.epoch + 1}, "
+                    f"step {pos.step}/{steps_per_epoch}); checkpoint {path}. Rerun the same command "
+                    f"with --resume auto to continue")
+
+
+def trim_metrics(out_dir: Path, global_step: int) -> None:
+    """Drop records past the resumed step (and a line cut by a kill): the rerun writes them again."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= global_step:
+                keep.append(line)
+        except ValueError:
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _knn_due(cfg: Config, epoch: int) -> bool:

@@ -128,11 +128,25 @@ class Runtime:
         """Write ``obj`` with torch.save (after moving device tensors to the CPU on XLA)."""
         torch.save(obj, f)
 
+    def rng_state(self) -> torch.Tensor:
+        """This replica's RNG state (torch CPU, then the device's) as one uint8 CPU tensor.
+
+        Same length on every replica of a job, so checkpoints can all_gather it.
+        """
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore what ``rng_state`` returned (resuming a checkpoint)."""
+        torch.set_rng_state(state[:_CPU_RNG_BYTES].clone())
+
     def shutdown(self) -> None:
         """Release process-group resources."""
 
     def describe(self) -> str:
         return f"{self.name} rank {self.rank}/{self.world_size} on {self.device}"
+
+
+_CPU_RNG_BYTES = torch.get_rng_state().numel()
 
 
 def _check_op(op: str) -> None:

@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .base import Runtime, _check_op
+from .base import _CPU_RNG_BYTES, Runtime, _check_op
 
 
 class DistRuntime(Runtime):
@@ -77,6 +77,16 @@ class DistRuntime(Runtime):
         if self.name == "cuda" and precision == "auto":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return super().autocast(precision)
+
+    def rng_state(self) -> torch.Tensor:
+        if self.name != "cuda":
+            return super().rng_state()
+        return torch.cat([torch.get_rng_state(), torch.cuda.get_rng_state(self.device)])
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        super().set_rng_state(state)
+        if self.name == "cuda" and state.numel() > _CPU_RNG_BYTES:  # else written by another backend
+            torch.cuda.set_rng_state(state[_CPU_RNG_BYTES:].clone(), self.device)
 
     def shutdown(self) -> None:
         if self._multi and dist.is_initialized():

@@ -16,7 +16,7 @@ import torch_xla.core.xla_model as xm
 import torch_xla.distributed.parallel_loader as pl
 import torch_xla.runtime as xr
 
-from .base import Runtime, _check_op
+from .base import _CPU_RNG_BYTES, Runtime, _check_op
 
 
 class XlaRuntime(Runtime):
@@ -70,6 +70,17 @@ class XlaRuntime(Runtime):
 
     def save(self, obj: Any, f: Any) -> None:
         xm.save(obj, f, master_only=False)
+
+    def rng_state(self) -> torch.Tensor:
+        """CPU state, then the XLA seed (a uint64: torch.rand on the device derives from it)."""
+        seed = xm.get_rng_state(self.device).to_bytes(8, "little")
+        return torch.cat([torch.get_rng_state(), torch.frombuffer(bytearray(seed), dtype=torch.uint8)])
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        super().set_rng_state(state)
+        if state.numel() == _CPU_RNG_BYTES + 8:  # else written by another backend
+            seed = int.from_bytes(bytes(state[_CPU_RNG_BYTES:].tolist()), "little")
+            xm.set_rng_state(seed, self.device)
 
 
 def tpu_device_count() -> int:

@@ -1,0 +1,374 @@
+"""Checkpoints that survive preemption: atomic writes to a local directory or gs://, exact resume.
+
+A checkpoint is one ``torch.save`` dict::
+
+    {'format': 1, 'config': Config.to_dict(), 'model': MoCo state_dict (both encoders, queue,
+     queue_ptr), 'optimizer', 'scaler', 'epoch', 'step_in_epoch', 'global_step', 'lr',
+     'world_size', 'rng': [uint8 tensor per rank], 'sums': epoch loss/acc sums, 'progress': {...}}
+
+Layout of a checkpoint directory (``<out>/checkpoints`` or ``checkpoint.dir``)::
+
+    ckpt-000000120.pt    the checkpoint after global step 120
+    ckpt-000000120.json  its metadata (config, position); written after the .pt: the commit mark
+    latest               the name of the newest committed checkpoint; written last
+
+Locally every file is written under a temporary name and renamed (atomic on POSIX); on GCS an
+object appears only once its upload completes. A crash at any moment therefore leaves either
+the previous ``latest`` or the new one, never a broken one. Only the master replica writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import socket
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from .config import Config
+from .errors import UserError
+from .runtime import Runtime
+
+FORMAT = 1
+LATEST = "latest"
+PREFIX, SUFFIX = "ckpt-", ".pt"
+# Keys that may change on resume: they change neither the model nor the data order.
+RESUME_MUTABLE = ("name", "train.epochs", "train.lr", "train.log_every", "train.collapse_warn",
+                  "train.precision", "data.root", "data.workers", "data.on_bad_sample", "eval.",
+                  "checkpoint.")
+GCS_TIMEOUT_S = float(os.environ.get("MOCO_XLA_GCS_TIMEOUT", "20"))
+
+
+# ----------------------------------------------------------------------------- storage
+
+def _fs(path: str):
+    """(filesystem, path inside it) for a local path or a gs:// URL (gcsfs, created per process)."""
+    import fsspec
+    if path.startswith("gs://"):
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # else every op stalls
+    return fsspec.core.url_to_fs(path)
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def join(directory: str, name: str) -> str:
+    return f"{str(directory).rstrip('/')}/{name}"
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` so that readers see the old file or the whole new one, never a part."""
+    if is_remote(path):
+        fs, p = _fs(path)
+        fs.pipe_file(p, data)  # a GCS object becomes visible only when its upload completes
+        return
+    path_ = Path(path)
+    path_.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path_.with_name(f".{path_.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path_)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = _fs(path)
+    return fs.cat_file(p)
+
+
+def exists(path: str) -> bool:
+    fs, p = _fs(path)
+    return fs.exists(p)
+
+
+def checkpoint_dir(cfg: Config, out_dir: str | os.PathLike) -> str:
+    return cfg.checkpoint.dir or str(Path(out_dir) / "checkpoints")
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"{PREFIX}{global_step:09d}{SUFFIX}"
+
+
+def _committed(directory: str) -> list[str]:
+    """Names of committed checkpoints (a .pt with its .json), oldest first."""
+    fs, p = _fs(directory)
+    if not fs.exists(p):
+        return []
+    names = {Path(str(f)).name for f in fs.ls(p, detail=False)}
+    return sorted(n for n in names if n.startswith(PREFIX) and n.endswith(SUFFIX)
+                  and n[: -len(SUFFIX)] + ".json" in names)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> str | None:
+    """Path of the newest committed checkpoint in ``directory`` (or ``<directory>/checkpoints``)."""
+    directory = str(directory)
+    for d in (directory, join(directory, "checkpoints")):
+        try:
+            pointer = read_bytes(join(d, LATEST)).decode().strip()
+            if pointer and exists(join(d, pointer)):
+                return join(d, pointer)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        names = _committed(d)
+        if names:
+            return join(d, names[-1])
+    return None
+
+
+class CheckpointStore:
+    """Writes checkpoints into one directory and keeps the newest ``keep``."""
+
+    def __init__(self, directory: str, keep: int) -> None:
+        self.dir, self.keep = str(directory), keep
+
+    def write(self, payload_bytes: bytes, meta: dict[str, Any]) -> str:
+        """Commit one checkpoint: the .pt, then its .json, then ``latest``; prune old ones."""
+        name = checkpoint_name(meta["global_step"])
+        path = join(self.dir, name)
+        write_atomic(path, payload_bytes)
+        write_atomic(path[: -len(SUFFIX)] + ".json", json.dumps(meta, indent=1).encode())
+        write_atomic(join(self.dir, LATEST), name.encode())
+        self.prune(name)
+        return path
+
+    def prune(self, newest: str) -> None:
+        """Delete all but the newest ``keep`` checkpoints and temporary files of dead writers."""
+        fs, p = _fs(self.dir)
+        names = _committed(self.dir)
+        keep = set(names[-self.keep:]) | {newest}
+        for n in names:
+            if n in keep:
+                continue
+            for f in (n, n[: -len(SUFFIX)] + ".json"):
+                try:
+                    fs.rm(join(p, f))
+                except FileNotFoundError:
+                    pass
+        if not is_remote(self.dir):
+            for tmp in Path(self.dir).glob(f".{PREFIX}*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint dict (CPU tensors). UserError if it is missing or not a moco_xla checkpoint."""
+    path = str(path)
+    try:
+        data = read_bytes(path)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"checkpoint {path} is a directory; pass a ckpt-*.pt file or use "
+                        f"--resume auto") from None
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle errors, not a torch file at all
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); pass another checkpoint") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a moco_xla checkpoint (no 'model' and 'config' entries)")
+    return ckpt
+
+
+def checkpoint_meta(path: str) -> dict[str, Any]:
+    """Config and position of a checkpoint, from its small .json when there is one."""
+    side = path[: -len(SUFFIX)] + ".json" if path.endswith(SUFFIX) else None
+    if side:
+        try:
+            return json.loads(read_bytes(side))
+        except (FileNotFoundError, ValueError):
+            pass
+    ckpt = load_checkpoint(path)
+    return {k: ckpt.get(k) for k in ("config", "epoch", "step_in_epoch", "global_step", "world_size")}
+
+
+def resolve_resume(arg: str | None, directory: str) -> str | None:
+    """``--resume``: None/'none' -> fresh start, 'auto' -> latest in ``directory`` or None, else a path."""
+    if arg is None or arg == "none":
+        return None
+    if arg == "auto":
+        return latest_checkpoint(directory)
+    try:
+        fs, p = _fs(arg)
+        is_dir = fs.isdir(p)
+        found = is_dir or fs.exists(p)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume {arg}: cannot read it ({e})") from None
+    if not found:
+        raise UserError(f"--resume {arg} does not exist; pass a ckpt-*.pt file, a checkpoint "
+                        f"directory, a run's --out directory, or 'auto'")
+    if is_dir:
+        path = latest_checkpoint(arg)
+        if path is None:
+            raise UserError(f"--resume {arg} holds no committed checkpoint (ckpt-*.pt with its .json)")
+        return path
+    return arg
+
+
+def check_compatible(saved: dict[str, Any], cfg: Config, source: str) -> list[str]:
+    """UserError naming every key (outside RESUME_MUTABLE) that differs; returns changed mutable keys."""
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    differ = [k for k in new if k in old and _norm(old[k]) != _norm(new[k])]
+    fatal = [k for k in differ if not k.startswith(RESUME_MUTABLE)]
+    if fatal:
+        k = fatal[0]
+        more = f" (also differs: {', '.join(fatal[1:])})" if len(fatal) > 1 else ""
+        raise UserError(f"checkpoint {source} was written with {k}={old[k]!r} but this run has "
+                        f"{k}={new[k]!r}{more}; resume with the same value or start a new --out")
+    return differ
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+# ----------------------------------------------------------------------------- storage checks
+
+def check_storage(directory: str, what: str = "checkpoint.dir") -> None:
+    """Fail fast (before replicas start) on a checkpoint directory that cannot be written."""
+    if is_remote(directory):
+        _check_bucket(directory, what)
+        return
+    d = Path(directory)
+    probe = d
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{what} {directory}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"{what} {directory} is not writable ({probe} denies writing)")
+
+
+def _check_bucket(url: str, what: str) -> None:
+    """A reachable endpoint and an existing bucket, answered in seconds, not after gcsfs's retries."""
+    parsed = urlparse(url)
+    if parsed.scheme != "gs":
+        raise UserError(f"{what} {url}: only local paths and gs:// URLs are supported")
+    if not parsed.netloc:
+        raise UserError(f"{what} {url} names no bucket; use gs://BUCKET/PREFIX")
+    host, port = _gcs_endpoint()
+    try:
+        socket.create_connection((host, port), timeout=min(GCS_TIMEOUT_S, 10)).close()
+    except OSError as e:
+        raise UserError(f"{what} {url} is unreachable: cannot connect to the storage endpoint "
+                        f"{host}:{port} ({e.strerror or e})") from None
+    result: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            fs, _ = _fs(url)
+            result["ok"] = fs.exists(parsed.netloc)
+        except Exception as e:  # auth or HTTP errors: reported below, one line
+            result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(GCS_TIMEOUT_S)
+    if t.is_alive():
+        raise UserError(f"{what} {url} is unreachable: no answer from {host}:{port} in "
+                        f"{GCS_TIMEOUT_S:.0f} s")
+    if "error" in result:
+        raise UserError(f"{what} {url} is not accessible ({result['error']})")
+    if not result.get("ok"):
+        raise UserError(f"{what} {url}: bucket {parsed.netloc!r} does not exist or is not accessible "
+                        f"with these credentials")
+
+
+def _gcs_endpoint() -> tuple[str, int]:
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        u = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+        return u.hostname or "localhost", u.port or (443 if u.scheme == "https" else 80)
+    return "storage.googleapis.com", 443
+
+
+# ----------------------------------------------------------------------------- training state
+
+@dataclass
+class Position:
+    """Where a run stands: the epoch in progress, steps done in it, and what the summary needs."""
+
+    epoch: int = 0                  # 0-based epoch in progress (== train.epochs when finished)
+    step: int = 0                   # steps done in ``epoch``
+    global_step: int = 0
+    knn_top1: float | None = None
+    final_loss: float | None = None
+    images_per_s: float = 0.0
+    wall_s: float = 0.0             # training time so far, over every resumed run
+
+
+def gather_rows(rt: Runtime, t: torch.Tensor) -> torch.Tensor:
+    """Every replica's ``t`` (1-D, same length everywhere) as a CPU tensor [world, n]."""
+    return rt.all_gather(t.to(rt.device).unsqueeze(0)).cpu()
+
+
+def save_checkpoint(rt: Runtime, store: CheckpointStore, cfg: Config, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scaler: Any, pos: Position, lr: float,
+                    epoch_sums: torch.Tensor) -> str:
+    """Every replica calls this at the same step: RNG states and epoch sums are gathered
+    (collectives), the master writes, the others wait. Returns the checkpoint's path."""
+    rt.mark_step()
+    rng = gather_rows(rt, rt.rng_state().to(torch.int32)).to(torch.uint8)
+    sums = gather_rows(rt, epoch_sums.detach().float())
+    path = join(store.dir, checkpoint_name(pos.global_step))
+    if rt.is_master:
+        payload = {
+            "format": FORMAT, "config": cfg.to_dict(), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "epoch": pos.epoch, "step_in_epoch": pos.step, "global_step": pos.global_step, "lr": lr,
+            "world_size": rt.world_size, "rng": list(rng), "sums": list(sums),
+            "progress": dataclasses.asdict(pos),
+        }
+        buf = io.BytesIO()
+        rt.save(payload, buf)
+        meta = {k: payload[k] for k in ("format", "epoch", "step_in_epoch", "global_step", "lr",
+                                        "world_size", "config")}
+        store.write(buf.getvalue(), meta)
+    rt.barrier()
+    return path
+
+
+def restore(ckpt: dict[str, Any], rt: Runtime, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: Any) -> tuple[Position, torch.Tensor]:
+    """Load a checkpoint into this replica; returns its Position and this replica's epoch sums.
+
+    With the world size it was written with, each replica gets back its own RNG state, so the
+    run continues bit-identically. Otherwise the data order is still exact (positions count
+    global samples) but replicas re-seed: augmentations differ from an uninterrupted run.
+    """
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    pos = Position(**ckpt["progress"])
+    same_world = len(ckpt["rng"]) == rt.world_size
+    if same_world:
+        rt.set_rng_state(ckpt["rng"][rt.rank])
+        sums = ckpt["sums"][rt.rank]
+    else:
+        torch.manual_seed(ckpt["config"]["train"]["seed"] * 1000 + rt.rank + 7919 * pos.global_step)
+        sums = torch.stack(list(ckpt["sums"])).mean(0)
+        if rt.is_master:
+            warnings.warn(f"checkpoint written by {len(ckpt['rng'])} replicas, resuming on "
+                          f"{rt.world_size}: same data order, new augmentation draws", RuntimeWarning)
+    return pos, sums.clone()
