@@ -1,0 +1,110 @@
+"""The MoCo algorithm on one replica: queue, momentum update, InfoNCE, symmetric loss, Split BN."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco_xla.models import SplitBatchNorm, build_encoder
+from moco_xla.moco import MoCo
+from moco_xla.runtime import make_runtime
+
+
+def linear_moco(K: int = 8, dim: int = 3, m: float = 0.9, T: float = 0.5, symmetric: bool = False) -> MoCo:
+    torch.manual_seed(0)
+    enc = nn.Linear(4, dim, bias=False)
+    return MoCo(enc, make_runtime("local"), dim=dim, K=K, m=m, T=T, symmetric=symmetric, shuffle="gather")
+
+
+def test_queue_enqueue_order_and_wrap_around():
+    model = linear_moco(K=8, dim=3)
+    batches = [torch.full((3, 3), float(i + 1)) for i in range(3)]  # 9 keys into a queue of 8
+    for b in batches:
+        model.dequeue_and_enqueue(b)
+    # columns 0..7 were written by keys 1..8; key 9 wrapped around to column 0
+    expected = torch.tensor([3, 1, 1, 2, 2, 2, 3, 3], dtype=torch.float32)
+    assert torch.equal(model.queue[0], expected)
+    assert int(model.queue_ptr) == 9 % 8
+    model.dequeue_and_enqueue(torch.full((3, 3), 4.0))
+    assert torch.equal(model.queue[0], torch.tensor([3, 4, 4, 4, 2, 2, 3, 3], dtype=torch.float32))
+    assert int(model.queue_ptr) == 4
+
+
+def test_momentum_update():
+    model = linear_moco(m=0.9)
+    with torch.no_grad():
+        model.encoder_q.weight.fill_(1.0)
+        model.encoder_k.weight.fill_(3.0)
+    model.momentum_update_key_encoder()
+    torch.testing.assert_close(model.encoder_k.weight, torch.full_like(model.encoder_k.weight, 0.9 * 3 + 0.1 * 1))
+    assert not model.encoder_k.weight.requires_grad
+
+
+def _infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:
+    """Hand-written InfoNCE: -log(exp(q.k/T) / (exp(q.k/T) + sum_j exp(q.n_j/T))), averaged."""
+    losses = []
+    for i in range(q.shape[0]):
+        pos = math.exp(float(q[i] @ k[i]) / T)
+        neg = sum(math.exp(float(q[i] @ queue[:, j]) / T) for j in range(queue.shape[1]))
+        losses.append(-math.log(pos / (pos + neg)))
+    return torch.tensor(sum(losses) / len(losses))
+
+
+def test_loss_equals_hand_computed_infonce():
+    model = linear_moco(K=8, m=0.0, T=0.5)  # m=0: key encoder copies the query encoder
+    x_q, x_k = torch.randn(2, 4), torch.randn(2, 4)
+    queue = model.queue.clone()
+    loss, stats = model(x_q, x_k)
+    q = F.normalize(x_q @ model.encoder_q.weight.t(), dim=1)
+    k = F.normalize(x_k @ model.encoder_q.weight.t(), dim=1)
+    torch.testing.assert_close(loss, _infonce(q.detach(), k.detach(), queue, 0.5), rtol=1e-5, atol=1e-5)
+    # the keys were enqueued after the loss was computed
+    torch.testing.assert_close(model.queue[:, :2], k.detach().t())
+
+
+def test_symmetric_loss_is_sum_of_both_directions():
+    model = linear_moco(K=8, m=0.0, T=0.5, symmetric=True)
+    x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+    queue = model.queue.clone()
+    loss, _ = model(x1, x2)
+    f = lambda x: F.normalize(x @ model.encoder_q.weight.t(), dim=1).detach()  # noqa: E731
+    want = _infonce(f(x1), f(x2), queue, 0.5) + _infonce(f(x2), f(x1), queue, 0.5)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    assert int(model.queue_ptr) == 4  # both crops' keys were enqueued
+    assert math.isclose(model.uniform_loss(), 2 * math.log(9))
+
+
+def test_split_batchnorm_normalises_each_sub_batch():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(3, num_splits=4)
+    x = torch.randn(16, 3, 5, 5) + torch.arange(16).view(16, 1, 1, 1)
+    y = bn(x)
+    for g in range(4):  # sample i belongs to sub-batch i % 4
+        ref = F.batch_norm(x[g::4], None, None, training=True, eps=bn.eps)
+        torch.testing.assert_close(y[g::4], ref, rtol=1e-4, atol=1e-4)
+    # plain BN over the whole batch would give something else
+    assert (y - F.batch_norm(x, None, None, training=True)).abs().max() > 0.1
+    bn.eval()
+    torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+
+
+def test_encoders_build_for_every_arch(tiny_cfg):
+    for arch, stem, ch, size in [("small_resnet", True, 1, 16), ("resnet18", True, 3, 32),
+                                 ("resnet18", False, 3, 64), ("resnet50", True, 1, 28)]:
+        tiny_cfg.model.arch, tiny_cfg.model.small_stem, tiny_cfg.model.in_channels = arch, stem, ch
+        enc = build_encoder(tiny_cfg.model)
+        out = enc(torch.randn(4, ch, size, size))
+        assert out.shape == (4, tiny_cfg.model.dim)
+        if arch != "small_resnet" and stem:
+            assert isinstance(enc.backbone.maxpool, nn.Identity) and enc.backbone.conv1.stride == (1, 1)
+    assert sum(isinstance(m, SplitBatchNorm) for m in enc.modules()) > 0  # bn_splits=2 in tiny
+
+
+def test_small_resnet_size_matches_the_quickstart_claim():
+    from moco_xla.config import load_config
+    cfg = load_config("digits")
+    enc = build_encoder(cfg.model)
+    n = sum(p.numel() for p in enc.backbone.parameters())
+    assert 1.0e6 < n < 1.5e6
