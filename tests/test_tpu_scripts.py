@@ -247,3 +247,19 @@ def test_worker_command_runs_the_launcher(tmp_path):
     assert "moco_xla: tiny on cpu x1" in text and "results in" in text, text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"] == "tiny" and summary["epochs"] == 1, summary
+
+
+def _documented_commands() -> list[str]:
+    """The tpu_scripts command lines of docs/deploy.md's examples, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "docs" / "deploy.md").read_text())
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("tpu_scripts/")]
+
+
+def test_documented_commands_are_valid():
+    commands = _documented_commands()
+    assert len(commands) >= 7, commands
+    for line in commands:
+        argv = shlex.split(line)
+        res = script(Path(argv[0]).name, *argv[1:], "--dry-run")
+        assert res.returncode == 0, (line, res.stderr)
+        assert res.stdout.split()[0] in ("gcloud", "git", "python3"), (line, res.stdout)
