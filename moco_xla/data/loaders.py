@@ -102,15 +102,30 @@ class EvalLoader:
 
 
 def user_errors(loader: Iterable):
-    """Iterate ``loader``; a UserError raised in a DataLoader worker comes back as its own one line."""
+    """Iterate ``loader``; a UserError raised in a DataLoader worker comes back as its own one line.
+
+    On any error the workers are stopped right away: left to the garbage collector, each
+    one holds up the process for 5 s (DataLoader's join timeout).
+    """
+    it = iter(loader)
     try:
-        yield from loader
+        yield from it
     except UserError as e:
+        _stop_workers(it)
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         last = lines[-1] if lines else ""
         if "Original Traceback" in str(e) and "UserError: " in last:
             raise UserError(last.split("UserError: ", 1)[1]) from None
         raise
+    except Exception:  # not GeneratorExit: closing early must keep persistent workers alive
+        _stop_workers(it)
+        raise
+
+
+def _stop_workers(it) -> None:
+    stop = getattr(it, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
 
 
 def pretrain_loader(ds: Dataset | ShardSet, batch: int, rank: int, world: int, seed: int, workers: int = 0,

@@ -89,8 +89,8 @@ def substituted(items: Iterable[tuple | None], where: str) -> Iterator[tuple]:
         raise UserError(f"no usable sample in {where}: every sample of this worker's range was bad")
 
 
-def delivered(batches: list[int], steps: int) -> list[int]:
-    """Batches each worker has delivered after ``steps`` DataLoader steps.
+def delivered(batches: list[int], steps: int) -> tuple[list[int], int]:
+    """(batches each worker has delivered after ``steps`` DataLoader steps, the worker due next).
 
     The DataLoader takes one batch from each worker in turn, passing over workers
     that have run out (worker w holds ``batches[w]``).
@@ -98,12 +98,12 @@ def delivered(batches: list[int], steps: int) -> list[int]:
     out = [0] * len(batches)
     for r in range(max(batches, default=0)):
         for w, n in enumerate(batches):
-            if steps == 0:
-                return out
             if n > r:
+                if steps == 0:
+                    return out, w
                 out[w] += 1
                 steps -= 1
-    return out
+    return out, 0
 
 
 class PretrainStream(IterableDataset):
@@ -134,10 +134,14 @@ class PretrainStream(IterableDataset):
         return pieces(m.counts, epoch_order(len(m.shards), self.seed, epoch), start, stop)
 
     def __iter__(self):
-        worker, workers = _worker()
+        physical, workers = _worker()
         epoch, start = (int(v) for v in self.state)
         per_worker = [self.steps * (w + 1) // workers - self.steps * w // workers for w in range(workers)]
-        done = delivered(per_worker, start)[worker]
+        done, due = delivered(per_worker, start)
+        # Resuming: the DataLoader asks worker 0 first, so it plays the part of the worker due
+        # next; the remaining batches then arrive in the uninterrupted run's order.
+        worker = (physical + due) % workers
+        done = done[worker]
         s = self.shards
         raw = chain.from_iterable(iter_shard(s.manifest, *p, s.skips) for p in self.plan(epoch, worker, workers))
         rng = random.Random(f"moco_xla-buffer/{self.seed}/{epoch}/{self.rank}/{worker}")
@@ -191,7 +195,7 @@ class EvalStream(IterableDataset):
         plan = pieces(s.manifest.counts, list(range(len(s.manifest.shards))), start, start + sum(valid))
         raw = chain.from_iterable(iter_shard(s.manifest, *p, s.skips) for p in plan)
         items = substituted(decoded(raw, s.channels, s.skips), f"{s.manifest.url} (eval worker {worker})")
-        pad = torch.zeros(s.channels, s.image_size, s.image_size)
+        pad = s.transform(torch.zeros(s.channels, s.image_size, s.image_size, dtype=torch.uint8))
         for v in valid:
             for _ in range(v):
                 img, label = next(items)
