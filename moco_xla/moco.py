@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .runtime import Runtime
-from .shuffle import shuffled_keys
+from .shuffle import resolve_mode, shuffled_keys
 
 
 class MoCo(nn.Module):
@@ -28,7 +28,7 @@ class MoCo(nn.Module):
         self.rt = runtime
         self.K, self.m, self.T = K, m, T
         self.symmetric = symmetric
-        self.shuffle = shuffle
+        self.shuffle = resolve_mode(runtime, shuffle)  # all_to_all falls back to gather where missing
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)  # same init; trained only by momentum
         for p in self.encoder_k.parameters():
@@ -66,12 +66,15 @@ class MoCo(nn.Module):
         """InfoNCE with the positive at index 0; logits, softmax and loss in fp32."""
         q = self.query(im_q)
         k = self.key(im_k)
-        l_pos = (q * k).sum(dim=1, keepdim=True)
-        l_neg = q @ self.queue.clone().detach()
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(dim=1) == 0).float().mean()
+        # Under bf16/fp16 autocast q @ queue would run in low precision: bf16 keeps 8 bits
+        # of mantissa, so at T = 0.07 a logit could be off by about 0.05. Keep this part fp32.
+        with torch.autocast(q.device.type, enabled=False):
+            l_pos = (q * k).sum(dim=1, keepdim=True)
+            l_neg = q @ self.queue.clone().detach()
+            logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+            labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            loss = F.cross_entropy(logits, labels)
+            acc = (logits.argmax(dim=1) == 0).float().mean()
         return loss, acc, k
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -78,7 +78,8 @@ class SyncBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         n, c = x.shape[0], x.shape[1]
         count = x.numel() / c * self.runtime.world_size
-        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))])
+        xf = x.float()  # statistics in fp32 under bf16/fp16 autocast (E[x^2] - E[x]^2 cancels)
+        stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3))])
         stats = _AllReduceSum.apply(stats, self.runtime)
         mean = stats[:c] / count
         var = stats[c:] / count - mean * mean
@@ -88,7 +89,7 @@ class SyncBatchNorm(nn.BatchNorm2d):
             self.running_var.lerp_(unbiased.detach(), self.momentum)
         scale = self.weight * torch.rsqrt(var + self.eps)
         shift = self.bias - mean * scale
-        return x * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+        return (xf * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)).to(x.dtype)
 
 
 def norm_layer(bn_splits: int = 1, sync: bool = False, runtime: Runtime | None = None

@@ -17,6 +17,7 @@ Both are built from the Runtime's collectives, so they run unchanged on TPU
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -24,6 +25,17 @@ import torch
 from .runtime import Runtime
 
 MODES = ("gather", "all_to_all", "none")
+
+
+def resolve_mode(rt: Runtime, mode: str) -> str:
+    """The mode to run: ``all_to_all`` becomes ``gather`` (with a warning) where the backend lacks it."""
+    if mode not in MODES:
+        raise ValueError(f"unknown shuffle mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "all_to_all" and not rt.has_all_to_all:
+        warnings.warn(f"moco.shuffle=all_to_all: backend {rt.name} has no all_to_all; using gather "
+                      f"(same keys, {rt.world_size}x the shuffle traffic)", RuntimeWarning, stacklevel=2)
+        return "gather"
+    return mode
 
 
 def shared_permutation(rt: Runtime, n: int, device: torch.device) -> torch.Tensor:
@@ -94,10 +106,19 @@ def shuffled_keys(rt: Runtime, encode: Callable[[torch.Tensor], torch.Tensor], x
 
 
 def bytes_per_step(mode: str, world_size: int, batch: int, image_numel: int, key_dim: int,
-                   elem_bytes: int = 4) -> int:
-    """Bytes one replica receives per shuffle (images in, keys back), counted from the shapes."""
+                   elem_bytes: int = 4, key_bytes: int | None = None) -> int:
+    """Bytes one replica receives per shuffle (images there, keys back), counted from the shapes.
+
+    ``batch`` is the per-replica batch. gather receives every other replica's batch,
+    (N - 1) B rows each way; all_to_all only B / N rows from each other replica,
+    (N - 1) B / N. ``key_bytes`` is the key's element size (2 when the encoder runs in
+    bf16); the 4 N B-byte permutation broadcast of gather mode is not counted.
+    profiling.collectives() reads the same figures from the lowered XLA graph.
+    """
+    key_bytes = elem_bytes if key_bytes is None else key_bytes
+    per_row = image_numel * elem_bytes + key_dim * key_bytes
     if mode == "gather":
-        return (world_size - 1) * batch * (image_numel + key_dim) * elem_bytes
+        return (world_size - 1) * batch * per_row
     if mode == "all_to_all":
-        return (world_size - 1) * (batch // world_size) * (image_numel + key_dim) * elem_bytes
+        return (world_size - 1) * (batch // world_size) * per_row
     return 0

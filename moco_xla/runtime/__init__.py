@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .base import Runtime
+from .base import PRECISIONS, Runtime, resolve_precision
 
 BACKENDS = ("auto", "xla", "cuda", "cpu")
 
@@ -70,5 +70,5 @@ def make_runtime(backend: str, rank: int = 0, world_size: int = 1, local_rank: i
     raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 
-__all__ = ["Runtime", "BACKENDS", "make_runtime", "resolve_backend", "available_replicas",
-           "tpu_available", "xla_installed"]
+__all__ = ["Runtime", "BACKENDS", "PRECISIONS", "make_runtime", "resolve_backend", "resolve_precision",
+           "available_replicas", "tpu_available", "xla_installed"]

@@ -27,6 +27,7 @@ class Runtime:
         # The rank as a device tensor: indexing with it keeps the XLA graph identical on
         # every replica (a Python int would be baked in as a constant, one graph per replica).
         self._rank_index: torch.Tensor | None = None
+        self._trace: Any = None  # a running torch.profiler session (start_trace)
 
     # -- identity ---------------------------------------------------------------
     @property
@@ -113,9 +114,19 @@ class Runtime:
         for batch in loader:
             yield _to_device(batch, self.device)
 
+    # -- precision --------------------------------------------------------------
+    def resolve_precision(self, precision: str) -> str:
+        """``train.precision`` for this backend: auto becomes its default; UserError if unsupported."""
+        return resolve_precision(self.name, precision)
+
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
-        """Mixed-precision context for the forward pass; fp32 is a no-op."""
-        if precision in ("fp32", "auto"):
+        """Mixed-precision context for the forward pass; fp32 is a no-op.
+
+        Under bf16/fp16 the convolutions and matmuls of the encoders run in the low
+        precision; MoCo computes its logits, softmax and loss in fp32 (see moco.py).
+        """
+        precision = self.resolve_precision(precision)
+        if precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
@@ -123,6 +134,45 @@ class Runtime:
     def grad_scaler(self, precision: str) -> torch.amp.GradScaler | None:
         """A GradScaler for fp16 on CUDA; None otherwise (bf16 and fp32 need none)."""
         return None
+
+    # -- performance introspection (see profiling.py) ----------------------------
+    def counters(self) -> dict[str, int]:
+        """Cumulative graph counters: compiles, executions, fallback_ops, transfers_from_device.
+
+        Empty off XLA: eager backends have no graph to recompile and no op falls back.
+        """
+        return {}
+
+    def fallback_ops(self) -> list[str]:
+        """Names of the ops that ran on the host instead of the device so far (XLA only)."""
+        return []
+
+    def graph_text(self, tensors: list[torch.Tensor]) -> str:
+        """The lowered program that computes ``tensors`` (HLO text on XLA; empty elsewhere)."""
+        return ""
+
+    def wait(self) -> None:
+        """Block until the device finished all queued work (for timing; never in the step)."""
+
+    def memory_stats(self) -> dict[str, int]:
+        """Device memory in bytes (``peak_bytes``, ``limit_bytes``) where the device reports it."""
+        return {}
+
+    def start_trace(self, log_dir: str) -> None:
+        """Start a profiler trace written to ``log_dir`` (torch.profiler; XLA uses its own)."""
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+        activities = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        self._trace = profile(activities=activities, record_shapes=True,
+                              on_trace_ready=tensorboard_trace_handler(log_dir, f"rank{self.rank}"))
+        self._trace.__enter__()
+
+    def stop_trace(self) -> None:
+        """Stop the trace and write it (TensorBoard's profile plugin reads the folder)."""
+        trace, self._trace = self._trace, None
+        if trace is not None:
+            trace.__exit__(None, None, None)
 
     def save(self, obj: Any, f: Any) -> None:
         """Write ``obj`` with torch.save (after moving device tensors to the CPU on XLA)."""
@@ -147,6 +197,25 @@ class Runtime:
 
 
 _CPU_RNG_BYTES = torch.get_rng_state().numel()
+
+# train.precision per backend. auto: bf16 on XLA (the MXU's native type, no loss scaling),
+# bf16 or fp16 on CUDA (see DistRuntime), fp32 on CPU (bf16 there is opt-in).
+PRECISIONS = {"xla": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16"), "cpu": ("fp32", "bf16"),
+              "local": ("fp32", "bf16")}
+AUTO_PRECISION = {"xla": "bf16", "cuda": "bf16", "cpu": "fp32", "local": "fp32"}
+
+
+def resolve_precision(backend: str, precision: str) -> str:
+    """The precision ``backend`` runs for ``train.precision``; UserError for a combination it lacks."""
+    from ..errors import UserError
+    valid = PRECISIONS.get(backend, ("fp32",))
+    if precision == "auto":
+        return AUTO_PRECISION.get(backend, "fp32")
+    if precision not in valid:
+        why = " (fp16 needs a GradScaler, which only CUDA has here)" if precision == "fp16" else ""
+        raise UserError(f"train.precision={precision} is not supported on backend {backend}{why}; "
+                        f"valid: auto, {', '.join(valid)}")
+    return precision
 
 
 def _check_op(op: str) -> None:

@@ -66,17 +66,26 @@ class DistRuntime(Runtime):
         if self._multi:
             dist.barrier()
 
+    def resolve_precision(self, precision: str) -> str:
+        """auto on CUDA: bf16 where the GPU has it (Ampere and later), else fp16 with a GradScaler."""
+        if self.name == "cuda" and precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return super().resolve_precision(precision)
+
     def grad_scaler(self, precision: str) -> torch.amp.GradScaler | None:
-        if self.name == "cuda" and precision == "fp16":
+        if self.name == "cuda" and self.resolve_precision(precision) == "fp16":
             return torch.amp.GradScaler("cuda")
         return None
 
-    def autocast(self, precision: str):
-        if self.name == "cpu" and precision in ("fp32", "auto"):
-            return super().autocast("fp32")
-        if self.name == "cuda" and precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return super().autocast(precision)
+    def wait(self) -> None:
+        if self.name == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def memory_stats(self) -> dict[str, int]:
+        if self.name != "cuda":
+            return {}
+        return {"peak_bytes": torch.cuda.max_memory_allocated(self.device),
+                "limit_bytes": torch.cuda.get_device_properties(self.device).total_memory}
 
     def rng_state(self) -> torch.Tensor:
         if self.name != "cuda":

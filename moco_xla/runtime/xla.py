@@ -7,12 +7,12 @@ multi-host PJRT runtime joins them: ranks and world size come from ``torch_xla.r
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
+import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
 import torch_xla.runtime as xr
 
@@ -28,7 +28,10 @@ class XlaRuntime(Runtime):
         super().__init__(torch_xla.device(), xr.global_ordinal(), xr.world_size())
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        return xm.all_gather(t, dim=0)
+        """A real all-gather. xm.all_gather's default (pin_layout=True) builds it from an
+        all-reduce of a zero-padded N x B buffer, which moves about twice the bytes; every
+        replica here runs the same program (the rank is a tensor), so layouts agree unpinned."""
+        return xm.all_gather(t, dim=0, pin_layout=False)
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         _check_op(op)
@@ -40,7 +43,7 @@ class XlaRuntime(Runtime):
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
         return xm.all_to_all(t, split_dimension=0, concat_dimension=0,
-                             split_count=self.world_size)
+                             split_count=self.world_size, pin_layout=False)
 
     def barrier(self) -> None:
         xm.rendezvous("moco_xla.barrier")
@@ -61,12 +64,42 @@ class XlaRuntime(Runtime):
         """MpDeviceLoader overlaps host-to-device copies with the step and cuts the graph."""
         return iter(pl.MpDeviceLoader(loader, self.device))
 
-    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
-        if precision in ("bf16", "auto"):
-            return torch.autocast("xla", dtype=torch.bfloat16)
-        if precision == "fp16":
-            raise ValueError("precision fp16 is not supported on XLA; use bf16 or fp32")
-        return contextlib.nullcontext()
+    # -- performance introspection: torch_xla's metrics, read on the host (no device sync) --
+    def counters(self) -> dict[str, int]:
+        return {"compiles": _metric_count("CompileTime"),
+                "executions": _metric_count("ExecuteTime") + _metric_count("ExecuteReplicatedTime"),
+                "transfers_from_device": _metric_count("TransferFromDeviceTime"),
+                "fallback_ops": sum(met.counter_value(op) or 0 for op in self.fallback_ops())}
+
+    def fallback_ops(self) -> list[str]:
+        # .item() / float(t) is aten::_local_scalar_dense, listed as a fallback: it is a host
+        # read, counted in transfers_from_device (and legitimate in a step closure).
+        return sorted(op for op in met.executed_fallback_ops() if op != _ITEM)
+
+    def graph_text(self, tensors: list[torch.Tensor]) -> str:
+        return torch_xla._XLAC._get_xla_tensors_hlo(list(tensors))
+
+    def wait(self) -> None:
+        xm.wait_device_ops()
+
+    def memory_stats(self) -> dict[str, int]:
+        try:
+            info = xm.get_memory_info(self.device)
+        except RuntimeError:  # XLA:CPU has no allocator statistics
+            return {}
+        return {"peak_bytes": int(info.get("peak_bytes_used", info.get("bytes_used", 0))),
+                "limit_bytes": int(info.get("bytes_limit", 0))}
+
+    def start_trace(self, log_dir: str) -> None:
+        """torch_xla's profiler: host spans, the lazy tracing and (on TPU) the device ops."""
+        import torch_xla.debug.profiler as xp
+        xp.start_trace(log_dir)
+        self._trace = xp
+
+    def stop_trace(self) -> None:
+        xp, self._trace = self._trace, None
+        if xp is not None:
+            xp.stop_trace()
 
     def save(self, obj: Any, f: Any) -> None:
         xm.save(obj, f, master_only=False)
@@ -90,6 +123,15 @@ def tpu_device_count() -> int:
         return tpu.num_available_devices()
     except Exception:  # no TPU, or an unknown chip
         return 0
+
+
+_ITEM = "aten::_local_scalar_dense"
+
+
+def _metric_count(name: str) -> int:
+    """How many samples torch_xla posted to a metric (0 before its first sample)."""
+    data = met.metric_data(name)
+    return int(data[0]) if data else 0
 
 
 def spawn(fn: Callable[..., Any], args: tuple, nprocs: int | None) -> None:
