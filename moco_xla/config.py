@@ -74,12 +74,41 @@ class TrainConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Linear probe on frozen features: the MoCo lincls protocol (SGD, lr 30, no weight decay)."""
+    epochs: int = 100
+    batch_size: int = 256            # global batch
+    lr: float = 30.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "step"           # cosine | step | constant
+    lr_steps: list = field(default_factory=lambda: [60, 80])  # epochs where lr *= 0.1 (step)
+    augment: bool = False            # random crops each epoch (features recomputed); else features once
+    eval_every: int = 10             # epochs between test-set evaluations (0 = only at the end)
+
+
+@dataclass
+class SemisupConfig:
+    """Few labels: probe, fine-tune and a from-scratch baseline on the same N labelled images."""
+    labels: int = 100                # labelled train images, balanced over classes
+    seed: int = 0                    # which images are drawn
+    steps: int = 500                 # optimisation steps of every trained row (probes included)
+    batch_size: int = 100            # global batch, capped at the number of labels
+    lr: float = 0.05                 # fine-tune and from-scratch SGD lr (cosine)
+    weight_decay: float = 5e-4       # fine-tune and from-scratch
+    augment: bool = True             # fine-tune and from-scratch see random crops (the same ones)
+    pixel_c: float = 1.0             # inverse L2 strength of the raw-pixel logistic regression
+
+
+@dataclass
 class EvalConfig:
     knn_every: int = 5               # epochs between kNN monitors (0 = only at the end)
     knn_k: int = 200
     knn_t: float = 0.1
     batch_size: int = 256
     max_bank: int = 0                # 0 = whole train set as the feature bank
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    semisup: SemisupConfig = field(default_factory=SemisupConfig)
 
 
 @dataclass
@@ -232,7 +261,8 @@ _OWNERS: dict[int, type] = {}
 
 def _owner(f: dataclasses.Field) -> type:
     if not _OWNERS:
-        for cls in (Config, DataConfig, ModelConfig, MocoConfig, TrainConfig, EvalConfig, CheckpointConfig):
+        for cls in (Config, DataConfig, ModelConfig, MocoConfig, TrainConfig, EvalConfig, CheckpointConfig,
+                    ProbeConfig, SemisupConfig):
             for g in dataclasses.fields(cls):
                 _OWNERS[id(g)] = cls
     return _OWNERS[id(f)]
@@ -270,6 +300,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (e.knn_t > 0, "eval.knn_t", f"must be > 0, got {e.knn_t}"),
         (e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}"),
         (e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}"),
+        *probe_checks(e.probe, e.semisup),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}"),
         (cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps",
@@ -287,6 +318,26 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                         f"e.g. moco.K={max(enqueue, m.K // enqueue * enqueue)}")
     if world_size is not None:
         validate_world(cfg, world_size)
+
+
+def probe_checks(p: ProbeConfig, s: SemisupConfig) -> list[tuple[bool, str, str]]:
+    """Ranges of the eval.probe and eval.semisup sections (linear probe, few-label study)."""
+    schedules = ("cosine", "step", "constant")
+    return [
+        (p.schedule in schedules, "eval.probe.schedule", f"is {p.schedule!r}; valid: {', '.join(schedules)}"),
+        (p.epochs >= 1, "eval.probe.epochs", f"must be >= 1, got {p.epochs}"),
+        (p.batch_size >= 1, "eval.probe.batch_size", f"must be >= 1, got {p.batch_size}"),
+        (p.lr > 0, "eval.probe.lr", f"must be > 0, got {p.lr}"),
+        (0 <= p.momentum < 1, "eval.probe.momentum", f"must be in [0, 1), got {p.momentum}"),
+        (p.weight_decay >= 0, "eval.probe.weight_decay", f"must be >= 0, got {p.weight_decay}"),
+        (p.eval_every >= 0, "eval.probe.eval_every", f"must be >= 0, got {p.eval_every}"),
+        (s.labels >= 1, "eval.semisup.labels", f"must be >= 1, got {s.labels}"),
+        (s.steps >= 1, "eval.semisup.steps", f"must be >= 1, got {s.steps}"),
+        (s.batch_size >= 1, "eval.semisup.batch_size", f"must be >= 1, got {s.batch_size}"),
+        (s.lr > 0, "eval.semisup.lr", f"must be > 0, got {s.lr}"),
+        (s.weight_decay >= 0, "eval.semisup.weight_decay", f"must be >= 0, got {s.weight_decay}"),
+        (s.pixel_c > 0, "eval.semisup.pixel_c", f"must be > 0, got {s.pixel_c}"),
+    ]
 
 
 def validate_world(cfg: Config, world_size: int) -> None:

@@ -1,45 +1,111 @@
-"""Run records on the master replica: metrics.jsonl (step and epoch records) and summary.json."""
+"""Run records on the master replica: metrics.jsonl, TensorBoard event files, PNG plots, summary.json.
+
+Every record goes to ``<out>/metrics.jsonl`` (the source of truth, one JSON object
+per line) and its numeric fields to TensorBoard as ``<type>/<field>`` scalars in
+``<out>/tensorboard``. When the writer closes, ``plots.plot_run`` redraws the PNGs
+in ``<out>/plots`` from metrics.jsonl, so the plots always show the whole run,
+resumed parts included.
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
+TB_DIR, PLOTS_DIR = "tensorboard", "plots"
+NOT_SCALARS = ("type", "step", "epoch")
+
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``<out>/metrics.jsonl``; a no-op on non-master replicas."""
+    """Appends records to metrics.jsonl and TensorBoard; a no-op on non-master replicas."""
 
-    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True) -> None:
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 plots: bool = True) -> None:
         self.out = Path(out_dir)
-        self.enabled = enabled
+        self.enabled, self.plots = enabled, plots
+        self._tb = None
         if enabled:
             self.out.mkdir(parents=True, exist_ok=True)
             self._f = open(self.out / "metrics.jsonl", "a", buffering=1)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.out / TB_DIR))
 
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            self._f.write(json.dumps(_clean(record)) + "\n")
+    def write(self, record: dict[str, Any], step: int | None = None) -> None:
+        """One record; TensorBoard's x is ``step``, else the record's step, else its epoch."""
+        if not self.enabled:
+            return
+        record = _clean(record)
+        self._f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            x = step if step is not None else record.get("step", record.get("epoch", 0))
+            for key, value in scalars(record).items():
+                self._tb.add_scalar(f"{record.get('type', 'record')}/{key}", value, global_step=x)
 
     def close(self) -> None:
-        if self.enabled:
-            self._f.close()
+        """Flush everything and redraw the plots from metrics.jsonl."""
+        if not self.enabled:
+            return
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self.plots:
+            try:
+                from .plots import plot_run
+                plot_run(self.out)
+            except Exception as e:  # a plot must never cost a finished run its exit code
+                warnings.warn(f"could not draw plots in {self.out / PLOTS_DIR}: {e}", RuntimeWarning)
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The record's numeric fields (booleans as 0/1), minus its type, step and epoch."""
+    out = {}
+    for key, value in record.items():
+        if key in NOT_SCALARS or value is None:
+            continue
+        if isinstance(value, (bool, int, float)):
+            out[key] = float(value)
+    return out
 
 
 def write_summary(out_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
-    """Write (or update) ``<out>/summary.json``; keys already there from other commands are kept."""
+    """Write (or update) ``<out>/summary.json``: keys from other commands are kept, nested dicts merged."""
     path = Path(out_dir) / "summary.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old.update(_clean(summary))
+    old = read_summary(out_dir)
+    _merge(old, _clean(summary))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
+def read_summary(out_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(out_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of metrics.jsonl; a line cut short by a kill is skipped."""
     path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _clean(obj: Any) -> Any:

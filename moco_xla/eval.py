@@ -1,0 +1,397 @@
+"""``python -m moco_xla.eval``: how good is a pre-trained encoder? kNN, linear probe, few labels.
+
+    python -m moco_xla.eval knn     --ckpt runs/digits-X               # newest checkpoint of a run
+    python -m moco_xla.eval linear  --ckpt runs/digits-X/checkpoints/ckpt-000000360.pt
+    python -m moco_xla.eval semisup --ckpt runs/digits-X --labels 100
+    python -m moco_xla.eval linear  --ckpt gs://bucket/run/checkpoints --backend xla --cores 8
+
+The model comes from the checkpoint, and so do the data and evaluation settings unless
+``--config`` names a config whose ``data`` and ``eval`` sections replace them (a probe on
+another dataset); ``--set`` overrides either (``--set eval.probe.lr=10``). Results go to
+``--out`` (default: the run directory that holds the checkpoint): metrics.jsonl,
+TensorBoard scalars, plots/*.png and summary.json; a table is printed at the end.
+Replicas start as in ``moco_xla.launch`` (TPU cores, GPUs, gloo processes or torchrun).
+Exit codes: 0 done, 2 bad input (errors.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from . import data
+from .checkpoint import checkpoint_meta, latest_checkpoint
+from .config import Config, apply_override, from_dict, load_config, validate
+from .errors import RunStopped, UserError
+from .knn import knn_accuracy
+from .plots import SEMISUP_ROWS
+from .probe import (SGDSpec, FrozenProbe, balanced_subset, build_eval_backbone, extract, fit,
+                    head_accuracy, image_accuracy, image_batches, linear_head, load_encoder, pixel_logistic,
+                    probe_sgd, subset, train_classifier, train_labels, train_probe, train_transform,
+                    with_transform)
+from .report import MetricsWriter, read_summary, write_summary
+from .runtime import BACKENDS, Runtime, make_runtime, resolve_backend
+
+COMMANDS = ("knn", "linear", "semisup")
+
+
+@dataclass
+class Job:
+    """What every replica needs (picklable: it crosses process boundaries)."""
+
+    command: str
+    ckpt: str
+    cfg: Config
+    out: str
+
+
+# ----------------------------------------------------------------------------- command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see python -m moco_xla.eval --help)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog="python -m moco_xla.eval", description=__doc__.split("\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("command", choices=COMMANDS, help="knn: kNN monitor; linear: linear probe (lincls); "
+                   "semisup: few-label study against a supervised baseline")
+    p.add_argument("--ckpt", required=True,
+                   help="a ckpt-*.pt file, a checkpoint directory or a run directory (newest checkpoint); "
+                        "local or gs://")
+    p.add_argument("--labels", type=int, default=None, help="semisup: labelled images (eval.semisup.labels)")
+    p.add_argument("--config", default=None,
+                   help="take the data and eval sections from this config instead of the checkpoint's")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: TPU, then CUDA, then CPU")
+    p.add_argument("--cores", type=int, default=None, help="replicas, as for moco_xla.launch")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set eval.probe.epochs=50 (repeatable)")
+    p.add_argument("--out", default=None, help="output directory (default: the checkpoint's run directory)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p.parse_args(argv)
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint file, or the newest committed one in a checkpoint or run directory."""
+    import fsspec
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        is_dir, found = fs.isdir(p), fs.exists(p)
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"--ckpt {path}: cannot read it ({e})") from None
+    if not found:
+        raise UserError(f"--ckpt {path} does not exist; pass a ckpt-*.pt file or a run directory")
+    if is_dir:
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise UserError(f"--ckpt {path} holds no committed checkpoint (ckpt-*.pt with its .json)")
+        return newest
+    return path
+
+
+def eval_config(ckpt: str, config: str | None, overrides: list[str]) -> Config:
+    """The checkpoint's config; ``config`` replaces its data and eval sections; then ``overrides``."""
+    saved = checkpoint_meta(ckpt).get("config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{ckpt} is not a moco_xla checkpoint (no config in it)")
+    cfg = from_dict(saved)
+    if config is not None:
+        other = load_config(config)
+        cfg.data, cfg.eval = other.data, other.eval
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def check_job(cfg: Config, command: str, world: int) -> None:
+    """Batch splits that depend on the replica count."""
+    p, s = cfg.eval.probe, cfg.eval.semisup
+    if command == "linear" and p.batch_size % world:
+        raise UserError(f"eval.probe.batch_size={p.batch_size} (global) must be divisible by the "
+                        f"{world} replicas")
+    if command == "semisup" and semisup_batch(cfg, world) < world:
+        raise UserError(f"eval.semisup.labels={s.labels} gives fewer labelled images than the {world} "
+                        f"replicas; use more labels or fewer --cores")
+
+
+def semisup_batch(cfg: Config, world: int) -> int:
+    """The global batch of the few-label rows: at most the labelled set, a multiple of the replicas."""
+    s = cfg.eval.semisup
+    return min(s.batch_size, s.labels) // world * world
+
+
+def default_out(ckpt: str, cfg: Config) -> Path:
+    """The run directory of a local checkpoint (<run>/checkpoints/ckpt-*.pt), else runs/eval-<name>-<time>."""
+    if "://" not in ckpt:
+        parent = Path(ckpt).resolve().parent
+        return parent.parent if parent.name == "checkpoints" else parent
+    return Path("runs") / f"eval-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ----------------------------------------------------------------------------- replicas
+
+def encoder(rt: Runtime, job: Job) -> nn.Module:
+    """The checkpoint's query backbone on this replica's device, in eval mode."""
+    _, backbone = load_encoder(job.ckpt)
+    return backbone.to(rt.device).eval()
+
+
+def random_backbone(cfg: Config, rt: Runtime) -> tuple[nn.Module, int]:
+    """The same architecture, freshly initialised with the config's seed (identical on every replica)."""
+    torch.manual_seed(cfg.train.seed)
+    net, dim = build_eval_backbone(cfg)
+    net = net.to(rt.device)
+    rt.sync_module(net)
+    return net, dim
+
+
+def run_knn(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
+    cfg, e = job.cfg, job.cfg.eval
+    bundle = data.build(cfg)
+    top1 = float(knn_accuracy(rt, encoder(rt, job), bundle.bank, bundle.test, bundle.num_classes, e.knn_k,
+                              e.knn_t, e.batch_size, e.max_bank, cfg.data.workers))
+    writer.write({"type": "knn_eval", "knn_top1": top1, "k": e.knn_k, "t": e.knn_t})
+    return {"knn_top1": top1, "knn": {"top1": top1, "k": e.knn_k, "t": e.knn_t, "ckpt": job.ckpt,
+                                      "bank_images": len(bundle.bank), "test_images": len(bundle.test)}}
+
+
+def run_linear(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
+    """MoCo's lincls: a linear layer on the frozen backbone's pooled features."""
+    cfg, p = job.cfg, job.cfg.eval.probe
+    e, workers, seed = cfg.eval, cfg.data.workers, cfg.train.seed
+    bundle = data.build(cfg)
+    backbone = encoder(rt, job)
+    test = extract(rt, backbone, bundle.test, e.batch_size, workers)
+    bar = tqdm(total=p.epochs, desc="linear probe", disable=not rt.is_master, dynamic_ncols=True)
+    last: dict[str, float] = {}
+
+    def on_epoch(epoch: int, lr: float, loss: torch.Tensor, head: nn.Module) -> None:
+        bar.update(1)
+        due = epoch + 1 == p.epochs or (p.eval_every > 0 and (epoch + 1) % p.eval_every == 0)
+        top1 = head_accuracy(rt, head, test) if due else None
+        rt.add_step_closure(_log_linear, (writer, bar, last, epoch + 1, lr, loss, top1))
+
+    sgd = probe_sgd(cfg)
+    if p.augment:  # random crops every epoch: the frozen backbone runs on every step
+        train_ds = with_transform(bundle.bank, train_transform(cfg.data.augment, cfg.data.image_size,
+                                                               cfg.model.in_channels))
+        steps = _steps_per_epoch(len(train_ds), p.batch_size)
+        model = FrozenProbe(backbone, linear_head(test.x.shape[1], bundle.num_classes, rt, seed)).train()
+        batches = image_batches(rt, train_ds, p.batch_size // rt.world_size, seed, workers)
+        fit(rt, model, list(model.head.parameters()), batches, p.epochs, steps, sgd,
+            lambda ep, lr, loss: on_epoch(ep, lr, loss, model.head))
+    else:  # features once: an epoch costs a few matrix products
+        train = extract(rt, backbone, bundle.bank, e.batch_size, workers)
+        steps = _steps_per_epoch(train.total, p.batch_size)
+        train_probe(rt, train, bundle.num_classes, sgd, p.epochs, steps, p.batch_size, seed, on_epoch)
+    rt.mark_step()  # runs the last epoch's closure
+    bar.close()
+    return {"linear_top1": last["top1"], "linear": {
+        "top1": last["top1"], "epochs": p.epochs, "lr": p.lr, "schedule": p.schedule, "augment": p.augment,
+        "batch_size": p.batch_size, "ckpt": job.ckpt, "train_images": len(bundle.bank),
+        "test_images": len(bundle.test)}}
+
+
+def _steps_per_epoch(n: int, batch: int) -> int:
+    if n < batch:
+        raise UserError(f"eval.probe.batch_size={batch} exceeds the {n} training images; lower it")
+    return n // batch
+
+
+def _log_linear(writer: MetricsWriter, bar: tqdm, last: dict, epoch: int, lr: float, loss: torch.Tensor,
+                top1: torch.Tensor | None) -> None:
+    """Step closure: the probe's one host read per epoch."""
+    record = {"type": "linear", "epoch": epoch, "lr": lr, "loss": float(loss)}
+    if top1 is not None:
+        record["top1"] = last["top1"] = float(top1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.2f}")
+    writer.write(record)
+
+
+def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
+    """N labelled images, five ways to use them, one test set (the MNIST-with-100-labels study)."""
+    cfg, s = job.cfg, job.cfg.eval.semisup
+    e, workers, seed = cfg.eval, cfg.data.workers, cfg.train.seed
+    bundle = data.build(cfg)
+    classes = bundle.num_classes
+    picked = balanced_subset(train_labels(bundle.bank), s.labels, classes, s.seed)
+    labelled = subset(bundle.bank, picked)
+    shown = labelled
+    if s.augment:
+        aug = train_transform(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels)
+        shown = subset(with_transform(bundle.bank, aug), picked)
+    batch = semisup_batch(cfg, rt.world_size)
+    bar = tqdm(total=4 * s.steps, desc=f"{s.labels} labels", disable=not rt.is_master, dynamic_ncols=True)
+
+    def tick(*_: Any) -> None:
+        bar.update(1)
+
+    def probe_row(net: nn.Module) -> torch.Tensor:
+        train = extract(rt, net, labelled, e.batch_size, workers)
+        head = train_probe(rt, train, classes, probe_sgd(cfg), s.steps, 1, batch, seed, tick)
+        return head_accuracy(rt, head, extract(rt, net, bundle.test, e.batch_size, workers))
+
+    def tuned_row(net: nn.Module, dim: int) -> torch.Tensor:
+        batches = image_batches(rt, shown, batch // rt.world_size, seed, workers)
+        sgd = SGDSpec(s.lr, 0.9, s.weight_decay, "cosine")
+        model = train_classifier(rt, net, dim, classes, batches, s.steps, sgd, seed, tick)
+        return image_accuracy(rt, model, bundle.test, e.batch_size, workers)
+
+    rows: dict[str, torch.Tensor] = {}
+    rows["moco_probe"] = probe_row(encoder(rt, job))
+    _, dim = build_eval_backbone(cfg)
+    rows["moco_finetune"] = tuned_row(encoder(rt, job), dim)
+    rows["supervised_scratch"] = tuned_row(*random_backbone(cfg, rt))
+    rows["pixel_logistic"] = pixel_logistic(rt, labelled, bundle.test, s.pixel_c, e.batch_size, workers)
+    rows["random_probe"] = probe_row(random_backbone(cfg, rt)[0])
+    rt.mark_step()
+    bar.close()
+    values = {k: float(v) for k, v in rows.items()}  # the study's one host read
+    best = max(values, key=values.get)
+    writer.write({"type": "semisup", "labels": s.labels, **values}, step=s.labels)
+    return {"semisup": {str(s.labels): {
+        "labels": s.labels, "per_class": s.labels / classes, "rows": values, "best": best,
+        "steps": s.steps, "augment": s.augment, "seed": s.seed, "ckpt": job.ckpt,
+        "test_images": len(bundle.test)}}}
+
+
+RUNNERS: dict[str, Callable[[Job, Runtime, MetricsWriter], dict[str, Any]]] = {
+    "knn": run_knn, "linear": run_linear, "semisup": run_semisup}
+
+
+def run_replica(backend: str, rank: int, world: int, local_rank: int, job: Job) -> dict[str, Any]:
+    """The body of every replica: make the runtime, evaluate, write the summary on the master."""
+    rt = make_runtime(backend, rank, world, local_rank)
+    try:
+        torch.manual_seed(job.cfg.train.seed)
+        writer = MetricsWriter(job.out, enabled=rt.is_master)
+        result = RUNNERS[job.command](job, rt, writer)
+        if rt.is_master:
+            write_summary(job.out, result)
+        writer.close()  # after the summary: the plots read it
+        return result
+    finally:
+        rt.shutdown()
+
+
+def _xla_replica(index: int, job: Job) -> None:
+    run_replica("xla", 0, 1, index, job)  # XlaRuntime reads rank and world from PJRT
+
+
+def _dist_replica(rank: int, backend: str, world: int, job: Job, reports: Any) -> None:
+    try:
+        run_replica(backend, rank, world, rank, job)
+    except RunStopped as e:  # tell the parent why, then exit with the documented code
+        reports.put((rank, e.exit_code, type(e).__name__, str(e)))
+        sys.exit(e.exit_code)
+
+
+def start(backend: str, world: int, job: Job) -> None:
+    """Run ``world`` replicas of ``backend`` on this host (or be one replica under torchrun)."""
+    from .launch import _replica_error, free_port
+    from .runtime.dist import env_rank
+    env = env_rank()
+    if env is not None:
+        run_replica(backend, env[0], env[1], env[2], job)
+    elif backend == "xla":
+        from .runtime.xla import spawn
+        spawn(_xla_replica, (job,), nprocs=None if world > 1 else 1)
+    elif world == 1:
+        run_replica(backend, 0, 1, 0, job)
+    else:
+        import torch.multiprocessing as mp
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        reports = mp.get_context("spawn").SimpleQueue()
+        try:
+            mp.spawn(_dist_replica, args=(backend, world, job, reports), nprocs=world, join=True)
+        except mp.ProcessExitedException as e:
+            found = []
+            while not reports.empty():
+                found.append(reports.get())
+            raise _replica_error(e, found) from None
+
+
+# ----------------------------------------------------------------------------- report
+
+def print_table(command: str, out: Path, cfg: Config) -> None:
+    """The command's numbers from summary.json, as a short table."""
+    s = read_summary(out)
+    if command == "knn" and "knn" in s:
+        k = s["knn"]
+        print(f"  kNN top-1 (k={k['k']}, t={k['t']}): {k['top1']:.2f}%  "
+              f"({k['bank_images']} bank / {k['test_images']} test images)")
+    elif command == "linear" and "linear" in s:
+        lin = s["linear"]
+        print(f"  linear probe top-1: {lin['top1']:.2f}%  ({lin['epochs']} epochs, lr {lin['lr']:g}, "
+              f"{lin['test_images']} test images)")
+    elif command == "semisup":
+        study = (s.get("semisup") or {}).get(str(cfg.eval.semisup.labels))
+        if not study:
+            return
+        print(f"  {study['labels']} labelled images ({study['per_class']:g} per class); "
+              f"test top-1 on {study['test_images']} images:")
+        for key, title in SEMISUP_ROWS.items():
+            mark = "  <- best" if key == study["best"] else ""
+            print(f"    {title:<32} {study['rows'][key]:6.2f}%{mark}")
+    print(f"  results in {out} (summary.json, metrics.jsonl, plots/, tensorboard/)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+        ckpt = find_checkpoint(args.ckpt)
+        overrides = list(args.overrides)
+        if args.labels is not None:
+            overrides.append(f"eval.semisup.labels={args.labels}")
+        cfg = eval_config(ckpt, args.config, overrides)
+        backend = resolve_backend(args.backend)
+        world, master = _world(backend, args.cores)
+        check_job(cfg, args.command, world)
+        from .launch import check_data
+        check_data(cfg)
+        out = Path(args.out) if args.out else default_out(ckpt, cfg)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; pass a directory")
+        if master:
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"moco_xla.eval {args.command}: {ckpt} on {backend} x{world} -> {out}", flush=True)
+        start(backend, world, Job(args.command, ckpt, cfg, str(out)))
+    except RunStopped as e:
+        if "--debug" in argv:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    if master:
+        print_table(args.command, out, cfg)
+    return 0
+
+
+def _world(backend: str, cores: int | None) -> tuple[int, bool]:
+    """(replicas, whether this process reports): torchrun's WORLD_SIZE, else ``--cores``."""
+    from .launch import replica_count
+    from .runtime.dist import env_rank
+    env = env_rank()
+    if env is None:
+        return replica_count(backend, cores), True
+    if backend == "xla":
+        raise UserError("torchrun drives the cpu/cuda backends; on TPUs use --cores (xmp.spawn)")
+    if cores is not None and cores != env[1]:
+        raise UserError(f"--cores {cores} disagrees with torchrun's WORLD_SIZE={env[1]}")
+    return env[1], env[0] == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""PNG plots of a run, drawn from metrics.jsonl and summary.json (matplotlib, no display needed).
+
+What a MoCo user looks at first: the loss against ln(K+1) (a collapsed run sits
+on that line), kNN accuracy per epoch, the learning-rate schedule, throughput,
+the linear probe's curve, and the few-label comparison as a bar chart. Figures
+are made with ``matplotlib.figure.Figure`` (the Agg canvas, no pyplot state), so
+drawing is safe in any process or thread.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from .report import PLOTS_DIR, read_metrics, read_summary
+
+SIZE, DPI = (6.4, 4.0), 100  # 640 x 400 pixels
+
+# The few-label study's rows, in the order they are reported.
+SEMISUP_ROWS = {
+    "moco_probe": "MoCo linear probe (frozen)",
+    "moco_finetune": "MoCo fine-tuned",
+    "supervised_scratch": "supervised from scratch",
+    "pixel_logistic": "raw-pixel logistic regression",
+    "random_probe": "random-init encoder probe",
+}
+
+
+def plot_run(out_dir: str | os.PathLike) -> list[Path]:
+    """Redraw every plot the run's records support; returns the files written."""
+    out = Path(out_dir)
+    records = read_metrics(out)
+    summary = read_summary(out)
+    epochs = _last_per_epoch([r for r in records if r.get("type") == "epoch"])
+    steps = [r for r in records if r.get("type") == "step"]
+    linear = _last_per_epoch([r for r in records if r.get("type") == "linear"])
+    made = [
+        loss_plot(epochs, steps, summary.get("uniform_loss"), out / PLOTS_DIR / "loss.png"),
+        series_plot(epochs, "knn_top1", "kNN top-1 (%)", "kNN accuracy on the test set",
+                    out / PLOTS_DIR / "knn.png"),
+        series_plot(epochs, "lr", "learning rate", "learning rate", out / PLOTS_DIR / "lr.png"),
+        series_plot(epochs, "images_per_s", "images / s", "throughput (all replicas)",
+                    out / PLOTS_DIR / "throughput.png"),
+        linear_plot(linear, out / PLOTS_DIR / "linear.png"),
+        semisup_plot(summary.get("semisup") or {}, out / PLOTS_DIR / "semisup.png"),
+    ]
+    return [p for p in made if p is not None]
+
+
+def _last_per_epoch(records: list[dict]) -> list[dict]:
+    """One record per epoch (the latest: a resumed run rewrites the epochs after its checkpoint)."""
+    by_epoch = {r["epoch"]: r for r in records if "epoch" in r}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
+    fig = Figure(figsize=SIZE, dpi=DPI, layout="tight")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def loss_plot(epochs: list[dict], steps: list[dict], uniform: float | None, path: Path) -> Path | None:
+    """Per-step losses (thin) and epoch means (dots) against epochs, with the collapse line."""
+    if not epochs and not steps:
+        return None
+    fig, ax = _figure("MoCo loss", "epoch", "InfoNCE loss")
+    per_epoch = epochs[-1]["step"] / epochs[-1]["epoch"] if epochs and epochs[-1].get("step") else None
+    if steps and per_epoch:
+        ax.plot([s["step"] / per_epoch for s in steps], [s["loss"] for s in steps], lw=0.8, alpha=0.5,
+                label="logged steps")
+    if epochs:
+        ax.plot([e["epoch"] for e in epochs], [e.get("loss") for e in epochs], "o-", label="epoch mean")
+    if uniform:
+        ax.axhline(uniform, color="red", ls="--", lw=1, label="ln(K+1): uniform logits (collapse)")
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)
+
+
+def series_plot(epochs: list[dict], key: str, ylabel: str, title: str, path: Path) -> Path | None:
+    """One epoch-record field against the epoch (skipped when no epoch has it)."""
+    points = [(e["epoch"], e[key]) for e in epochs if e.get(key) is not None]
+    if not points:
+        return None
+    fig, ax = _figure(title, "epoch", ylabel)
+    ax.plot(*zip(*points), "o-")
+    return _save(fig, path)
+
+
+def linear_plot(records: list[dict], path: Path) -> Path | None:
+    """The linear probe: training loss and test top-1 per probe epoch."""
+    if not records:
+        return None
+    fig, ax = _figure("linear probe on frozen features", "probe epoch", "training loss")
+    ax.plot([r["epoch"] for r in records], [r.get("loss") for r in records], color="C0", label="loss")
+    evaluated = [(r["epoch"], r["top1"]) for r in records if r.get("top1") is not None]
+    if evaluated:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evaluated), "o-", color="C1", label="test top-1")
+        ax2.set_ylabel("test top-1 (%)")
+        ax2.legend(loc="center right", fontsize="small")
+    ax.legend(loc="upper right", fontsize="small")
+    return _save(fig, path)
+
+
+def semisup_plot(studies: dict[str, dict], path: Path) -> Path | None:
+    """Test top-1 of every row of the few-label study, one group of bars per label count."""
+    studies = {k: v for k, v in studies.items() if isinstance(v, dict) and v.get("rows")}
+    if not studies:
+        return None
+    counts = sorted(studies, key=int)
+    rows = [r for r in SEMISUP_ROWS if any(r in studies[n]["rows"] for n in counts)]
+    fig, ax = _figure("few labels: test top-1", "", "test top-1 (%)")
+    width = 0.8 / len(counts)
+    for j, n in enumerate(counts):
+        xs = [i + (j - (len(counts) - 1) / 2) * width for i in range(len(rows))]
+        ys = [studies[n]["rows"].get(r) or 0.0 for r in rows]
+        bars = ax.bar(xs, ys, width, label=f"{n} labels")
+        ax.bar_label(bars, fmt="%.1f", fontsize="x-small")
+    ax.set_xticks(range(len(rows)), [SEMISUP_ROWS[r].replace(" ", "\n", 1) for r in rows],
+                  fontsize="x-small")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="lower left", fontsize="small")
+    return _save(fig, path)

@@ -1,0 +1,85 @@
+"""Helpers for the evaluation tests: synthetic point sets, gloo replica functions, one shared pre-training."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The shortest digits pre-training whose linear probe still clearly beats a random-init
+# encoder and raw pixels with 100 labels (measured: see test_eval.test_semisup_digits).
+PRETRAIN_SET = ["train.epochs=12", "model.width=16", "moco.K=1024", "eval.knn_every=4",
+                "checkpoint.every=12", "train.log_every=3"]
+
+
+class Points(Dataset):
+    """Feature vectors with integer labels, shaped like an image dataset: (x, label)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+def clusters(n: int, classes: int, dim: int, seed: int, spread: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` points around ``classes`` random unit directions (class i % classes), well separated."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(99)))[0][:classes]
+    y = torch.arange(n) % classes
+    x = centres[y] + spread * torch.randn(n, dim, generator=g)
+    return x, y
+
+
+def knn_on_points(rt, bank: tuple, test: tuple, classes: int, k: int, batch: int) -> dict:
+    """kNN accuracy and the gathered bank on this replica (identity network: the points are features)."""
+    from moco_xla.knn import embed, knn_accuracy
+    net = nn.Identity()
+    bank_ds, test_ds = Points(*bank), Points(*test)
+    acc = knn_accuracy(rt, net, bank_ds, test_ds, classes, k=k, t=0.1, batch=batch)
+    feats, labels = embed(rt, net, bank_ds, batch)
+    return {"acc": float(acc), "bank": feats, "labels": labels}
+
+
+def probe_on_points(rt, train: tuple, test: tuple, classes: int, epochs: int, batch: int) -> dict:
+    """A linear probe on this replica's share of the points; returns its accuracy and weights."""
+    from moco_xla.probe import SGDSpec, extract, head_accuracy, train_probe
+    net = nn.Identity()
+    tr = extract(rt, net, Points(*train), 16)
+    te = extract(rt, net, Points(*test), 16)
+    sgd = SGDSpec(lr=1.0, momentum=0.9, schedule="cosine")
+    head = train_probe(rt, tr, classes, sgd, epochs, len(train[1]) // batch, batch, seed=0)
+    return {"acc": float(head_accuracy(rt, head, te)), "weight": head.weight.detach().clone(),
+            "count": tr.count}
+
+
+_RUNS: dict[str, Path] = {}
+
+
+def pretrained_run(root: Path) -> Path:
+    """A short digits pre-training, run once per test session through the real CLI."""
+    if "digits" not in _RUNS:
+        out = root / "pretrained"
+        args = [sys.executable, "-m", "moco_xla.launch", "--config", "digits", "--out", str(out)]
+        for item in PRETRAIN_SET:
+            args += ["--set", item]
+        p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                           env={**os.environ, "PJRT_DEVICE": "CPU"})
+        assert p.returncode == 0, p.stderr[-3000:]
+        _RUNS["digits"] = out
+    return _RUNS["digits"]
+
+
+def run_eval(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m moco_xla.eval ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "moco_xla.eval", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PJRT_DEVICE": "CPU"})

@@ -1,0 +1,164 @@
+"""Linear probe, few-label study and the eval CLI: synthetic features, gloo replicas, digits end to end."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_gloo
+from eval_fns import clusters, pretrained_run, probe_on_points, run_eval
+from moco_xla import eval as moco_eval
+from moco_xla.config import load_config
+from moco_xla.errors import UserError
+from moco_xla.probe import SGDSpec, balanced_subset, load_encoder
+from moco_xla.report import read_metrics, read_summary
+from moco_xla.runtime import make_runtime
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    return pretrained_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A checkpoint of the tiny model (untrained): enough for the CLI's plumbing on every backend."""
+    from moco_xla.train import build_model
+    cfg = load_config("tiny")
+    model = build_model(cfg, make_runtime("local"))
+    path = tmp_path_factory.mktemp("tiny") / "checkpoints" / "ckpt-000000000.pt"
+    path.parent.mkdir()
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, path)
+    return path, model
+
+
+# ----------------------------------------------------------------------------- units
+
+def test_sgd_schedules():
+    step = SGDSpec(30.0, schedule="step", milestones=(0.6, 0.8))
+    assert [step.lr_at(e / 100) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
+    cos = SGDSpec(1.0, schedule="cosine")
+    assert cos.lr_at(0.0) == 1.0 and cos.lr_at(0.5) == pytest.approx(0.5) and cos.lr_at(1.0) < 1e-12
+    assert SGDSpec(0.1, schedule="constant").lr_at(0.9) == 0.1
+
+
+def test_balanced_subset_is_balanced_seeded_and_checked():
+    labels = torch.arange(300) % 10
+    picked = balanced_subset(labels, 100, 10, seed=0)
+    assert len(picked) == 100 == len(set(picked.tolist()))
+    assert torch.bincount(labels[picked], minlength=10).tolist() == [10] * 10
+    assert torch.equal(picked, balanced_subset(labels, 100, 10, seed=0))
+    assert not torch.equal(picked, balanced_subset(labels, 100, 10, seed=1))
+    counts = torch.bincount(labels[balanced_subset(labels, 25, 10, seed=0)], minlength=10)
+    assert sorted(counts.tolist()) == [2] * 5 + [3] * 5  # the remainder goes to 5 classes
+    with pytest.raises(UserError, match="fewer than the 10 classes"):
+        balanced_subset(labels, 5, 10, seed=0)
+    with pytest.raises(UserError, match="use at most 300"):
+        balanced_subset(labels, 310, 10, seed=0)
+
+
+def test_probe_separates_separable_features():
+    train, test = clusters(256, 4, 32, seed=0, spread=0.3), clusters(128, 4, 32, seed=1, spread=0.3)
+    result = probe_on_points(make_runtime("local"), train, test, 4, epochs=10, batch=32)
+    assert result["acc"] == 100.0
+    g = torch.Generator().manual_seed(0)
+    noise = (train[0], train[1][torch.randperm(256, generator=g)])  # labels unrelated to the features
+    assert probe_on_points(make_runtime("local"), noise, test, 4, epochs=10, batch=32)["acc"] < 50.0
+
+
+def test_probe_on_two_gloo_replicas():
+    train, test = clusters(256, 4, 32, seed=0, spread=0.3), clusters(128, 4, 32, seed=1, spread=0.3)
+    results = run_gloo(probe_on_points, 2, train, test, 4, 10, 32)
+    assert [r["count"] for r in results] == [128, 128]  # each replica holds half the features
+    assert all(r["acc"] == 100.0 for r in results)
+    torch.testing.assert_close(results[0]["weight"], results[1]["weight"])  # gradients were averaged
+
+
+def test_load_encoder_round_trip_and_errors(tiny_ckpt, tmp_path):
+    path, model = tiny_ckpt
+    cfg, backbone = load_encoder(str(path))
+    assert cfg.model.width == 8
+    for (name, p), q in zip(backbone.state_dict().items(), model.encoder_q.backbone.state_dict().values()):
+        assert torch.equal(p, q), name
+    with pytest.raises(UserError, match="does not exist"):
+        load_encoder(str(tmp_path / "missing.pt"))
+    wider = load_config("tiny", ["model.width=16"])
+    bad = tmp_path / "bad.pt"
+    torch.save({"config": wider.to_dict(), "model": model.state_dict()}, bad)
+    with pytest.raises(UserError, match="does not fit the configured model"):
+        load_encoder(str(bad))
+
+
+def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    cases = [
+        (["linear", "--ckpt", str(tmp_path / "nope.pt")], "does not exist"),
+        (["linear", "--ckpt", str(tmp_path)], "holds no committed checkpoint"),
+        (["semisup", "--ckpt", str(path), "--labels", "5"], "eval.semisup.labels"),
+        (["linear", "--ckpt", str(path), "--set", "eval.probe.lrr=1"], "did you mean 'eval.probe.lr'"),
+        (["linear", "--ckpt", str(path), "--set", "eval.probe.schedule=linear"], "valid: cosine, step"),
+        (["linear", "--ckpt", str(path), "--backend", "cpu", "--cores", "3"], "divisible by the 3 replicas"),
+        (["lincls", "--ckpt", str(path)], "invalid choice"),
+    ]
+    for argv, message in cases:
+        assert moco_eval.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err, (argv, err)
+
+
+# ----------------------------------------------------------------------------- the CLI on every backend
+
+def _linear_cli(ckpt, out, *extra) -> dict:
+    p = run_eval(["linear", "--ckpt", str(ckpt), "--out", str(out), "--set", "eval.probe.epochs=3",
+                  "--set", "eval.probe.batch_size=64", "--set", "eval.probe.lr=1", *extra])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "linear probe top-1" in p.stdout
+    summary = read_summary(out)
+    records = [r for r in read_metrics(out) if r["type"] == "linear"]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert summary["linear_top1"] == records[-1]["top1"] == summary["linear"]["top1"]
+    assert 10.0 < summary["linear_top1"] <= 100.0  # better than chance even untrained
+    return summary
+
+
+def test_linear_cli_two_gloo_replicas(tiny_ckpt, tmp_path):
+    _linear_cli(tiny_ckpt[0], tmp_path, "--backend", "cpu", "--cores", "2")
+    assert (tmp_path / "plots" / "linear.png").read_bytes()[:8] == PNG
+
+
+def test_linear_cli_xla_one_replica(tiny_ckpt, tmp_path):
+    _linear_cli(tiny_ckpt[0], tmp_path, "--backend", "xla", "--cores", "1")
+
+
+# ----------------------------------------------------------------------------- digits end to end
+
+def test_knn_eval_reproduces_training_knn(run_dir, tmp_path):
+    p = run_eval(["knn", "--ckpt", str(run_dir), "--out", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    # the final checkpoint's backbone on the same bank and test set: the same number as training's
+    assert read_summary(tmp_path)["knn_top1"] == read_summary(run_dir)["knn_top1"]
+    assert "kNN top-1" in p.stdout
+
+
+def test_semisup_digits(run_dir, tmp_path):
+    """The MNIST-with-100-labels study on digits: pre-training must beat a random encoder and pixels."""
+    p = run_eval(["semisup", "--ckpt", str(run_dir), "--labels", "100", "--out", str(tmp_path),
+                  "--set", "eval.semisup.steps=100"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    study = read_summary(tmp_path)["semisup"]["100"]
+    rows = study["rows"]
+    assert set(rows) == set(moco_eval.SEMISUP_ROWS)
+    assert study["labels"] == 100 and study["per_class"] == 10 and study["best"] == max(rows, key=rows.get)
+    assert all(0.0 <= v <= 100.0 for v in rows.values())
+    record = [r for r in read_metrics(tmp_path) if r["type"] == "semisup"][-1]
+    assert {k: record[k] for k in rows} == rows
+    # measured margins (see the report): probe - random-init ~ X points, probe - pixels ~ Y points
+    assert rows["moco_probe"] > rows["random_probe"] + 3.0, rows
+    assert rows["moco_probe"] > rows["pixel_logistic"] + 1.0, rows
+    for title in moco_eval.SEMISUP_ROWS.values():
+        assert title in p.stdout
+    assert (tmp_path / "plots" / "semisup.png").read_bytes()[:8] == PNG

@@ -1,0 +1,110 @@
+"""Run records: metrics.jsonl, TensorBoard scalars, PNG plots and summary.json, and their agreement."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from matplotlib.image import imread
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from eval_fns import pretrained_run
+from moco_xla.plots import SEMISUP_ROWS, plot_run
+from moco_xla.report import MetricsWriter, read_metrics, read_summary, write_summary
+
+PNG = b"\x89PNG\r\n\x1a\n"
+WIDTH, HEIGHT = 640, 400
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    return pretrained_run(tmp_path_factory.getbasetemp())
+
+
+def assert_png(path, size=(WIDTH, HEIGHT)) -> None:
+    """A real PNG of the right size that is not a blank canvas."""
+    assert path.read_bytes()[:8] == PNG, path
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == size
+        lo, hi = im.convert("L").getextrema()
+    assert hi - lo > 100, f"{path} looks blank"
+    assert imread(path).shape[:2] == (size[1], size[0])
+
+
+def scalars(out, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def synthetic_run(out, epochs: int = 6, steps_per_epoch: int = 4) -> list[dict]:
+    records = []
+    with_writer = MetricsWriter(out)
+    for e in range(1, epochs + 1):
+        for s in range(1, steps_per_epoch + 1):
+            step = (e - 1) * steps_per_epoch + s
+            records.append({"type": "step", "epoch": e, "step": step, "loss": 10.0 - step * 0.1, "acc": 1.0 * step,
+                            "lr": 0.03, "images_per_s": 100.0 + s})
+        rec = {"type": "epoch", "epoch": e, "step": e * steps_per_epoch, "lr": 0.03 * (1 - e / 10),
+               "images_per_s": 100.0 + e, "loss": 10.0 - e, "acc": 5.0 * e, "collapse": False}
+        if e % 2 == 0:
+            rec["knn_top1"] = 50.0 + e
+        records.append(rec)
+    for r in records:
+        with_writer.write(r)
+    write_summary(out, {"uniform_loss": 11.5, "knn_top1": records[-1]["knn_top1"]})
+    with_writer.close()
+    return records
+
+
+def test_writer_records_tensorboard_and_plots(tmp_path):
+    records = synthetic_run(tmp_path)
+    assert read_metrics(tmp_path) == records
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert scalars(tmp_path, "epoch/loss") == {r["step"]: r["loss"] for r in epochs}
+    assert scalars(tmp_path, "epoch/knn_top1") == {r["step"]: r["knn_top1"] for r in epochs if "knn_top1" in r}
+    assert scalars(tmp_path, "epoch/collapse") == {r["step"]: 0.0 for r in epochs}
+    assert len(scalars(tmp_path, "step/loss")) == 24
+    for name in ("loss", "knn", "lr", "throughput"):
+        assert_png(tmp_path / "plots" / f"{name}.png")
+    assert not (tmp_path / "plots" / "semisup.png").exists()  # nothing to show yet
+
+
+def test_non_master_writes_nothing(tmp_path):
+    w = MetricsWriter(tmp_path / "replica1", enabled=False)
+    w.write({"type": "epoch", "epoch": 1, "loss": 1.0})
+    w.close()
+    assert not (tmp_path / "replica1").exists()
+
+
+def test_summary_merges_nested_keys_and_drops_nan(tmp_path):
+    write_summary(tmp_path, {"knn_top1": 90.0, "semisup": {"100": {"rows": {"moco_probe": 95.0}}}})
+    write_summary(tmp_path, {"linear_top1": float("nan"), "semisup": {"50": {"rows": {"moco_probe": 90.0}}}})
+    s = read_summary(tmp_path)
+    assert s["knn_top1"] == 90.0 and s["linear_top1"] is None
+    assert set(s["semisup"]) == {"100", "50"}
+    assert json.loads((tmp_path / "summary.json").read_text()) == s
+
+
+def test_semisup_bar_chart(tmp_path):
+    rows = {k: 60.0 + 7 * i for i, k in enumerate(SEMISUP_ROWS)}
+    write_summary(tmp_path, {"semisup": {"100": {"labels": 100, "rows": rows},
+                                         "50": {"labels": 50, "rows": {k: v - 5 for k, v in rows.items()}}}})
+    made = plot_run(tmp_path)
+    assert made == [tmp_path / "plots" / "semisup.png"]
+    assert_png(made[0])
+
+
+def test_training_summary_agrees_with_metrics(run_dir):
+    summary = read_summary(run_dir)
+    records = read_metrics(run_dir)
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == list(range(1, summary["epochs"] + 1))
+    last = epochs[-1]
+    assert summary["knn_top1"] == last["knn_top1"]
+    assert summary["final_loss"] == pytest.approx(last["loss"])
+    assert summary["steps"] == last["step"]
+    knn = {r["step"]: r["knn_top1"] for r in epochs if "knn_top1" in r}
+    assert len(knn) >= 2 and scalars(run_dir, "epoch/knn_top1") == pytest.approx(knn)
+    for name in ("loss", "knn", "lr", "throughput"):
+        assert_png(run_dir / "plots" / f"{name}.png")
