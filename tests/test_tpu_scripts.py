@@ -263,3 +263,38 @@ def test_documented_commands_are_valid():
         res = script(Path(argv[0]).name, *argv[1:], "--dry-run")
         assert res.returncode == 0, (line, res.stderr)
         assert res.stdout.split()[0] in ("gcloud", "git", "python3"), (line, res.stdout)
+
+
+@pytest.mark.parametrize("state, verbs", [
+    ("READY", ["describe", "ssh"]),
+    ("STOPPED", ["describe", "start", "ssh"]),
+    ("PREEMPTED", ["describe", "delete", "create", "scp", "ssh", "ssh"]),
+    ("", ["describe", "create", "scp", "ssh", "ssh"]),  # the VM is gone
+])
+def test_resume_acts_on_the_vm_state(state, verbs, tmp_path):
+    """Without --dry-run: gcloud (a stand-in that logs its calls and reports the VM state; the real one
+    needs a cloud project) is called for what the state needs, then training restarts."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n'
+                    'case "$*" in *describe*) [ -n "$STATE" ] && echo "$STATE" || exit 1 ;; esac\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "CALLS": str(calls), "STATE": state,
+           "TMPDIR": str(tmp_path)}
+    res = script("resume.sh", *RUN, "--type", "v4-8", "--spot", env=env)
+    assert res.returncode == 0, res.stderr
+    logged = calls.read_text().splitlines()
+    assert [line.split()[3] for line in logged] == verbs, logged
+    assert "--resume auto" in logged[-1] and "--worker=all" in logged[-1]
+    if "create" in verbs:
+        assert "--accelerator-type=v4-8" in logged[verbs.index("create")] and "--spot" in logged[verbs.index("create")]
+        assert list(tmp_path.glob("moco_xla-*.tar.gz")), "setup.sh did not pack the checkout"
+
+
+def test_resume_refuses_a_busy_vm(tmp_path):
+    fake = tmp_path / "gcloud"
+    fake.write_text('#!/bin/sh\necho CREATING\n')
+    fake.chmod(0o755)
+    res = script("resume.sh", *RUN, env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: the TPU VM is CREATING")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Resume a run after preemption: re-create the TPU VM if it was preempted (Spot VMs end in state
-# PREEMPTED and must be deleted and created again), re-install, then restart training with
-# `--resume auto`, which continues from the latest good checkpoint in --ckpt (gs://).
+# PREEMPTED and must be deleted and created again) and re-install, or start it if it was stopped;
+# then restart training with `--resume auto`, which continues from the latest good checkpoint in
+# --ckpt (gs://).
 #
 #   tpu_scripts/resume.sh --name moco --zone us-central2-b --type v4-8 --spot \
 #       --config cifar10 --ckpt gs://BUCKET/cifar10 [--set ...] [--dry-run]
@@ -54,12 +55,13 @@ if [[ $DRY_RUN == 1 ]]; then common+=(--dry-run); fi
 if [[ -n $IMAGE ]]; then SETUP_FLAGS=(--image "$IMAGE"); fi
 case "$state" in
   READY) ;;
+  STOPPED) run gcloud compute tpus tpu-vm start "${TPU_ARGS[@]}" ;;  # the disk and the install survive
   PREEMPTED | TERMINATED | MISSING)
     [[ -n $TYPE ]] || die "the TPU VM is $state: pass --type (and --spot) to re-create it"
     if [[ $state != MISSING ]]; then "$HERE/teardown.sh" "${common[@]}" --yes; fi
     "$HERE/create.sh" "${common[@]}" ${CREATE_FLAGS[@]+"${CREATE_FLAGS[@]}"}
     "$HERE/setup.sh" "${common[@]}" ${SETUP_FLAGS[@]+"${SETUP_FLAGS[@]}"} ;;
-  *) die "the TPU VM is $state; wait until it is READY (or PREEMPTED) and run resume.sh again" ;;
+  *) die "the TPU VM is $state; wait until it is READY, STOPPED or PREEMPTED and run resume.sh again" ;;
 esac
 
 tpu_ssh all "$(train_command)"

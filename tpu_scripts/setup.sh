@@ -48,7 +48,7 @@ install+=" $(quote "torch_xla[tpu]==$(pinned torch_xla)") -r requirements.txt &&
 if [[ -n $GIT_URL ]]; then
   fetch="rm -rf $REMOTE_DIR && git clone -q --branch $(quote "$REF") $(quote "$GIT_URL") $REMOTE_DIR"
 else
-  archive="/tmp/moco_xla-$(git -C "$REPO_ROOT" rev-parse --short HEAD).tar.gz"
+  archive="${TMPDIR:-/tmp}/moco_xla-$(git -C "$REPO_ROOT" rev-parse --short HEAD).tar.gz"
   run git -C "$REPO_ROOT" archive --format=tar.gz -o "$archive" HEAD
   tpu_args
   run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:moco_xla.tar.gz" "${TPU_ARGS[@]:1}" --worker=all
