@@ -258,7 +258,8 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
         record = {"type": "epoch", "epoch": epoch + 1, "step": pos.global_step, "lr": lr,
                   "images_per_s": pos.images_per_s, "epoch_s": wall, **epoch_log}
         if _knn_due(cfg, epoch):
-            with watch.region("knn"):
+            # fork_rng: evaluating (its DataLoaders draw seeds) must not shift training's RNG stream
+            with watch.region("knn"), torch.random.fork_rng(devices=[]):
                 pos.knn_top1 = float(knn_accuracy(
                     rt, model.encoder_q.backbone, bundle.bank, bundle.test, bundle.num_classes,
                     cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers))
