@@ -52,6 +52,7 @@ def test_notebooks_run_headless(tmp_path, monkeypatch):
     monkeypatch.setenv("MOCO_XLA_SMOKE", "1")
     monkeypatch.setenv("MOCO_XLA_DIR", str(ROOT))  # the checkout; the notebooks' cwd is elsewhere
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two notebooks share the cores: no thread oversubscription
     runs = {}
     for kind in KINDS:
         nb = nbformat.read(ROOT / "notebooks" / f"{kind}_tpu.ipynb", as_version=4)
