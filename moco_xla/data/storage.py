@@ -25,7 +25,7 @@ def is_remote(url: str) -> bool:
 def filesystem(url: str):
     """(fsspec filesystem, path inside it) for a local path or gs:// URL."""
     import fsspec
-    url = str(url)
+    url = str(url) if is_remote(url) else os.path.expanduser(str(url))
     opts: dict = {}
     if is_remote(url):
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
