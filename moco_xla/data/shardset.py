@@ -77,7 +77,8 @@ def load_manifest(root: str, split: str) -> Manifest:
         raw = json.loads(storage.read_bytes(murl))
     except FileNotFoundError:
         raise UserError(f"{murl} does not exist: {root} holds no {split} shards; write them with "
-                        f"python -m moco_xla.shards --dataset NAME --root SRC --out {root}") from None
+                        f"python -m moco_xla.shards --dataset NAME --root SRC --out {root} --split {split}"
+                        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{murl} is not valid JSON ({e})") from None
     try:

@@ -75,10 +75,16 @@ def write_bytes(url: str, data: bytes) -> None:
 
 
 def open_stream(url: str, block_size: int = 8 << 20):
-    """A file object for sequential reads; remote files read ahead in large blocks."""
+    """A file object for sequential reads.
+
+    Remote files are read in ``block_size`` range requests, the next block fetched in a
+    background thread while the current one is parsed and decoded (fsspec's
+    "background" cache; two blocks in memory at most).
+    """
     fs, path = filesystem(url)
     if is_remote(url):
-        return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+        return fs.open(path, "rb", block_size=block_size, cache_type="background",
+                       cache_options={"maxblocks": 2})
     return fs.open(path, "rb")
 
 
