@@ -27,7 +27,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import torch
@@ -326,9 +326,14 @@ def save_checkpoint(rt: Runtime, store: CheckpointStore, cfg: Config, model: tor
                     optimizer: torch.optim.Optimizer, scaler: Any, pos: Position, lr: float,
                     epoch_sums: torch.Tensor) -> str:
     """Every replica calls this at the same step: RNG states and epoch sums are gathered
-    (collectives), the master writes, the others wait. Returns the checkpoint's path."""
+    (collectives), the master writes, the others wait. Returns the checkpoint's path.
+
+    The RNG state recorded is the one training continues from: on XLA every graph sync steps
+    the device seed, so the syncs of saving itself are undone by setting the state back.
+    """
     rt.mark_step()
-    rng = gather_rows(rt, rt.rng_state().to(torch.int32)).to(torch.uint8)
+    mine = rt.rng_state()
+    rng = gather_rows(rt, mine.to(torch.int32)).to(torch.uint8)
     sums = gather_rows(rt, epoch_sums.detach().float())
     path = join(store.dir, checkpoint_name(pos.global_step))
     if rt.is_master:
@@ -345,12 +350,15 @@ def save_checkpoint(rt: Runtime, store: CheckpointStore, cfg: Config, model: tor
                                         "world_size", "config")}
         store.write(buf.getvalue(), meta)
     rt.barrier()
+    rt.set_rng_state(mine)
     return path
 
 
 def restore(ckpt: dict[str, Any], rt: Runtime, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: Any) -> tuple[Position, torch.Tensor]:
-    """Load a checkpoint into this replica; returns its Position and this replica's epoch sums.
+            scaler: Any) -> tuple[Position, torch.Tensor, Callable[[], None]]:
+    """Load a checkpoint into this replica: returns its Position, this replica's epoch sums and
+    a function that restores the RNG, to call right before the first step (on XLA, every sync
+    in between would step the device seed).
 
     With the world size it was written with, each replica gets back its own RNG state, so the
     run continues bit-identically. Otherwise the data order is still exact (positions count
@@ -363,12 +371,18 @@ def restore(ckpt: dict[str, Any], rt: Runtime, model: torch.nn.Module, optimizer
     pos = Position(**ckpt["progress"])
     same_world = len(ckpt["rng"]) == rt.world_size
     if same_world:
-        rt.set_rng_state(ckpt["rng"][rt.rank])
+        state = ckpt["rng"][rt.rank]
         sums = ckpt["sums"][rt.rank]
+
+        def rng() -> None:
+            rt.set_rng_state(state)
     else:
-        torch.manual_seed(ckpt["config"]["train"]["seed"] * 1000 + rt.rank + 7919 * pos.global_step)
+        seed = ckpt["config"]["train"]["seed"] * 1000 + rt.rank + 7919 * pos.global_step
         sums = torch.stack(list(ckpt["sums"])).mean(0)
         if rt.is_master:
             warnings.warn(f"checkpoint written by {len(ckpt['rng'])} replicas, resuming on "
                           f"{rt.world_size}: same data order, new augmentation draws", RuntimeWarning)
-    return pos, sums.clone()
+
+        def rng() -> None:
+            torch.manual_seed(seed)
+    return pos, sums.clone(), rng

@@ -179,9 +179,9 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
                                   cfg.data.workers, cfg.train.max_steps_per_epoch)
     steps_per_epoch = len(loader)
     store = CheckpointStore(checkpoint_dir(cfg, out_dir), cfg.checkpoint.keep)
-    pos, carried_sums = Position(), torch.zeros(2)
+    pos, carried_sums, restore_rng = Position(), torch.zeros(2), lambda: None
     if resume:
-        pos, carried_sums = restore(load_checkpoint(resume), rt, model, optimizer, scaler)
+        pos, carried_sums, restore_rng = restore(load_checkpoint(resume), rt, model, optimizer, scaler)
         _check_position(pos, steps_per_epoch, resume)
         if rt.is_master:
             tqdm.write(f"resuming {resume} at epoch {pos.epoch + 1}, step {pos.step}/{steps_per_epoch} "
@@ -201,6 +201,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
             guard.last_checkpoint = save_checkpoint(rt, store, cfg, model, optimizer, scaler, pos, lr, sums)
         return guard.last_checkpoint
 
+    restore_rng()  # last thing before the first step
     for epoch in range(pos.epoch, cfg.train.epochs):
         start = pos.step
         lr = lr_at(cfg, epoch)
