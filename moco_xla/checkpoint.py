@@ -193,8 +193,8 @@ def checkpoint_meta(path: str) -> dict[str, Any]:
 
 
 def resolve_resume(arg: str | None, directory: str) -> str | None:
-    """``--resume``: None/'none' -> fresh start, 'auto' -> latest in ``directory`` or None, else a path."""
-    if arg is None or arg == "none":
+    """``--resume``: None -> fresh start, 'auto' -> latest in ``directory`` or None, else a path."""
+    if arg is None:
         return None
     if arg == "auto":
         return latest_checkpoint(directory)
@@ -350,7 +350,8 @@ def save_checkpoint(rt: Runtime, store: CheckpointStore, cfg: Config, model: tor
                                         "world_size", "config")}
         store.write(buf.getvalue(), meta)
     rt.barrier()
-    rt.set_rng_state(mine)
+    cpu = torch.get_rng_state()  # unchanged by saving, but a prefetching loader thread may use it
+    rt.set_rng_state(torch.cat([cpu, mine[cpu.numel():]]))
     return path
 
 

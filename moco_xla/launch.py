@@ -33,6 +33,7 @@ from typing import Any, Iterator
 from . import checkpoint as ckpt
 from .config import Config, load_config, save_config, validate_world
 from .errors import NonFiniteLoss, Preempted, RunStopped, UserError
+from .profiling import GRAPH_CHECK_ENV, GRAPH_CHECKS, PROFILE_ENV, graph_check_mode
 from .runtime import BACKENDS, available_replicas, make_runtime, resolve_backend, xla_installed
 
 # Set by SIGTERM in this process. A process-wide flag on purpose: signals reach processes,
@@ -68,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: continue from the newest checkpoint in --out (or checkpoint.dir) if "
                         "there is one; PATH: a ckpt-*.pt file or a directory holding checkpoints")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="trace training steps 3-7 into DIR/rank<N> (torch_xla profiler on XLA, "
+                        "torch.profiler on CUDA/CPU); open with TensorBoard's profile tab")
+    p.add_argument("--graph-check", default=None, choices=GRAPH_CHECKS,
+                   help="XLA: after warm-up, a recompilation, an op falling back to the host or a "
+                        "host read outside log steps warns (default), fails the run (error) or is ignored")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p.parse_args(argv)
 
@@ -230,6 +237,17 @@ def _replica_error(e: Exception, reports: list[tuple[int, int, str, str]]) -> Ru
     return err
 
 
+def set_diagnostics(profile: str | None, graph_check: str | None) -> None:
+    """--profile / --graph-check reach every replica (threads and processes) through the environment."""
+    if profile is not None:
+        if not profile.strip() or "://" in profile:
+            raise UserError(f"--profile {profile!r} must be a local directory")
+        os.environ[PROFILE_ENV] = str(Path(profile).resolve())
+    if graph_check is not None:
+        os.environ[GRAPH_CHECK_ENV] = graph_check
+    graph_check_mode()  # UserError for a bad $MOCO_XLA_GRAPH_CHECK, before any replica starts
+
+
 def check_backend(cfg: Config, backend: str) -> None:
     """Config values that only some backends support."""
     if backend == "xla" and cfg.train.precision == "fp16":
@@ -238,10 +256,13 @@ def check_backend(cfg: Config, backend: str) -> None:
         raise UserError("train.precision=fp16 needs --backend cuda; valid on cpu: auto, bf16, fp32")
 
 
-def plan_resume(cfg: Config, arg: str | None, out: Path) -> str | None:
+def plan_resume(cfg: Config, arg: str | None, out: Path, out_given: bool = True) -> str | None:
     """Validate the checkpoint directory and ``--resume``; the checkpoint to start from, or None."""
     if arg is not None and not arg.strip():
-        raise UserError("--resume needs a value: auto, none, or a checkpoint path")
+        raise UserError("--resume needs a value: auto or a checkpoint path")
+    if arg == "auto" and not out_given and not cfg.checkpoint.dir:
+        raise UserError("--resume auto needs --out (or checkpoint.dir) naming the run to continue; "
+                        "the default --out is a new directory every time")
     directory = ckpt.checkpoint_dir(cfg, out)
     ckpt.check_storage(directory)
     if arg is None:
@@ -292,11 +313,12 @@ def main(argv: list[str] | None = None) -> int:
             world = replica_count(backend, args.cores)
         validate_world(cfg, world)
         check_backend(cfg, backend)
+        set_diagnostics(args.profile, args.graph_check)
         check_data(cfg)
         out = Path(args.out) if args.out else default_out(cfg)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; pass a directory")
-        resume = plan_resume(cfg, args.resume, out)
+        resume = plan_resume(cfg, args.resume, out, out_given=args.out is not None)
         if env is None or env[0] == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
@@ -322,6 +344,10 @@ def print_summary(out: Path) -> None:
     rows = [("kNN top-1 (%)", s.get("knn_top1")), ("final loss", s.get("final_loss")),
             ("epochs", s.get("epochs")), ("steps", s.get("steps")), ("images/s", s.get("images_per_s")),
             ("wall (s)", s.get("wall_s")), ("replicas", s.get("world_size")), ("backend", s.get("backend"))]
+    graph = s.get("xla_graph") or {}
+    if graph:
+        rows.append(("XLA graphs", f"{graph.get('compiles')} compiled, {graph.get('compiles_after_warmup')} after "
+                                   f"warm-up, {graph.get('fallback_ops')} fallback ops"))
     print("\n".join(f"  {k:<14} {v:.2f}" if isinstance(v, float) else f"  {k:<14} {v}" for k, v in rows))
     print(f"  results in {out}")
 

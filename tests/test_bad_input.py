@@ -55,6 +55,7 @@ CASES = [
     ("data-root-missing", ["--set", "data.dataset=mnist", "--set", "data.root={tmp}/no-mnist"], "no-mnist", "main", {}),
     ("dataset-unknown", ["--set", "data.dataset=imagenet22k"], "unknown dataset 'imagenet22k'", "main", {}),
     ("resume-empty", ["--resume", ""], "--resume needs a value", "main", {}),
+    ("resume-auto-no-out", ["--resume", "auto", "--out", None], "--resume auto needs --out", "main", {}),
     ("resume-dir-empty", ["--resume", "{tmp}"], "holds no committed checkpoint", "main", {}),
     ("resume-junk", ["--resume", "{junk}"], "is unreadable", "main", {}),
     ("resume-not-checkpoint", ["--resume", "{notckpt}"], "is not a moco_xla checkpoint", "main", {}),
@@ -99,12 +100,15 @@ def _fill(text: str, places: dict, tmp: Path) -> str:
     return text.format(tmp=tmp, **places)
 
 
-def _argv(argv: list[str], places: dict, tmp: Path) -> list[str]:
-    full = [_fill(a, places, tmp) for a in argv]
+def _argv(argv: list, places: dict, tmp: Path) -> list[str]:
+    """Fill placeholders; add the tiny config and an --out in ``tmp`` unless given (None: no --out)."""
+    full = [_fill(a, places, tmp) for a in argv if a is not None]
     if "--config" not in full:
         full = TINY + full
-    if "--out" not in full:
+    if "--out" not in argv:
         full += ["--out", str(tmp / "out")]
+    elif None in argv:
+        full.remove("--out")
     return full
 
 
