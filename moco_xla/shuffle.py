@@ -78,12 +78,14 @@ def shuffle_all_to_all(rt: Runtime, x: torch.Tensor, perm: torch.Tensor | None =
     """
     if perm is None:
         perm = torch.argsort(torch.rand(x.shape[0], device=x.device))
-    return rt.all_to_all(x.index_select(0, perm)), perm
+    # x[perm], not x.index_select(0, perm): XLA (2.9) aborts on an index_select whose index
+    # comes from a sort in the same graph as an all-to-all ("Check failed: buffer != nullptr").
+    return rt.all_to_all(x[perm]), perm
 
 
 def unshuffle_all_to_all(rt: Runtime, k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Send every key back to its owner (all_to_all is its own inverse here) and un-permute."""
-    return rt.all_to_all(k).index_select(0, torch.argsort(perm))
+    return rt.all_to_all(k)[torch.argsort(perm)]
 
 
 def shuffled_keys(rt: Runtime, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

@@ -1,0 +1,421 @@
+"""``python -m moco_xla.bench``: how close MoCo runs to the hardware, as ratios that travel.
+
+    python -m moco_xla.bench --backend cpu,xla          # this machine: CPU eager and XLA:CPU
+    python -m moco_xla.bench --backend xla              # a TPU VM: one TPU core
+    python -m moco_xla.bench --backend cuda             # a GPU box: ResNet-50, 224 px, AMP
+    python -m moco_xla.bench --quick --out /tmp/b       # seconds: tiny model (tests)
+
+Absolute images/s say more about the machine than about the code, so the headline
+is a ratio on the same encoder, batch, precision and backend: MoCo step images/s
+over a supervised step's. MoCo runs the encoder forward twice (query and key) and
+backward once, a supervised step forward and backward once; with a backward pass
+costing about two forwards the physical limit is 3/4 = 0.75. What the code adds on
+top (shuffle BN, momentum update, queue) shows as the gap below 0.75.
+
+Also measured: XLA compilations and host fallbacks after warm-up (goal 0 and 0),
+peak host and device memory, the input pipeline's images/s against the step's,
+and the bytes each shuffle-BN mode moves per step, counted from the shapes and
+read from the lowered XLA graph. Results go to ``<out>/bench.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import RunStopped, UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+SHUFFLE_WORLDS = (8, 32)  # a v3-8 / v4-8 host, and a 32-core slice
+
+
+@dataclass
+class Workload:
+    """One benchmark setting: the same for the MoCo and the supervised step."""
+
+    arch: str = "small_resnet"
+    width: int = 32
+    image_size: int = 32
+    channels: int = 3
+    small_stem: bool = True
+    batch: int = 64             # per replica
+    classes: int = 10           # supervised head
+    K: int = 4096
+    dim: int = 128
+    bn_splits: int = 8
+    precision: str = "auto"
+    warmup: int = 3
+    steps: int = 10
+    rounds: int = 3             # alternate MoCo and supervised timings; the median of each counts
+
+
+def workload_for(backend: str, quick: bool) -> Workload:
+    """Defaults: a tiny model (--quick), a small ResNet at 32 px (CPU, XLA), ResNet-50 at 224 px (CUDA)."""
+    if quick:
+        return Workload(width=8, image_size=16, channels=1, batch=16, K=256, dim=16, bn_splits=2,
+                        warmup=2, steps=3, rounds=1)
+    if backend == "cuda":
+        return Workload(arch="resnet50", image_size=224, small_stem=False, batch=128, classes=1000,
+                        K=65536, bn_splits=1, warmup=10, steps=50)
+    if backend == "xla" and _tpu_attached():
+        return Workload(arch="resnet50", image_size=224, small_stem=False, batch=128, classes=1000,
+                        K=65536, bn_splits=1, warmup=5, steps=30)
+    return Workload()
+
+
+# ----------------------------------------------------------------------------- the two steps
+
+def build_models(w: Workload, rt) -> tuple[nn.Module, nn.Module]:
+    """(MoCo, supervised classifier) on the same encoder architecture, on the runtime's device."""
+    from .config import ModelConfig
+    from .models import build_encoder
+    from .moco import MoCo
+
+    mcfg = ModelConfig(arch=w.arch, in_channels=w.channels, small_stem=w.small_stem, width=w.width,
+                       dim=w.dim, mlp=True, bn_splits=w.bn_splits)
+    torch.manual_seed(0)
+    moco = MoCo(build_encoder(mcfg, rt), rt, w.dim, w.K, 0.999, 0.2, symmetric=False,
+                shuffle="gather").to(rt.device)
+    enc = build_encoder(mcfg, rt)
+    sup = nn.Sequential(enc.backbone, nn.Linear(enc.feat_dim, w.classes)).to(rt.device)
+    return moco.train(), sup.train()
+
+
+def make_step(rt, model: nn.Module, params, precision: str, moco: bool) -> Callable[..., None]:
+    """One training step, as train.py runs it (autocast forward, backward, optimizer_step)."""
+    from .train import prime_momentum
+    opt = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
+    prime_momentum(opt)
+    scaler = rt.grad_scaler(precision)
+
+    def step(a: torch.Tensor, b: torch.Tensor) -> None:
+        with rt.autocast(precision):
+            loss = model(a, b)[0] if moco else F.cross_entropy(model(a).float(), b)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            rt.reduce_gradients(opt)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            rt.optimizer_step(opt)
+    return step
+
+
+def time_steps(rt, step: Callable, args: tuple, steps: int) -> float:
+    """Seconds per step over ``steps`` steps, each cut by mark_step as the loader does, device drained."""
+    rt.wait()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*args)
+        rt.mark_step()
+    rt.wait()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_backend(backend: str, w: Workload) -> dict[str, Any]:
+    """Everything measured inside one backend's process."""
+    from .profiling import peak_rss_bytes
+    from .runtime import make_runtime
+
+    rt = make_runtime(backend)
+    precision = rt.resolve_precision(w.precision)
+    torch.manual_seed(0)
+    moco, sup = build_models(w, rt)
+    shape = (w.batch, w.channels, w.image_size, w.image_size)
+    im_q = torch.randn(shape).to(rt.device)
+    im_k = (im_q.cpu() + 0.1 * torch.randn(shape)).to(rt.device)
+    labels = torch.randint(0, w.classes, (w.batch,)).to(rt.device)
+    moco_step = make_step(rt, moco, moco.encoder_q.parameters(), precision, moco=True)
+    sup_step = make_step(rt, sup, sup.parameters(), precision, moco=False)
+
+    for _ in range(w.warmup):  # compile (XLA) and settle allocators
+        moco_step(im_q, im_k)
+        rt.mark_step()
+        sup_step(im_q, labels)
+        rt.mark_step()
+    before = rt.counters()
+    t_moco, t_sup = [], []
+    for _ in range(w.rounds):
+        t_moco.append(time_steps(rt, moco_step, (im_q, im_k), w.steps))
+        t_sup.append(time_steps(rt, sup_step, (im_q, labels), w.steps))
+    after = rt.counters()
+    moco_ips = w.batch / statistics.median(t_moco)
+    sup_ips = w.batch / statistics.median(t_sup)
+    graph = {k: after[k] - before[k] for k in after} if after else None
+    out = {
+        "backend": backend, "device": _device_name(rt), "precision": precision,
+        "moco_images_per_s": moco_ips, "supervised_images_per_s": sup_ips, "ratio": moco_ips / sup_ips,
+        "moco_step_s": statistics.median(t_moco), "supervised_step_s": statistics.median(t_sup),
+        "measured_steps": w.steps * w.rounds,
+        "compiles_after_warmup": graph["compiles"] if graph else None,
+        "fallback_ops_after_warmup": graph["fallback_ops"] if graph else None,
+        "transfers_after_warmup": graph["transfers_from_device"] if graph else None,
+        "fallback_op_names": rt.fallback_ops() if graph else None,
+        "peak_host_rss_bytes": peak_rss_bytes(),
+        "peak_device_bytes": rt.memory_stats().get("peak_bytes"),
+    }
+    if backend == "xla":
+        out["shuffle_hlo"] = shuffle_hlo_bytes(rt, moco, im_k, precision, w)
+    return out
+
+
+def shuffle_hlo_bytes(rt, moco: nn.Module, im_k: torch.Tensor, precision: str, w: Workload
+                      ) -> list[dict[str, Any]]:
+    """Bytes per replica per step read from the lowered graph of each shuffle mode's key path.
+
+    One device lowers the per-replica program: an all-gather's operand is this replica's
+    rows, so at N replicas it receives N - 1 times that; an all-to-all keeps 1/N at home.
+    """
+    from .profiling import collectives, received_bytes
+    from .shuffle import shuffled_keys
+    rows = []
+    for mode in ("gather", "all_to_all"):
+        encoder = copy.deepcopy(moco.encoder_k)  # BN buffer updates would chain the modes' graphs
+        with torch.no_grad(), rt.autocast(precision):
+            keys, _ = shuffled_keys(rt, encoder, im_k, mode)
+        hlo = rt.graph_text([keys])
+        ops = [c.op for c in collectives(hlo) if c.op in ("all-gather", "all-to-all")]
+        for world in _worlds(w.batch):
+            rows.append({"mode": mode, "world": world, "ops": ops,
+                         "hlo_bytes": received_bytes(hlo, world), "key_dtype": str(keys.dtype)})
+        del keys
+    return rows
+
+
+def _device_name(rt) -> str:
+    if rt.device.type == "cuda":
+        return torch.cuda.get_device_name(rt.device)
+    if rt.name == "xla":
+        return f"XLA:{os.environ.get('PJRT_DEVICE', 'TPU')}"
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------- parts without a device
+
+def shuffle_count_bytes(w: Workload, precision: str) -> list[dict[str, Any]]:
+    """Shuffle bytes per replica per step counted from the shapes (shuffle.bytes_per_step)."""
+    from .shuffle import bytes_per_step
+    key_bytes = 2 if precision in ("bf16", "fp16") else 4
+    numel = w.channels * w.image_size * w.image_size
+    return [{"mode": mode, "world": n, "count_bytes": bytes_per_step(mode, n, w.batch, numel, w.dim, 4, key_bytes)}
+            for mode in ("gather", "all_to_all") for n in _worlds(w.batch)]
+
+
+def _worlds(batch: int) -> list[int]:
+    """Replica counts to report: all_to_all needs the per-replica batch divisible by them."""
+    return [n for n in SHUFFLE_WORLDS if batch % n == 0] or [2]
+
+
+def loader_rows(quick: bool, w: Workload) -> list[dict[str, Any]]:
+    """Input pipeline images/s: benchmarks/loader_bench.py's ``run(quick)`` if present, else the
+    digits pre-training loader (the quickstart's two-view augmentation)."""
+    path = ROOT / "benchmarks" / "loader_bench.py"
+    if path.is_file():
+        spec = importlib.util.spec_from_file_location("moco_xla_loader_bench", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        return [dict(r, suite="benchmarks/loader_bench.py") for r in mod.run(quick)]
+    return [digits_loader_row(16 if quick else 64, 4 if quick else 20)]
+
+
+def digits_loader_row(batch: int, batches: int) -> dict[str, Any]:
+    from . import data
+    from .config import load_config
+    cfg = load_config("tiny")
+    bundle = data.build(cfg)
+    loader = data.pretrain_loader(bundle.pretrain, batch, 0, 1, 0, 0, batches)
+    t0 = time.perf_counter()
+    n = sum(q.shape[0] for q, _k in loader)
+    return {"source": "digits (in memory)", "workers": 0, "images_per_s": n / (time.perf_counter() - t0),
+            "suite": "moco_xla.bench"}
+
+
+def _child(backend: str, w: Workload, result_path: str) -> None:
+    try:
+        if backend == "xla" and not _tpu_attached():
+            os.environ.setdefault("PJRT_DEVICE", "CPU")
+            os.environ.setdefault("XLA_ALWAYS_ALLREDUCE", "1")  # compile the collectives a TPU runs
+        result = bench_backend(backend, w)
+    except Exception as e:  # reported in the table, not raised: other backends still run
+        result = {"backend": backend, "error": f"{type(e).__name__}: {e}"}
+    Path(result_path).write_text(json.dumps(result))
+
+
+def _tpu_attached() -> bool:
+    from .runtime import tpu_available
+    return os.environ.get("PJRT_DEVICE", "").upper() != "CPU" and tpu_available()
+
+
+def run_in_child(backend: str, w: Workload) -> dict[str, Any]:
+    """Each backend in a fresh process: its own peak RSS, no torch_xla state in the others."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "result.json"
+        proc = mp.get_context("spawn").Process(target=_child, args=(backend, w, str(path)))
+        proc.start()
+        proc.join()
+        if not path.is_file():
+            return {"backend": backend, "error": f"benchmark process exited with code {proc.exitcode}"}
+        return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m moco_xla.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--backend", default="auto",
+                   help="comma-separated: cpu, xla, cuda, auto (default auto: TPU, else CUDA, else CPU)")
+    p.add_argument("--quick", action="store_true", help="tiny model, a few steps (seconds; for tests)")
+    p.add_argument("--out", default="bench", help="directory for bench.json (default: ./bench)")
+    p.add_argument("--arch", default=None, help="override the encoder (resnet18/34/50, small_resnet)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="per-replica batch")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    p.add_argument("--precision", default=None, help="auto | fp32 | bf16 | fp16")
+    return p.parse_args(argv)
+
+
+def resolve_backends(spec: str) -> list[str]:
+    from .runtime import available_replicas, resolve_backend, xla_installed
+    names = [b.strip() for b in spec.split(",") if b.strip()]
+    valid = ("auto", "cpu", "xla", "cuda")
+    for b in names:
+        if b not in valid:
+            raise UserError(f"--backend {b!r}; valid: {', '.join(valid)} (comma-separated)")
+    out = []
+    for b in names:
+        b = resolve_backend(b)
+        if b == "xla" and not xla_installed():
+            raise UserError("--backend xla needs torch_xla (pip install torch_xla)")
+        if b == "cuda" and available_replicas("cuda") == 0:
+            raise UserError("--backend cuda found no CUDA GPU; valid here: cpu" +
+                            (", xla" if xla_installed() else ""))
+        if b not in out:
+            out.append(b)
+    return out or ["cpu"]
+
+
+def apply_overrides(w: Workload, args: argparse.Namespace) -> Workload:
+    from .models import ARCHS
+    if args.arch is not None and args.arch not in ARCHS:
+        raise UserError(f"--arch {args.arch!r}; valid: {', '.join(ARCHS)}")
+    for flag, value, low in (("--image-size", args.image_size, 8), ("--batch", args.batch, 2),
+                             ("--steps", args.steps, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    if args.precision is not None and args.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--precision {args.precision!r}; valid: auto, fp32, bf16, fp16")
+    changes = {"arch": args.arch, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
+               "precision": args.precision}
+    w = dataclasses.replace(w, **{k: v for k, v in changes.items() if v is not None})
+    if w.K % w.batch:
+        w = dataclasses.replace(w, K=max(w.batch, w.K // w.batch * w.batch))
+    if w.batch % w.bn_splits:
+        w = dataclasses.replace(w, bn_splits=1)
+    return w
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from .runtime import resolve_precision
+    backends = resolve_backends(args.backend)
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "backends": {}, "workloads": {}}
+    for b in backends:
+        w = apply_overrides(workload_for(b, args.quick), args)
+        resolve_precision(b, w.precision)  # UserError for e.g. fp16 on XLA, before a process starts
+        results["workloads"][b] = dataclasses.asdict(w)
+        print(f"bench: {b} ({w.arch}, {w.image_size} px, batch {w.batch}) ...", flush=True)
+        results["backends"][b] = run_in_child(b, w)
+    first = backends[0]
+    w0 = Workload(**results["workloads"][first])
+    prec = results["backends"][first].get("precision", "fp32")
+    results["loader"] = loader_rows(args.quick, w0)
+    results["shuffle"] = merge_shuffle(shuffle_count_bytes(w0, prec),
+                                       results["backends"].get("xla", {}).get("shuffle_hlo", []))
+    loader_ips = max((r.get("images_per_s") or 0 for r in results["loader"]), default=0)
+    for r in results["backends"].values():
+        if "moco_images_per_s" in r:
+            r["loader_over_step"] = loader_ips / r["moco_images_per_s"]
+    return results
+
+
+def merge_shuffle(count: list[dict], hlo: list[dict]) -> list[dict]:
+    by_key = {(r["mode"], r["world"]): r for r in hlo}
+    return [{**r, **{k: v for k, v in by_key.get((r["mode"], r["world"]), {}).items()
+                     if k in ("hlo_bytes", "ops", "key_dtype")}} for r in count]
+
+
+def machine() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__}
+    if importlib.util.find_spec("torch_xla") is not None:
+        from importlib.metadata import version
+        info["torch_xla"] = version("torch_xla")
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def table(results: dict[str, Any]) -> str:
+    """The printed summary: one block per backend, then the shuffle bytes."""
+    lines = []
+    for b, r in results["backends"].items():
+        if "error" in r:
+            lines.append(f"{b:<5} failed: {r['error']}")
+            continue
+        w = results["workloads"][b]
+        lines.append(f"{b:<5} {r['device']}  {w['arch']} {w['image_size']} px  batch {w['batch']}  {r['precision']}")
+        lines.append(f"      MoCo {r['moco_images_per_s']:.1f} img/s  supervised {r['supervised_images_per_s']:.1f} "
+                     f"img/s  ratio {r['ratio']:.3f} (limit ~0.75, goal >= 0.70)")
+        if r["compiles_after_warmup"] is not None:
+            lines.append(f"      after warm-up: {r['compiles_after_warmup']} compilations, "
+                         f"{r['fallback_ops_after_warmup']} fallback ops, {r['transfers_after_warmup']} host reads")
+        dev = r.get("peak_device_bytes")
+        lines.append(f"      peak host RSS {r['peak_host_rss_bytes'] / 2**20:.0f} MiB"
+                     + (f", device {dev / 2**20:.0f} MiB" if dev else "")
+                     + f"; loader/step images/s {r.get('loader_over_step', 0):.2f}")
+    for r in results["loader"]:
+        lines.append(f"loader {r.get('source', '?')}, {r.get('workers', '?')} workers: "
+                     f"{r.get('images_per_s', 0):.0f} img/s")
+    for r in results["shuffle"]:
+        hlo = f"  (HLO {r['hlo_bytes'] / 2**20:.2f} MiB)" if "hlo_bytes" in r else ""
+        lines.append(f"shuffle {r['mode']:<10} x{r['world']:<3} {r['count_bytes'] / 2**20:8.2f} MiB/step/replica{hlo}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; pass a directory")
+        results = run(args)
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"bench.json in {out}")
+    return 1 if any("error" in r for r in results["backends"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
