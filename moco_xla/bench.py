@@ -20,7 +20,6 @@ read from the lowered XLA graph. Results go to ``<out>/bench.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import importlib.util
 import json
@@ -189,15 +188,14 @@ def shuffle_hlo_bytes(rt, moco: nn.Module, im_k: torch.Tensor, precision: str, w
     from .shuffle import shuffled_keys
     rows = []
     for mode in ("gather", "all_to_all"):
-        encoder = copy.deepcopy(moco.encoder_k)  # BN buffer updates would chain the modes' graphs
         with torch.no_grad(), rt.autocast(precision):
-            keys, _ = shuffled_keys(rt, encoder, im_k, mode)
+            keys, _ = shuffled_keys(rt, moco.encoder_k, im_k, mode)
         hlo = rt.graph_text([keys])
         ops = [c.op for c in collectives(hlo) if c.op in ("all-gather", "all-to-all")]
         for world in _worlds(w.batch):
             rows.append({"mode": mode, "world": world, "ops": ops,
                          "hlo_bytes": received_bytes(hlo, world), "key_dtype": str(keys.dtype)})
-        del keys
+        rt.mark_step()  # run it: the next mode's graph must not carry this one (BN buffers, RNG)
     return rows
 
 
@@ -225,11 +223,14 @@ def _worlds(batch: int) -> list[int]:
     return [n for n in SHUFFLE_WORLDS if batch % n == 0] or [2]
 
 
-def loader_rows(quick: bool, w: Workload) -> list[dict[str, Any]]:
-    """Input pipeline images/s: benchmarks/loader_bench.py's ``run(quick)`` if present, else the
-    digits pre-training loader (the quickstart's two-view augmentation)."""
+def loader_rows(quick: bool, which: str = "auto") -> list[dict[str, Any]]:
+    """Input pipeline images/s: benchmarks/loader_bench.py's ``run(quick)`` (auto, where present:
+    folder vs local vs GCS-emulator shards, minutes), else the digits pre-training loader (the
+    quickstart's two-view augmentation, seconds)."""
     path = ROOT / "benchmarks" / "loader_bench.py"
-    if path.is_file():
+    if which == "off":
+        return []
+    if which == "auto" and path.is_file():
         spec = importlib.util.spec_from_file_location("moco_xla_loader_bench", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)  # type: ignore[union-attr]
@@ -290,6 +291,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="per-replica batch")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round")
     p.add_argument("--precision", default=None, help="auto | fp32 | bf16 | fp16")
+    p.add_argument("--loader", default="auto", choices=("auto", "digits", "off"),
+                   help="input pipeline rows: auto = benchmarks/loader_bench.py where present (minutes), "
+                        "digits = the in-memory quickstart loader (seconds)")
     return p.parse_args(argv)
 
 
@@ -343,10 +347,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["workloads"][b] = dataclasses.asdict(w)
         print(f"bench: {b} ({w.arch}, {w.image_size} px, batch {w.batch}) ...", flush=True)
         results["backends"][b] = run_in_child(b, w)
-    first = backends[0]
-    w0 = Workload(**results["workloads"][first])
-    prec = results["backends"][first].get("precision", "fp32")
-    results["loader"] = loader_rows(args.quick, w0)
+    ref = "xla" if "xla" in backends else backends[0]  # the shuffle counts match its lowered graph
+    w0 = Workload(**results["workloads"][ref])
+    prec = results["backends"][ref].get("precision", "fp32")
+    results["loader"] = loader_rows(args.quick, args.loader)
     results["shuffle"] = merge_shuffle(shuffle_count_bytes(w0, prec),
                                        results["backends"].get("xla", {}).get("shuffle_hlo", []))
     loader_ips = max((r.get("images_per_s") or 0 for r in results["loader"]), default=0)

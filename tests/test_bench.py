@@ -1,0 +1,94 @@
+"""``python -m moco_xla.bench --quick``: bench.json holds every figure the suite promises, and they agree.
+
+One run for CPU eager and XLA:CPU (each backend in its own process), tiny model; the
+profiler hook is tested on the CPU backend (torch.profiler files appear).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco_xla.bench import main as bench_main
+from moco_xla.profiling import StepProfiler, peak_rss_bytes
+from moco_xla.runtime import make_runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    proc = subprocess.run([sys.executable, "-m", "moco_xla.bench", "--quick", "--backend", "cpu,xla",
+                           "--loader", "digits", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "ratio" in proc.stdout and "shuffle gather" in proc.stdout  # the printed table
+    return json.loads((out / "bench.json").read_text())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "xla"])
+def test_step_ratio_and_memory(bench, backend):
+    r = bench["backends"][backend]
+    assert "error" not in r, r
+    assert r["moco_images_per_s"] > 0 and r["supervised_images_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["moco_images_per_s"] / r["supervised_images_per_s"])
+    assert r["measured_steps"] >= 3
+    assert r["peak_host_rss_bytes"] > 100 * 2**20  # torch alone is more than that
+    assert r["loader_over_step"] > 0
+    w = bench["workloads"][backend]
+    assert (w["arch"], w["batch"], w["image_size"]) == ("small_resnet", 16, 16)
+
+
+def test_xla_step_compiles_nothing_after_warmup(bench):
+    r = bench["backends"]["xla"]
+    assert r["precision"] == "bf16"
+    assert r["compiles_after_warmup"] == 0
+    assert r["fallback_ops_after_warmup"] == 0 and r["fallback_op_names"] == []
+    assert r["transfers_after_warmup"] == 0
+    assert bench["backends"]["cpu"]["compiles_after_warmup"] is None  # eager: nothing to compile
+
+
+def test_shuffle_bytes_counted_and_read_from_the_graph_agree(bench):
+    rows = {(r["mode"], r["world"]): r for r in bench["shuffle"]}
+    assert {m for m, _w in rows} == {"gather", "all_to_all"}
+    for (mode, world), r in rows.items():
+        assert r["hlo_bytes"] == r["count_bytes"] > 0, r
+        assert r["key_dtype"] == "torch.bfloat16"  # keys travel in bf16 under autocast
+        op = "all-gather" if mode == "gather" else "all-to-all"
+        assert r["ops"].count(op) == 2
+        assert rows[("gather", world)]["count_bytes"] == world * rows[("all_to_all", world)]["count_bytes"]
+
+
+def test_loader_and_machine_recorded(bench):
+    assert bench["loader"] and all(r["images_per_s"] > 0 for r in bench["loader"])
+    assert bench["machine"]["cpus"] >= 1 and bench["machine"]["torch"] == torch.__version__
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    for args, what in ((["--backend", "tpu"], "--backend 'tpu'"), (["--batch", "1"], "--batch must be >= 2"),
+                       (["--backend", "xla", "--precision", "fp16"], "train.precision=fp16")):
+        code = bench_main(["--quick", *args, "--out", str(tmp_path / "b")])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and what in lines[0], lines
+    assert not (tmp_path / "b").exists()  # nothing ran, nothing written
+
+
+def test_step_profiler_writes_a_torch_profiler_trace_on_cpu(tmp_path):
+    rt = make_runtime("cpu")
+    net = torch.nn.Linear(4, 2)
+    prof = StepProfiler(rt, str(tmp_path), start=2, steps=2)
+    for _ in range(5):
+        net(torch.randn(3, 4)).sum().backward()
+        prof.step()
+    prof.stop()
+    traces = list((tmp_path / "rank0").glob("*.pt.trace.json"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 100
+    assert json.loads(traces[0].read_text())["traceEvents"]
+    assert peak_rss_bytes() > 0
