@@ -46,15 +46,19 @@ def test_sigterm_to_the_launcher_checkpoints_and_resumes_exactly(tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
 
 
-def test_sigterm_to_one_replica_stops_both_at_the_same_step(tmp_path):
-    """Only rank 1 gets the signal (as when replicas see it at different times); rank 0 learns it
-    through the log-interval gather and stops at the same step (its report names that step)."""
+def test_sigterm_to_one_replica_and_its_data_worker_stops_both_replicas_at_one_step(tmp_path):
+    """Rank 1 and its DataLoader worker get the signal, rank 0 does not (a preempted VM signals
+    processes one by one). The worker ignores a SIGTERM not sent by its replica, rank 0 learns
+    of the stop through the log-interval gather, and both stop after the same step."""
     out, log = tmp_path / "run", tmp_path / "log"
-    proc = popen(list(RUN4) + ["--out", str(out)], log)
+    proc = popen(list(RUN4) + ["--set", "data.workers=1", "--out", str(out)], log)
     wait_for_steps(proc, out, 1)
-    pids = replica_pids(proc.pid)
-    assert len(pids) == 2, pids
-    os.kill(pids[1], signal.SIGTERM)
+    replicas = replica_pids(proc.pid)
+    assert len(replicas) == 2, replicas
+    workers = replica_pids(replicas[1])
+    assert len(workers) == 1, workers
+    for pid in (workers[0], replicas[1]):
+        os.kill(pid, signal.SIGTERM)
     line = _stopped(proc, log)  # the launcher reports rank 0's reason: rank 0 stopped on its own
     step = load_checkpoint(latest_checkpoint(out))["global_step"]
     assert line.startswith(f"preempted: stopped on SIGTERM after global step {step} ")

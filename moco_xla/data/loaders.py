@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import signal
+import threading
 from typing import Callable, Iterable
 
 import torch
@@ -162,13 +165,29 @@ def pretrain_loader(ds: Dataset | ShardSet, batch: int, rank: int, world: int, s
     if isinstance(ds, ShardSet):
         stream = PretrainStream(ds, rank, world, batch, steps, seed)
         loader = DataLoader(stream, batch_size=batch, num_workers=workers, persistent_workers=persistent,
-                            collate_fn=_collate_views, generator=gen)
+                            collate_fn=_collate_views, generator=gen, worker_init_fn=ignore_sigterm)
         return EpochLoader(loader, steps, _seeding(stream.set_epoch, gen, seed, rank), stream.seek)
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
-                        persistent_workers=persistent, collate_fn=_collate_views, generator=gen)
+                        persistent_workers=persistent, collate_fn=_collate_views, generator=gen,
+                        worker_init_fn=ignore_sigterm)
     return EpochLoader(loader, steps, _seeding(sampler.set_epoch, gen, seed, rank),
                        lambda step: setattr(sampler, "start", step * batch))
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to their replica, which stops at an agreed step and
+    checkpoints. A preempted VM signals every process; a worker dying of it first would crash
+    the replica ("DataLoader worker is killed by signal") before it could save. SIGTERM from
+    the replica itself (how multiprocessing ends workers at exit) still ends the worker."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 class ResumableSampler(DistributedSampler):
@@ -226,9 +245,9 @@ def eval_loader(ds: Dataset | ShardSet, batch: int, rank: int, world: int, worke
     """
     if isinstance(ds, ShardSet):
         return EvalLoader(DataLoader(EvalStream(ds, rank, world, batch, limit), batch_size=batch,
-                                     num_workers=workers))
+                                     num_workers=workers, worker_init_fn=ignore_sigterm))
     return EvalLoader(DataLoader(_Sharded(ds, rank, world, batch, limit), batch_size=batch, shuffle=False,
-                                 num_workers=workers))
+                                 num_workers=workers, worker_init_fn=ignore_sigterm))
 
 
 def gathered_order(n: int, world: int, batch: int) -> torch.Tensor:
