@@ -177,6 +177,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                         f"{str(e).splitlines()[0] if str(e) else ''}); pass another checkpoint") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a moco_xla checkpoint (no 'model' and 'config' entries)")
+    if ckpt.get("format", FORMAT) > FORMAT:
+        raise UserError(f"checkpoint {path} has format {ckpt['format']}, newer than this moco_xla "
+                        f"reads ({FORMAT}); upgrade moco_xla")
     return ckpt
 
 

@@ -6,6 +6,8 @@ Exit codes of ``python -m moco_xla.launch`` (scripts and schedulers branch on th
     3   the loss became NaN or inf; the last good checkpoint is untouched (NonFiniteLoss)
     75  stopped on SIGTERM after writing a checkpoint: rerun with ``--resume auto``
         (Preempted; 75 is EX_TEMPFAIL of sysexits.h, "try again later")
+    128+N  a replica process was killed by signal N (e.g. 137 for SIGKILL, the OOM killer):
+        rerun with ``--resume auto`` to continue from the last checkpoint
 """
 
 EXIT_OK = 0
