@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import json
 import multiprocessing
 import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -133,12 +135,13 @@ def _xla_replica(index: int, cfg: Config, out: str, resume: str | None) -> None:
 
 
 def _dist_replica(rank: int, backend: str, world: int, cfg: Config, out: str, resume: str | None,
-                  reports: Any) -> None:
+                  reports: str) -> None:
     install_stop_handler()
     try:
         run_replica(backend, rank, world, rank, cfg, out, resume)
-    except RunStopped as e:  # tell the parent why, then exit with the documented code
-        reports.put((rank, e.exit_code, type(e).__name__, str(e)))
+    except RunStopped as e:  # tell the parent why (a file: no lock a killed peer could leak), then exit
+        report = {"rank": rank, "code": e.exit_code, "kind": type(e).__name__, "message": str(e)}
+        Path(reports, f"{rank}.json").write_text(json.dumps(report))
         sys.exit(e.exit_code)
 
 
@@ -204,28 +207,26 @@ def _spawn_dist(backend: str, cores: int, cfg: Config, out: str, resume: str | N
     import torch.multiprocessing as mp
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    reports = mp.get_context("spawn").SimpleQueue()
-    with _sigterm(_forward_to_replicas):
+    with _sigterm(_forward_to_replicas), tempfile.TemporaryDirectory(prefix="moco_xla_") as reports:
         ctx = mp.spawn(_dist_replica, args=(backend, cores, cfg, out, resume, reports), nprocs=cores,
                        join=False)
         try:
             while not ctx.join(grace_period=REPLICA_GRACE_S):
                 pass
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
-            found = []
-            while not reports.empty():
-                found.append(reports.get())
+            found = [json.loads(f.read_text()) for f in sorted(Path(reports).glob("*.json"))]
             if found or isinstance(e, mp.ProcessExitedException):
                 raise _replica_error(e, found) from None
             raise  # a replica crashed with a traceback: a bug, shown as such
 
 
-def _replica_error(e: Exception, reports: list[tuple[int, int, str, str]]) -> RunStopped:
+def _replica_error(e: Exception, reports: list[dict[str, Any]]) -> RunStopped:
     """The lowest rank's report (replicas agree on why they stop), else how the replica died."""
     if reports:
-        _rank, code, kind, message = min(reports)
+        first = min(reports, key=lambda r: r["rank"])
+        code = first["code"]
         err = {"UserError": UserError, "NonFiniteLoss": NonFiniteLoss, "Preempted": Preempted}.get(
-            kind, RunStopped)(message)
+            first["kind"], RunStopped)(first["message"])
     else:
         code = getattr(e, "exit_code", 1)
         signal_name = getattr(e, "signal_name", None)
@@ -336,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(out: Path) -> None:
-    import json
     path = out / "summary.json"
     if not path.exists():
         return
