@@ -78,6 +78,11 @@ def write_atomic(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path_)
+    fd = os.open(path_.parent, os.O_RDONLY)  # make the rename itself durable (power loss)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_bytes(path: str) -> bytes:
