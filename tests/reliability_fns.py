@@ -5,7 +5,6 @@ import atexit
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -121,7 +120,3 @@ def reference_run(args: tuple[str, ...], subprocess_run: bool = True) -> Path:
             assert run_inprocess(full) == 0
         _CACHE[key] = out
     return _CACHE[key]
-
-
-def sigterm(pid: int) -> None:
-    os.kill(pid, signal.SIGTERM)
