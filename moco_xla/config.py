@@ -84,6 +84,7 @@ class ProbeConfig:
     schedule: str = "step"           # cosine | step | constant
     lr_steps: list = field(default_factory=lambda: [60, 80])  # epochs where lr *= 0.1 (step)
     augment: bool = False            # random crops each epoch (features recomputed); else features once
+    normalize: bool = True           # L2-normalise pooled features: one lr fits every encoder (false: lincls)
     eval_every: int = 10             # epochs between test-set evaluations (0 = only at the end)
 
 

@@ -16,8 +16,10 @@ Exit codes: 0 done, 2 bad input (errors.py).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -172,7 +174,7 @@ def run_linear(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     e, workers, seed = cfg.eval, cfg.data.workers, cfg.train.seed
     bundle = data.build(cfg)
     backbone = encoder(rt, job)
-    test = extract(rt, backbone, bundle.test, e.batch_size, workers)
+    test = extract(rt, backbone, bundle.test, e.batch_size, workers, p.normalize)
     bar = tqdm(total=p.epochs, desc="linear probe", disable=not rt.is_master, dynamic_ncols=True)
     last: dict[str, float] = {}
 
@@ -187,12 +189,13 @@ def run_linear(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         train_ds = with_transform(bundle.bank, train_transform(cfg.data.augment, cfg.data.image_size,
                                                                cfg.model.in_channels))
         steps = _steps_per_epoch(len(train_ds), p.batch_size)
-        model = FrozenProbe(backbone, linear_head(test.x.shape[1], bundle.num_classes, rt, seed)).train()
+        head = linear_head(test.x.shape[1], bundle.num_classes, rt, seed)
+        model = FrozenProbe(backbone, head, p.normalize).train()
         batches = image_batches(rt, train_ds, p.batch_size // rt.world_size, seed, workers)
         fit(rt, model, list(model.head.parameters()), batches, p.epochs, steps, sgd,
             lambda ep, lr, loss: on_epoch(ep, lr, loss, model.head))
     else:  # features once: an epoch costs a few matrix products
-        train = extract(rt, backbone, bundle.bank, e.batch_size, workers)
+        train = extract(rt, backbone, bundle.bank, e.batch_size, workers, p.normalize)
         steps = _steps_per_epoch(train.total, p.batch_size)
         train_probe(rt, train, bundle.num_classes, sgd, p.epochs, steps, p.batch_size, seed, on_epoch)
     rt.mark_step()  # runs the last epoch's closure
@@ -238,9 +241,10 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         bar.update(1)
 
     def probe_row(net: nn.Module) -> torch.Tensor:
-        train = extract(rt, net, labelled, e.batch_size, workers)
+        norm = e.probe.normalize
+        train = extract(rt, net, labelled, e.batch_size, workers, norm)
         head = train_probe(rt, train, classes, probe_sgd(cfg), s.steps, 1, batch, seed, tick)
-        return head_accuracy(rt, head, extract(rt, net, bundle.test, e.batch_size, workers))
+        return head_accuracy(rt, head, extract(rt, net, bundle.test, e.batch_size, workers, norm))
 
     def tuned_row(net: nn.Module, dim: int) -> torch.Tensor:
         batches = image_batches(rt, shown, batch // rt.world_size, seed, workers)
@@ -289,17 +293,17 @@ def _xla_replica(index: int, job: Job) -> None:
     run_replica("xla", 0, 1, index, job)  # XlaRuntime reads rank and world from PJRT
 
 
-def _dist_replica(rank: int, backend: str, world: int, job: Job, reports: Any) -> None:
+def _dist_replica(rank: int, backend: str, world: int, job: Job, reports: str) -> None:
     try:
         run_replica(backend, rank, world, rank, job)
-    except RunStopped as e:  # tell the parent why, then exit with the documented code
-        reports.put((rank, e.exit_code, type(e).__name__, str(e)))
+    except RunStopped as e:  # tell the parent why (a file, as in launch.py), then exit with the code
+        report = {"rank": rank, "code": e.exit_code, "kind": type(e).__name__, "message": str(e)}
+        Path(reports, f"{rank}.json").write_text(json.dumps(report))
         sys.exit(e.exit_code)
 
 
 def start(backend: str, world: int, job: Job) -> None:
     """Run ``world`` replicas of ``backend`` on this host (or be one replica under torchrun)."""
-    from .launch import _replica_error, free_port
     from .runtime.dist import env_rank
     env = env_rank()
     if env is not None:
@@ -310,17 +314,22 @@ def start(backend: str, world: int, job: Job) -> None:
     elif world == 1:
         run_replica(backend, 0, 1, 0, job)
     else:
-        import torch.multiprocessing as mp
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        reports = mp.get_context("spawn").SimpleQueue()
+        _spawn_dist(backend, world, job)
+
+
+def _spawn_dist(backend: str, world: int, job: Job) -> None:
+    import torch.multiprocessing as mp
+    from .launch import _replica_error, free_port
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    with tempfile.TemporaryDirectory(prefix="moco_xla_eval_") as reports:
         try:
             mp.spawn(_dist_replica, args=(backend, world, job, reports), nprocs=world, join=True)
-        except mp.ProcessExitedException as e:
-            found = []
-            while not reports.empty():
-                found.append(reports.get())
-            raise _replica_error(e, found) from None
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+            found = [json.loads(f.read_text()) for f in sorted(Path(reports).glob("*.json"))]
+            if found or isinstance(e, mp.ProcessExitedException):
+                raise _replica_error(e, found) from None
+            raise  # a replica crashed with a traceback: a bug, shown as such
 
 
 # ----------------------------------------------------------------------------- report

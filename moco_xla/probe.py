@@ -146,8 +146,9 @@ class Features:
 
 
 @torch.no_grad()
-def extract(rt: Runtime, net: nn.Module, ds, batch: int, workers: int = 0) -> Features:
-    """Pooled features of ``ds`` (eval transform) split across replicas, never gathered.
+def extract(rt: Runtime, net: nn.Module, ds, batch: int, workers: int = 0, normalize: bool = False
+            ) -> Features:
+    """Pooled features of ``ds`` (eval transform, optionally L2-normalised) split across replicas.
 
     Keeping them sharded bounds memory at 1/world of the dataset per replica
     (ImageNet: 10 GB of fp32 features in all), which a gathered bank would not.
@@ -156,7 +157,8 @@ def extract(rt: Runtime, net: nn.Module, ds, batch: int, workers: int = 0) -> Fe
     net.eval()
     xs, ys, vs = [], [], []
     for x, y, valid in rt.device_loader(data.eval_loader(ds, batch, rt.rank, rt.world_size, workers)):
-        xs.append(net(x).float())
+        f = net(x).float()
+        xs.append(F.normalize(f, dim=1) if normalize else f)
         ys.append(y)
         vs.append(valid)
     net.train(was_training)
@@ -204,9 +206,9 @@ def train_probe(rt: Runtime, train: Features, classes: int, sgd: SGDSpec, epochs
 class FrozenProbe(nn.Module):
     """Frozen backbone (eval-mode BN, no gradients) + trainable linear head, for augmented probes."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Linear, normalize: bool = False) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.normalize = backbone, head, normalize
         for p in backbone.parameters():
             p.requires_grad_(False)
 
@@ -217,8 +219,10 @@ class FrozenProbe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            feats = self.backbone(x)
-        return self.head(feats.float())
+            feats = self.backbone(x).float()
+            if self.normalize:
+                feats = F.normalize(feats, dim=1)
+        return self.head(feats)
 
 
 # ----------------------------------------------------------------------------- images

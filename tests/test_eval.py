@@ -62,7 +62,7 @@ def test_balanced_subset_is_balanced_seeded_and_checked():
 
 
 def test_probe_separates_separable_features():
-    train, test = clusters(256, 4, 32, seed=0, spread=0.3), clusters(128, 4, 32, seed=1, spread=0.3)
+    train, test = clusters(256, 4, 32, seed=0, spread=0.1), clusters(128, 4, 32, seed=1, spread=0.1)
     result = probe_on_points(make_runtime("local"), train, test, 4, epochs=10, batch=32)
     assert result["acc"] == 100.0
     g = torch.Generator().manual_seed(0)
@@ -71,7 +71,7 @@ def test_probe_separates_separable_features():
 
 
 def test_probe_on_two_gloo_replicas():
-    train, test = clusters(256, 4, 32, seed=0, spread=0.3), clusters(128, 4, 32, seed=1, spread=0.3)
+    train, test = clusters(256, 4, 32, seed=0, spread=0.1), clusters(128, 4, 32, seed=1, spread=0.1)
     results = run_gloo(probe_on_points, 2, train, test, 4, 10, 32)
     assert [r["count"] for r in results] == [128, 128]  # each replica holds half the features
     assert all(r["acc"] == 100.0 for r in results)
@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path, capsys):
     cases = [
         (["linear", "--ckpt", str(tmp_path / "nope.pt")], "does not exist"),
         (["linear", "--ckpt", str(tmp_path)], "holds no committed checkpoint"),
-        (["semisup", "--ckpt", str(path), "--labels", "5"], "eval.semisup.labels"),
+        (["semisup", "--ckpt", str(path), "--labels", "5"], "fewer than the 10 classes"),
         (["linear", "--ckpt", str(path), "--set", "eval.probe.lrr=1"], "did you mean 'eval.probe.lr'"),
         (["linear", "--ckpt", str(path), "--set", "eval.probe.schedule=linear"], "valid: cosine, step"),
         (["linear", "--ckpt", str(path), "--backend", "cpu", "--cores", "3"], "divisible by the 3 replicas"),
