@@ -41,7 +41,7 @@ def test_step_ratio_and_memory(bench, backend):
     assert r["ratio"] == pytest.approx(r["moco_images_per_s"] / r["supervised_images_per_s"])
     assert 0 < r["ratio_limit"] < 1 and r["key_forward_s"] > 0
     assert r["efficiency"] == pytest.approx(r["ratio"] / r["ratio_limit"])
-    assert r["measured_steps"] >= 3
+    assert r["measured_steps"] >= 2
     assert r["peak_host_rss_bytes"] > 100 * 2**20  # torch alone is more than that
     assert r["loader_over_step"] > 0
     w = bench["workloads"][backend]
