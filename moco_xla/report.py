@@ -23,7 +23,8 @@ class MetricsWriter:
     """Appends records to metrics.jsonl and TensorBoard; a no-op on non-master replicas."""
 
     def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
-                 plots: bool = True) -> None:
+                 plots: bool = True, purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run rewrites steps from there on; TensorBoard hides the old ones."""
         self.out = Path(out_dir)
         self.enabled, self.plots = enabled, plots
         self._tb = None
@@ -32,7 +33,7 @@ class MetricsWriter:
             self._f = open(self.out / "metrics.jsonl", "a", buffering=1)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.out / TB_DIR))
+                self._tb = SummaryWriter(str(self.out / TB_DIR), purge_step=purge_step)
 
     def write(self, record: dict[str, Any], step: int | None = None) -> None:
         """One record; TensorBoard's x is ``step``, else the record's step, else its epoch."""

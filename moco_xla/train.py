@@ -188,7 +188,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
                        f"(global step {pos.global_step})")
     if rt.is_master:
         trim_metrics(out_dir, pos.global_step)
-    writer = MetricsWriter(out_dir, enabled=rt.is_master)
+    writer = MetricsWriter(out_dir, enabled=rt.is_master, purge_step=pos.global_step + 1 if resume else None)
     collapse = CollapseDetector(cfg, model.uniform_loss())
     guard = StopGuard(rt, pos.global_step, steps_per_epoch, stop_requested)
     guard.last_checkpoint = resume

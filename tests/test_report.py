@@ -108,3 +108,18 @@ def test_training_summary_agrees_with_metrics(run_dir):
     assert len(knn) >= 2 and scalars(run_dir, "epoch/knn_top1") == pytest.approx(knn)
     for name in ("loss", "knn", "lr", "throughput"):
         assert_png(run_dir / "plots" / f"{name}.png")
+
+
+def test_resumed_run_replaces_tensorboard_steps(tmp_path):
+    w = MetricsWriter(tmp_path, plots=False)
+    for step in range(1, 7):
+        w.write({"type": "step", "step": step, "loss": 10.0 + step})
+    w.close()
+    w = MetricsWriter(tmp_path, plots=False, purge_step=4)  # resumed from the checkpoint at step 3
+    for step in range(4, 7):
+        w.write({"type": "step", "step": step, "loss": 1.0 * step})
+    w.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    shown = [(e.step, e.value) for e in acc.Scalars("step/loss")]
+    assert shown == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 4.0), (5, 5.0), (6, 6.0)]  # no stale 14, 15, 16
