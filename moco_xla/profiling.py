@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import RunStopped, UserError
 from .runtime import Runtime
 
 GRAPH_CHECKS = ("warn", "error", "off")
@@ -33,13 +34,15 @@ def graph_check_mode() -> str:
     """``warn`` (default), ``error`` or ``off``, from $MOCO_XLA_GRAPH_CHECK; UserError otherwise."""
     mode = os.environ.get(GRAPH_CHECK_ENV, "warn") or "warn"
     if mode not in GRAPH_CHECKS:
-        from .errors import UserError
         raise UserError(f"{GRAPH_CHECK_ENV}={mode!r} (--graph-check); valid: {', '.join(GRAPH_CHECKS)}")
     return mode
 
 
-class GraphHygieneError(RuntimeError):
-    """The step graph recompiled, fell back to the host or read a tensor back (--graph-check error)."""
+class GraphHygieneError(RunStopped):
+    """The step graph recompiled, fell back to the host or read a tensor back (--graph-check error).
+
+    The launcher prints it as one ``error: ...`` line and exits 1.
+    """
 
 
 class GraphWatch:
