@@ -218,3 +218,14 @@ def test_launch_stops_on_bad_root_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"error: data.root {tmp_path}/nope does not exist"
     assert not (tmp_path / "run").exists()
+
+
+def test_persistent_workers_survive_a_truncated_epoch(tmp_path):
+    """max_steps_per_epoch stops an epoch early; the next epoch must reuse the same workers."""
+    write_mnist(tmp_path, n=64, test_n=10)
+    b = data.build(cfg_for("mnist", tmp_path))
+    loader = data.pretrain_loader(b.pretrain, 8, 0, 1, seed=0, workers=2, max_steps=2)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == 2 and batches[0][0].shape == (8, 1, 16, 16)
