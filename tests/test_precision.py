@@ -72,3 +72,30 @@ def test_logits_and_loss_fp32_under_bf16_autocast():
         low = F.cross_entropy(torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue], 1) / model.T,
                               torch.zeros(8, dtype=torch.long))
     assert abs(low.item() - ref.item()) > 1e-4  # the check above could tell the difference
+
+
+def sync_bn_outputs(rt, per: int):
+    """Run in a gloo replica: SyncBatchNorm on this replica's slice, in fp32 and under bf16 autocast."""
+    from moco_xla.models import SyncBatchNorm
+    g = torch.Generator().manual_seed(0)
+    x_all = torch.randn(rt.world_size * per, 3, 4, 4, generator=g) * 3 + 5  # a mean far from 0
+    x = x_all[rt.rank * per:(rt.rank + 1) * per]
+    bn = SyncBatchNorm(3, rt)
+    out = bn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = bn(x.bfloat16())
+    return {"x_all": x_all, "out": out.detach(), "low": low.detach(), "running_mean": bn.running_mean}
+
+
+def test_sync_bn_equals_global_batch_norm_and_keeps_stats_fp32_under_bf16():
+    from conftest import run_gloo
+    world, per = 2, 4
+    res = run_gloo(sync_bn_outputs, world, per)
+    ref = F.batch_norm(res[0]["x_all"], None, None, training=True)  # BN over the global batch
+    for rank, r in enumerate(res):
+        want = ref[rank * per:(rank + 1) * per]
+        torch.testing.assert_close(r["out"], want, rtol=1e-4, atol=1e-4)
+        assert r["low"].dtype == torch.bfloat16
+        # bf16 inputs, fp32 statistics: only the bf16 rounding of x and of the output remains
+        assert (r["low"].float() - want).abs().max() < 0.05
+        torch.testing.assert_close(r["running_mean"], res[0]["running_mean"])
