@@ -294,6 +294,8 @@ def _xla_replica(index: int, job: Job) -> None:
 
 
 def _dist_replica(rank: int, backend: str, world: int, job: Job, reports: str) -> None:
+    if backend == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # replicas share this host's cores
     try:
         run_replica(backend, rank, world, rank, job)
     except RunStopped as e:  # tell the parent why (a file, as in launch.py), then exit with the code

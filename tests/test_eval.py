@@ -127,8 +127,9 @@ def _linear_cli(ckpt, out, *extra) -> dict:
     return summary
 
 
-def test_linear_cli_two_gloo_replicas(tiny_ckpt, tmp_path):
-    _linear_cli(tiny_ckpt[0], tmp_path, "--backend", "cpu", "--cores", "2")
+def test_linear_cli_two_gloo_replicas_with_augmentation(tiny_ckpt, tmp_path):
+    """Random crops every epoch through the frozen backbone, each replica its own half of the images."""
+    _linear_cli(tiny_ckpt[0], tmp_path, "--backend", "cpu", "--cores", "2", "--set", "eval.probe.augment=true")
     assert (tmp_path / "plots" / "linear.png").read_bytes()[:8] == PNG
 
 
