@@ -254,9 +254,9 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
 
     rows: dict[str, torch.Tensor] = {}
     rows["moco_probe"] = probe_row(encoder(rt, job))
-    _, dim = build_eval_backbone(cfg)
+    scratch, dim = random_backbone(cfg, rt)
     rows["moco_finetune"] = tuned_row(encoder(rt, job), dim)
-    rows["supervised_scratch"] = tuned_row(*random_backbone(cfg, rt))
+    rows["supervised_scratch"] = tuned_row(scratch, dim)  # same images, crops and schedule as fine-tuning
     rows["pixel_logistic"] = pixel_logistic(rt, labelled, bundle.test, s.pixel_c, e.batch_size, workers)
     rows["random_probe"] = probe_row(random_backbone(cfg, rt)[0])
     rt.mark_step()
