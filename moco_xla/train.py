@@ -247,7 +247,6 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
             watch.step(log=pos.step % cfg.train.log_every == 0, checkpoint=saving)
             profiler.step()
         rt.mark_step()
-        loader.raise_error()  # bad data met in MpDeviceLoader's thread only ends the loop early
         watch.enter("epoch_end")
         bar.close()
         stop = guard.agree()

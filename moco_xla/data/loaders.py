@@ -67,17 +67,6 @@ class EpochLoader:
                  seek: Callable[[int], None] | None = None) -> None:
         self.loader, self.steps, self._set_epoch, self._seek = loader, steps, set_epoch, seek
         self.start = 0
-        self.error: BaseException | None = None
-
-    def raise_error(self) -> None:
-        """Re-raise an error of the last epoch's iteration in this thread.
-
-        torch_xla's MpDeviceLoader iterates in a background thread and, on an exception,
-        only ends the epoch early; call this after the step loop so bad data still stops the run.
-        """
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         if self._set_epoch is not None:
@@ -90,14 +79,6 @@ class EpochLoader:
         return self.steps
 
     def __iter__(self):
-        self.error = None
-        try:
-            yield from self._batches()
-        except Exception as e:
-            self.error = e
-            raise
-
-    def _batches(self):
         batches = user_errors(self.loader)
         if self._seek is None:
             for _ in range(self.start):

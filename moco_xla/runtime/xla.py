@@ -61,8 +61,16 @@ class XlaRuntime(Runtime):
         xm.add_step_closure(fn, args)
 
     def device_loader(self, loader: Iterable) -> Iterator:
-        """MpDeviceLoader overlaps host-to-device copies with the step and cuts the graph."""
-        return iter(pl.MpDeviceLoader(loader, self.device))
+        """MpDeviceLoader overlaps host-to-device copies with the step and cuts the graph.
+
+        It iterates ``loader`` in a background thread, where an exception only ends the
+        iteration early (and the loop would go on with a short epoch or a partial feature
+        bank): the error is kept and raised here, in the replica's thread, after the last batch.
+        """
+        source = _KeepError(loader)
+        yield from pl.MpDeviceLoader(source, self.device)
+        if source.error is not None:
+            raise source.error
 
     # -- performance introspection: torch_xla's metrics, read on the host (no device sync) --
     def counters(self) -> dict[str, int]:
@@ -138,3 +146,20 @@ def spawn(fn: Callable[..., Any], args: tuple, nprocs: int | None) -> None:
     """Start one replica per device (nprocs None) or a single replica (nprocs 1)."""
     import torch_xla.distributed.xla_multiprocessing as xmp
     xmp.spawn(fn, args=args, nprocs=nprocs)
+
+
+class _KeepError:
+    """Wraps a loader so that an exception of its iteration is stored, not lost in a thread."""
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader, self.error = loader, None
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator:
+        self.error = None
+        try:
+            yield from self.loader
+        except Exception as e:  # noqa: BLE001 - re-raised by XlaRuntime.device_loader
+            self.error = e
