@@ -109,15 +109,7 @@ def make_step(rt, model: nn.Module, params, precision: str, moco: bool) -> Calla
         with rt.autocast(precision):
             loss = model(a, b)[0] if moco else F.cross_entropy(model(a).float(), b)
         opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            rt.reduce_gradients(opt)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            rt.optimizer_step(opt)
+        rt.backward_step(loss, opt, scaler)  # all-reduced gradients, then the step
     return step
 
 

@@ -206,19 +206,28 @@ def resolve_resume(arg: str | None, directory: str) -> str | None:
         return None
     if arg == "auto":
         return latest_checkpoint(directory)
+    return find_checkpoint(arg, "--resume", "a ckpt-*.pt file, a checkpoint directory, a run's --out "
+                                            "directory, or 'auto'")
+
+
+def find_checkpoint(arg: str, flag: str = "--ckpt",
+                    valid: str = "a ckpt-*.pt file, a checkpoint directory or a run directory") -> str:
+    """A checkpoint file, or the newest committed one in a checkpoint or run directory (local or gs://).
+
+    ``flag`` and ``valid`` name the option and what it accepts in the one-line errors.
+    """
     try:
         fs, p = _fs(arg)
         is_dir = fs.isdir(p)
         found = is_dir or fs.exists(p)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--resume {arg}: cannot read it ({e})") from None
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"{flag} {arg}: cannot read it ({e})") from None
     if not found:
-        raise UserError(f"--resume {arg} does not exist; pass a ckpt-*.pt file, a checkpoint "
-                        f"directory, a run's --out directory, or 'auto'")
+        raise UserError(f"{flag} {arg} does not exist; pass {valid}")
     if is_dir:
         path = latest_checkpoint(arg)
         if path is None:
-            raise UserError(f"--resume {arg} holds no committed checkpoint (ckpt-*.pt with its .json)")
+            raise UserError(f"{flag} {arg} holds no committed checkpoint (ckpt-*.pt with its .json)")
         return path
     return arg
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import data
-from .checkpoint import checkpoint_meta, latest_checkpoint
+from .checkpoint import checkpoint_meta, find_checkpoint
 from .config import Config, apply_override, from_dict, load_config, validate
 from .errors import RunStopped, UserError
 from .knn import knn_accuracy
@@ -81,24 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default: the checkpoint's run directory)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p.parse_args(argv)
-
-
-def find_checkpoint(path: str) -> str:
-    """A checkpoint file, or the newest committed one in a checkpoint or run directory."""
-    import fsspec
-    try:
-        fs, p = fsspec.core.url_to_fs(path)
-        is_dir, found = fs.isdir(p), fs.exists(p)
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"--ckpt {path}: cannot read it ({e})") from None
-    if not found:
-        raise UserError(f"--ckpt {path} does not exist; pass a ckpt-*.pt file or a run directory")
-    if is_dir:
-        newest = latest_checkpoint(path)
-        if newest is None:
-            raise UserError(f"--ckpt {path} holds no committed checkpoint (ckpt-*.pt with its .json)")
-        return newest
-    return path
 
 
 def eval_config(ckpt: str, config: str | None, overrides: list[str]) -> Config:

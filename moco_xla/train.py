@@ -218,15 +218,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
             with rt.autocast(cfg.train.precision):
                 loss, stats = model(im_q, im_k)
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                rt.reduce_gradients(optimizer)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                rt.optimizer_step(optimizer)
+            rt.backward_step(loss, optimizer, scaler)  # all-reduced gradients, then the step
             sums += torch.stack([stats["loss"], stats["acc"]]).float()
             guard.observe(stats["loss"])
             pos.step, pos.global_step = step + 1, pos.global_step + 1

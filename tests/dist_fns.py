@@ -71,3 +71,31 @@ def train_steps(rt, cfg, steps: int):
     return {"q": [p.detach().clone() for p in model.encoder_q.parameters()],
             "k": [p.detach().clone() for p in model.encoder_k.parameters()],
             "queue": model.queue.clone(), "ptr": model.queue_ptr.clone()}
+
+
+def scaled_steps(rt, steps: int = 3, bad_step: int = 1):
+    """SGD steps through Runtime.backward_step without and with a GradScaler (the CUDA fp16 path).
+
+    With the scaler, replica 1 meets an inf in its input at ``bad_step``: the step must be
+    skipped on every replica, or the replicas' weights part ways.
+    """
+    out = {}
+    for use_scaler in (False, True):
+        torch.manual_seed(0)
+        net = nn.Linear(4, 2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if use_scaler else None
+        g = torch.Generator().manual_seed(rt.rank)
+        params = []
+        for step in range(steps):
+            x = torch.randn(8, 4, generator=g)
+            if use_scaler and step == bad_step and rt.rank == 1:
+                x[0, 0] = float("inf")
+            loss = net(x).pow(2).mean()
+            opt.zero_grad()
+            rt.backward_step(loss, opt, scaler)
+            params.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+        out["scaled" if use_scaler else "plain"] = params
+        if scaler is not None:
+            out["scale"] = scaler.get_scale()
+    return out

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import torch
 
 from moco_xla.checkpoint import latest_checkpoint, load_checkpoint
 from moco_xla.launch import main
+from moco_xla.report import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 # tiny: 3 steps per epoch, batch 32; kNN only after the last epoch.
@@ -46,16 +46,8 @@ def run_inprocess(args: list[str]) -> int:
 
 
 def step_records(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # a line being written right now
-            pass
-    return [r for r in records if r.get("type") == "step"]
+    """The run's step records so far (a line being written right now is skipped)."""
+    return [r for r in read_metrics(out) if r.get("type") == "step"]
 
 
 def wait_for_steps(proc: subprocess.Popen, out: Path, n: int, timeout: float = 240) -> int:

@@ -1,8 +1,10 @@
-"""The offline digits quickstart learns: on two seeds, through the real CLI.
+"""The offline digits quickstart learns, through the real CLI.
 
-A shortened run of configs/digits.yaml (12 epochs, width 16, K 1024; measured on
-seed 0: kNN 95.0% against 66.3% for the same encoder randomly initialised, final loss
-9.1 against the uniform-logits 13.9) must beat the random encoder by a wide margin.
+A shortened run of configs/digits.yaml (12 epochs, width 16, K 1024; measured: seed 0
+kNN 95.0% against 66.3% for the same encoder randomly initialised, seed 1 92.8% against
+58.7%; final loss 9.1 against the uniform-logits 13.9) must beat the random encoder by a
+wide margin. Seed 1 runs here; the evaluation tests pre-train the same shortened config
+at seed 0 and assert its probe beats a random encoder (tests/test_eval.py).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def random_init_knn(overrides: list[str]) -> float:
                               cfg.eval.knn_k, cfg.eval.knn_t))
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1])
 def test_digits_quickstart_learns(tmp_path, seed):
     overrides = SHORT + [f"train.seed={seed}"]
     cmd = [sys.executable, "-m", "moco_xla.launch", "--out", str(tmp_path)]

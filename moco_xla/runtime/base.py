@@ -81,6 +81,23 @@ class Runtime:
             self.reduce_gradients(optimizer)
         optimizer.step()
 
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None = None) -> None:
+        """Backward, gradients averaged over replicas, optimizer step.
+
+        With an fp16 GradScaler (CUDA) the gradients are averaged while still scaled, as DDP
+        does: an overflow on one replica then reaches all of them, and every replica's
+        ``scaler.step`` skips the step and lowers its scale together (the weights stay equal).
+        """
+        if scaler is None:
+            loss.backward()
+            self.optimizer_step(optimizer)
+            return
+        scaler.scale(loss).backward()
+        self.reduce_gradients(optimizer)
+        scaler.step(optimizer)  # unscales; skips the step on inf/nan
+        scaler.update()
+
     def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """Average every gradient over replicas in one flattened all_reduce."""
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
