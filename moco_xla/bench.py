@@ -100,7 +100,7 @@ def build_models(w: Workload, rt) -> tuple[nn.Module, nn.Module]:
 
 def make_step(rt, model: nn.Module, params, precision: str, moco: bool) -> Callable[..., None]:
     """One training step, as train.py runs it (autocast forward, backward, optimizer_step)."""
-    from .train import prime_momentum
+    from .optim import prime_momentum
     opt = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
     prime_momentum(opt)
     scaler = rt.grad_scaler(precision)

@@ -29,6 +29,7 @@ from .config import Config, from_dict
 from .data.transforms import normalize_for
 from .errors import UserError
 from .models import build_backbone
+from .optim import prime_momentum
 from .runtime import Runtime
 
 BACKBONE_PREFIX = "encoder_q.backbone."
@@ -104,21 +105,24 @@ def fit(rt: Runtime, model: nn.Module, params: list[nn.Parameter], batches: Batc
     ``on_epoch(epoch, lr, mean_loss)`` gets the epoch's mean loss as a device tensor.
     """
     optimizer = sgd.optimizer(params)
+    prime_momentum(optimizer)  # step 1 runs the steady graph
     for epoch in range(epochs):
         lr = sgd.lr_at(epoch / epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=rt.device)
+        # host data, not a graph node; shape [1]: torch_xla folds a 0-d host zero into the graph
+        loss_sum = torch.zeros(1).to(rt.device)
         for _ in range(steps_per_epoch):
             x, y = next(batches)
             loss = F.cross_entropy(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             rt.optimizer_step(optimizer)
+            loss_sum += loss.detach()  # inside the step graph
             rt.mark_step()
-            loss_sum += loss.detach()
         if on_epoch is not None:
-            on_epoch(epoch, lr, loss_sum / steps_per_epoch)
+            on_epoch(epoch, lr, loss_sum[0] / steps_per_epoch)
+            rt.mark_step()  # the epoch's report is a graph of its own, not folded into the next step's
 
 
 def linear_head(dim: int, classes: int, rt: Runtime, seed: int = 0) -> nn.Linear:

@@ -27,6 +27,7 @@ from .errors import NonFiniteLoss, Preempted, UserError
 from .knn import knn_accuracy
 from .models import build_encoder
 from .moco import MoCo
+from .optim import prime_momentum
 from .profiling import GraphWatch, StepProfiler
 from .report import MetricsWriter, write_summary
 from .runtime import Runtime
@@ -48,19 +49,6 @@ def build_optimizer(cfg: Config, model: MoCo) -> torch.optim.SGD:
                           weight_decay=t.weight_decay)
     prime_momentum(opt)
     return opt
-
-
-def prime_momentum(optimizer: torch.optim.SGD) -> None:
-    """Start every momentum buffer at zero: the first step then runs the same graph as all others.
-
-    SGD creates the buffers as a copy of the first gradient; 0 * m + g is that same copy
-    (dampening is 0), so the numbers do not change, but on XLA it saves compiling a whole
-    second step graph (minutes for a ResNet-50 on a TPU).
-    """
-    for group in optimizer.param_groups:
-        if group["momentum"] and not group["dampening"]:
-            for p in group["params"]:
-                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def lr_at(cfg: Config, epoch: int) -> float:
