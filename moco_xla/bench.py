@@ -140,8 +140,8 @@ def bench_backend(backend: str, w: Workload) -> dict[str, Any]:
     torch.manual_seed(0)
     moco, sup = build_models(w, rt)
     shape = (w.batch, w.channels, w.image_size, w.image_size)
-    im_q = torch.randn(shape).to(rt.device)
-    im_k = (im_q.cpu() + 0.1 * torch.randn(shape)).to(rt.device)
+    x = torch.randn(shape)  # made on the host, copied once: device data for every step
+    im_q, im_k = x.to(rt.device), (x + 0.1 * torch.randn(shape)).to(rt.device)
     labels = torch.randint(0, w.classes, (w.batch,)).to(rt.device)
     moco_step = make_step(rt, moco, moco.encoder_q.parameters(), precision, moco=True)
     sup_step = make_step(rt, sup, sup.parameters(), precision, moco=False)

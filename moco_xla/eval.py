@@ -225,7 +225,7 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     def probe_row(net: nn.Module) -> torch.Tensor:
         norm = e.probe.normalize
         train = extract(rt, net, labelled, e.batch_size, workers, norm)
-        head = train_probe(rt, train, classes, probe_sgd(cfg), s.steps, 1, batch, seed, tick)
+        head = train_probe(rt, train, classes, SGDSpec(s.probe_lr), s.steps, 1, batch, seed, tick)
         return head_accuracy(rt, head, extract(rt, net, bundle.test, e.batch_size, workers, norm))
 
     def tuned_row(net: nn.Module, dim: int) -> torch.Tensor:
