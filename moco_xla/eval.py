@@ -228,17 +228,17 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         head = train_probe(rt, train, classes, SGDSpec(s.probe_lr), s.steps, 1, batch, seed, tick)
         return head_accuracy(rt, head, extract(rt, net, bundle.test, e.batch_size, workers, norm))
 
-    def tuned_row(net: nn.Module, dim: int) -> torch.Tensor:
+    def tuned_row(net: nn.Module, dim: int, lr: float) -> torch.Tensor:
         batches = image_batches(rt, shown, batch // rt.world_size, seed, workers)
-        sgd = SGDSpec(s.lr, 0.9, s.weight_decay, "cosine")
+        sgd = SGDSpec(lr, 0.9, s.weight_decay, "cosine")
         model = train_classifier(rt, net, dim, classes, batches, s.steps, sgd, seed, tick)
         return image_accuracy(rt, model, bundle.test, e.batch_size, workers)
 
     rows: dict[str, torch.Tensor] = {}
     rows["moco_probe"] = probe_row(encoder(rt, job))
     scratch, dim = random_backbone(cfg, rt)
-    rows["moco_finetune"] = tuned_row(encoder(rt, job), dim)
-    rows["supervised_scratch"] = tuned_row(scratch, dim)  # same images, crops and schedule as fine-tuning
+    rows["moco_finetune"] = tuned_row(encoder(rt, job), dim, s.finetune_lr)
+    rows["supervised_scratch"] = tuned_row(scratch, dim, s.lr)  # same images, crops and schedule as fine-tuning
     rows["pixel_logistic"] = pixel_logistic(rt, labelled, bundle.test, s.pixel_c, e.batch_size, workers)
     rows["random_probe"] = probe_row(random_backbone(cfg, rt)[0])
     rt.mark_step()
@@ -249,6 +249,7 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     return {"semisup": {str(s.labels): {
         "labels": s.labels, "per_class": s.labels / classes, "rows": values, "best": best,
         "steps": s.steps, "augment": s.augment, "seed": s.seed, "ckpt": job.ckpt,
+        "lr": {"probe": s.probe_lr, "finetune": s.finetune_lr, "scratch": s.lr},
         "test_images": len(bundle.test)}}}
 
 
@@ -336,7 +337,8 @@ def print_table(command: str, out: Path, cfg: Config) -> None:
         print(f"  {study['labels']} labelled images ({study['per_class']:g} per class); "
               f"test top-1 on {study['test_images']} images:")
         for key, title in SEMISUP_ROWS.items():
-            mark = "  <- best" if key == study["best"] else ""
+            tied = study["rows"][key] == study["rows"][study["best"]]  # a tie marks every row that has it
+            mark = "  <- best" if tied else ""
             print(f"    {title:<32} {study['rows'][key]:6.2f}%{mark}")
     print(f"  results in {out} (summary.json, metrics.jsonl, plots/, tensorboard/)")
 
