@@ -16,7 +16,6 @@ Exit codes: 0 done, 2 bad input (errors.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -281,10 +280,9 @@ def _dist_replica(rank: int, backend: str, world: int, job: Job, reports: str) -
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # replicas share this host's cores
     try:
         run_replica(backend, rank, world, rank, job)
-    except RunStopped as e:  # tell the parent why (a file, as in launch.py), then exit with the code
-        report = {"rank": rank, "code": e.exit_code, "kind": type(e).__name__, "message": str(e)}
-        Path(reports, f"{rank}.json").write_text(json.dumps(report))
-        sys.exit(e.exit_code)
+    except RunStopped as e:
+        from .launch import report_stop
+        report_stop(reports, rank, e)
 
 
 def start(backend: str, world: int, job: Job) -> None:
@@ -304,17 +302,17 @@ def start(backend: str, world: int, job: Job) -> None:
 
 def _spawn_dist(backend: str, world: int, job: Job) -> None:
     import torch.multiprocessing as mp
-    from .launch import _replica_error, free_port
+    from .launch import free_port, replica_failure
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     with tempfile.TemporaryDirectory(prefix="moco_xla_eval_") as reports:
         try:
             mp.spawn(_dist_replica, args=(backend, world, job, reports), nprocs=world, join=True)
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
-            found = [json.loads(f.read_text()) for f in sorted(Path(reports).glob("*.json"))]
-            if found or isinstance(e, mp.ProcessExitedException):
-                raise _replica_error(e, found) from None
-            raise  # a replica crashed with a traceback: a bug, shown as such
+            err = replica_failure(e, reports)
+            if err is None:
+                raise  # a replica crashed with a traceback: a bug, shown as such
+            raise err from None
 
 
 # ----------------------------------------------------------------------------- report

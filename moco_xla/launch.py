@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 from . import checkpoint as ckpt
 from .config import Config, load_config, save_config, validate_world
@@ -139,10 +139,27 @@ def _dist_replica(rank: int, backend: str, world: int, cfg: Config, out: str, re
     install_stop_handler()
     try:
         run_replica(backend, rank, world, rank, cfg, out, resume)
-    except RunStopped as e:  # tell the parent why (a file: no lock a killed peer could leak), then exit
-        report = {"rank": rank, "code": e.exit_code, "kind": type(e).__name__, "message": str(e)}
-        Path(reports, f"{rank}.json").write_text(json.dumps(report))
-        sys.exit(e.exit_code)
+    except RunStopped as e:
+        report_stop(reports, rank, e)
+
+
+def report_stop(reports: str, rank: int, e: RunStopped) -> NoReturn:
+    """Tell the parent why this replica stops (a file: no lock a killed peer could leak), then exit."""
+    report = {"rank": rank, "code": e.exit_code, "kind": type(e).__name__, "message": str(e)}
+    Path(reports, f"{rank}.json").write_text(json.dumps(report))
+    sys.exit(e.exit_code)
+
+
+def replica_failure(e: Exception, reports: str) -> RunStopped | None:
+    """Why spawned replicas stopped: the lowest rank's report, else how a replica died.
+
+    None for a replica that raised an exception of its own: a bug, to be shown with its traceback.
+    """
+    import torch.multiprocessing as mp
+    found = [json.loads(f.read_text()) for f in sorted(Path(reports).glob("*.json"))]
+    if found or isinstance(e, mp.ProcessExitedException):
+        return _replica_error(e, found)
+    return None
 
 
 def free_port() -> int:
@@ -214,10 +231,10 @@ def _spawn_dist(backend: str, cores: int, cfg: Config, out: str, resume: str | N
             while not ctx.join(grace_period=REPLICA_GRACE_S):
                 pass
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
-            found = [json.loads(f.read_text()) for f in sorted(Path(reports).glob("*.json"))]
-            if found or isinstance(e, mp.ProcessExitedException):
-                raise _replica_error(e, found) from None
-            raise  # a replica crashed with a traceback: a bug, shown as such
+            err = replica_failure(e, reports)
+            if err is None:
+                raise  # a replica crashed with a traceback: a bug, shown as such
+            raise err from None
 
 
 def _replica_error(e: Exception, reports: list[dict[str, Any]]) -> RunStopped:
