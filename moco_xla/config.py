@@ -89,6 +89,23 @@ class ProbeConfig:
 
 
 @dataclass
+class DistillConfig:
+    """SimCLRv2's distillation: a student learns the fine-tuned teacher's softened predictions on
+    every training image (KL at ``temperature``, times T^2) plus ``label_weight`` x the
+    cross-entropy on the labelled ones, the same crops for teacher and student.
+
+    Chosen on held-out training digits (eval.semisup.holdout=400, label draws 10 and 11, never the
+    test set); see the README's few-label study for the figures.
+    """
+    steps: int = 500                 # student SGD steps (cosine); every step: a batch of all + labelled
+    batch_size: int = 128            # global batch drawn from all training images (labelled or not)
+    lr: float = 0.01                 # student initialised from the pre-trained encoder: SGD lr
+    scratch_lr: float = 0.05         # student initialised at random (the from-scratch teacher's row)
+    temperature: float = 1.0         # softens teacher and student logits alike
+    label_weight: float = 1.0        # weight of the labelled images' cross-entropy (0 = distillation only)
+
+
+@dataclass
 class SemisupConfig:
     """Few labels: probe, fine-tune and a from-scratch baseline on the same N labelled images.
 
@@ -108,6 +125,10 @@ class SemisupConfig:
     weight_decay: float = 5e-4       # fine-tune and from-scratch
     augment: bool = True             # fine-tune and from-scratch see random crops (the same ones)
     pixel_c: float = 1.0             # inverse L2 strength of the raw-pixel logistic regression
+    labels_file: str | None = None   # CSV of index,label or path,label rows instead of the seeded draw
+    holdout: int = 0                 # > 0: score on this many unlabelled training images (seeded), not
+                                     # the test set, and keep them out of distillation: to choose settings
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass
@@ -272,7 +293,7 @@ _OWNERS: dict[int, type] = {}
 def _owner(f: dataclasses.Field) -> type:
     if not _OWNERS:
         for cls in (Config, DataConfig, ModelConfig, MocoConfig, TrainConfig, EvalConfig, CheckpointConfig,
-                    ProbeConfig, SemisupConfig):
+                    ProbeConfig, SemisupConfig, DistillConfig):
             for g in dataclasses.fields(cls):
                 _OWNERS[id(g)] = cls
     return _OWNERS[id(f)]
@@ -349,6 +370,21 @@ def probe_checks(p: ProbeConfig, s: SemisupConfig) -> list[tuple[bool, str, str]
         (s.lr > 0, "eval.semisup.lr", f"must be > 0, got {s.lr}"),
         (s.weight_decay >= 0, "eval.semisup.weight_decay", f"must be >= 0, got {s.weight_decay}"),
         (s.pixel_c > 0, "eval.semisup.pixel_c", f"must be > 0, got {s.pixel_c}"),
+        (s.holdout >= 0, "eval.semisup.holdout", f"must be >= 0, got {s.holdout}"),
+        *distill_checks(s.distill),
+    ]
+
+
+def distill_checks(d: DistillConfig) -> list[tuple[bool, str, str]]:
+    """Ranges of eval.semisup.distill."""
+    k = "eval.semisup.distill"
+    return [
+        (d.steps >= 1, f"{k}.steps", f"must be >= 1, got {d.steps}"),
+        (d.batch_size >= 1, f"{k}.batch_size", f"must be >= 1, got {d.batch_size}"),
+        (d.lr > 0, f"{k}.lr", f"must be > 0, got {d.lr}"),
+        (d.scratch_lr > 0, f"{k}.scratch_lr", f"must be > 0, got {d.scratch_lr}"),
+        (d.temperature > 0, f"{k}.temperature", f"must be > 0, got {d.temperature}"),
+        (d.label_weight >= 0, f"{k}.label_weight", f"must be >= 0, got {d.label_weight}"),
     ]
 
 

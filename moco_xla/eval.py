@@ -16,6 +16,7 @@ Exit codes: 0 done, 2 bad input (errors.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -35,10 +36,10 @@ from .config import Config, apply_override, from_dict, load_config, validate
 from .errors import RunStopped, UserError
 from .knn import knn_accuracy
 from .plots import SEMISUP_ROWS
-from .probe import (SGDSpec, FrozenProbe, balanced_subset, build_eval_backbone, extract, fit,
-                    head_accuracy, image_accuracy, image_batches, linear_head, load_encoder, pixel_logistic,
-                    probe_sgd, subset, train_classifier, train_labels, train_probe, train_transform,
-                    with_transform)
+from .probe import (DistillSpec, SGDSpec, FrozenProbe, Relabelled, balanced_subset, build_eval_backbone,
+                    distill, extract, fit, head_accuracy, holdout_indices, image_accuracy, image_batches,
+                    linear_head, load_encoder, paired, pixel_logistic, probe_sgd, read_labels_file, subset,
+                    train_classifier, train_labels, train_probe, train_transform, with_transform)
 from .report import MetricsWriter, read_summary, write_summary
 from .runtime import BACKENDS, Runtime, make_runtime, resolve_backend
 
@@ -71,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a ckpt-*.pt file, a checkpoint directory or a run directory (newest checkpoint); "
                         "local or gs://")
     p.add_argument("--labels", type=int, default=None, help="semisup: labelled images (eval.semisup.labels)")
+    p.add_argument("--labels-file", default=None, metavar="CSV",
+                   help="semisup: your own labels instead of the seeded draw, one image a line: "
+                        "'index,label' (position in the train split) or 'path,label' (folder datasets); "
+                        "# comments and an 'index,label' header allowed (eval.semisup.labels_file)")
     p.add_argument("--config", default=None,
                    help="take the data and eval sections from this config instead of the checkpoint's")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: TPU, then CUDA, then CPU")
@@ -106,6 +111,24 @@ def check_job(cfg: Config, command: str, world: int) -> None:
     if command == "semisup" and semisup_batch(cfg, world) < world:
         raise UserError(f"eval.semisup.labels={s.labels} gives fewer labelled images than the {world} "
                         f"replicas; use more labels or fewer --cores")
+
+
+def use_labels_file(cfg: Config, path: str | None, labels: int | None) -> None:
+    """Read and check ``--labels-file`` (or eval.semisup.labels_file) before replicas start; its rows set
+    eval.semisup.labels."""
+    s = cfg.eval.semisup
+    if path is not None:
+        s.labels_file = str(Path(path).resolve())
+    if not s.labels_file:
+        return
+    from .launch import check_data
+    check_data(cfg)
+    bundle = data.build(cfg)
+    picked, _ = read_labels_file(s.labels_file, bundle.bank, bundle.num_classes, cfg.data.root)
+    if labels is not None and labels != len(picked):
+        raise UserError(f"--labels {labels} disagrees with the {len(picked)} images of --labels-file "
+                        f"{s.labels_file}; pass one of them")
+    s.labels = len(picked)
 
 
 def semisup_batch(cfg: Config, world: int) -> int:
@@ -203,20 +226,55 @@ def _log_linear(writer: MetricsWriter, bar: tqdm, last: dict, epoch: int, lr: fl
     writer.write(record)
 
 
+@dataclass
+class SemisupSplit:
+    """Which training images the study labels, which it may use unlabelled, and what it scores on."""
+
+    picked: torch.Tensor      # labelled train indices
+    labels: torch.Tensor      # their labels (the dataset's, or the labels file's)
+    pool: torch.Tensor        # train indices distillation may use (labelled ones included)
+    test: Any                 # the test set, or held-out training images (eval.semisup.holdout)
+    scored_on: str
+
+
+def semisup_labels(cfg: Config, bank, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, labels): the labels file's, else a balanced seeded draw of eval.semisup.labels."""
+    s = cfg.eval.semisup
+    if s.labels_file:
+        return read_labels_file(s.labels_file, bank, classes, cfg.data.root)
+    picked = balanced_subset(train_labels(bank), s.labels, classes, s.seed)
+    return picked, train_labels(bank)[picked]
+
+
+def semisup_split(cfg: Config, bundle: data.DataBundle) -> SemisupSplit:
+    s = cfg.eval.semisup
+    picked, labels = semisup_labels(cfg, bundle.bank, bundle.num_classes)
+    n = len(bundle.bank)
+    if not s.holdout:
+        return SemisupSplit(picked, labels, torch.arange(n), bundle.test, "test")
+    held = holdout_indices(n, picked, s.holdout, s.seed + 1000)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    return SemisupSplit(picked, labels, keep.nonzero().flatten(), subset(bundle.bank, held),
+                        f"holdout ({s.holdout} unlabelled training images)")
+
+
 def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
-    """N labelled images, five ways to use them, one test set (the MNIST-with-100-labels study)."""
-    cfg, s = job.cfg, job.cfg.eval.semisup
+    """N labelled images, seven ways to use them, one test set (the MNIST-with-100-labels study)."""
+    cfg, s, d = job.cfg, job.cfg.eval.semisup, job.cfg.eval.semisup.distill
     e, workers, seed = cfg.eval, cfg.data.workers, cfg.train.seed
     bundle = data.build(cfg)
     classes = bundle.num_classes
-    picked = balanced_subset(train_labels(bundle.bank), s.labels, classes, s.seed)
-    labelled = subset(bundle.bank, picked)
-    shown = labelled
+    split = semisup_split(cfg, bundle)
+    labelled = Relabelled(bundle.bank, split.picked, split.labels)
+    images = bundle.bank  # what the trained rows see: random crops when eval.semisup.augment
     if s.augment:
-        aug = train_transform(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels)
-        shown = subset(with_transform(bundle.bank, aug), picked)
-    batch = semisup_batch(cfg, rt.world_size)
-    bar = tqdm(total=4 * s.steps, desc=f"{s.labels} labels", disable=not rt.is_master, dynamic_ncols=True)
+        images = with_transform(bundle.bank, train_transform(cfg.data.augment, cfg.data.image_size,
+                                                             cfg.model.in_channels))
+    shown = Relabelled(images, split.picked, split.labels)
+    batch, all_batch = semisup_batch(cfg, rt.world_size), distill_batch(cfg, rt.world_size, len(split.pool))
+    bar = tqdm(total=4 * s.steps + 2 * d.steps, desc=f"{len(split.picked)} labels", disable=not rt.is_master,
+               dynamic_ncols=True)
 
     def tick(*_: Any) -> None:
         bar.update(1)
@@ -225,31 +283,56 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         norm = e.probe.normalize
         train = extract(rt, net, labelled, e.batch_size, workers, norm)
         head = train_probe(rt, train, classes, SGDSpec(s.probe_lr), s.steps, 1, batch, seed, tick)
-        return head_accuracy(rt, head, extract(rt, net, bundle.test, e.batch_size, workers, norm))
+        return head_accuracy(rt, head, extract(rt, net, split.test, e.batch_size, workers, norm))
 
-    def tuned_row(net: nn.Module, dim: int, lr: float) -> torch.Tensor:
+    def tuned_row(net: nn.Module, dim: int, lr: float) -> tuple[nn.Module, torch.Tensor]:
         batches = image_batches(rt, shown, batch // rt.world_size, seed, workers)
         sgd = SGDSpec(lr, 0.9, s.weight_decay, "cosine")
         model = train_classifier(rt, net, dim, classes, batches, s.steps, sgd, seed, tick)
-        return image_accuracy(rt, model, bundle.test, e.batch_size, workers)
+        return model, image_accuracy(rt, model, split.test, e.batch_size, workers)
+
+    def distilled_row(teacher: nn.Module, student: nn.Module, dim: int, lr: float) -> torch.Tensor:
+        everything = image_batches(rt, subset(images, split.pool), all_batch // rt.world_size, seed + 1,
+                                   workers)
+        batches = paired(everything, image_batches(rt, shown, batch // rt.world_size, seed + 2, workers))
+        sgd = SGDSpec(lr, 0.9, s.weight_decay, "cosine")
+        model = distill(rt, teacher, student, dim, classes, batches, d.steps, sgd,
+                        DistillSpec(d.temperature, d.label_weight), seed, tick)
+        return image_accuracy(rt, model, split.test, e.batch_size, workers)
 
     rows: dict[str, torch.Tensor] = {}
     rows["moco_probe"] = probe_row(encoder(rt, job))
     scratch, dim = random_backbone(cfg, rt)
-    rows["moco_finetune"] = tuned_row(encoder(rt, job), dim, s.finetune_lr)
-    rows["supervised_scratch"] = tuned_row(scratch, dim, s.lr)  # same images, crops and schedule as fine-tuning
-    rows["pixel_logistic"] = pixel_logistic(rt, labelled, bundle.test, s.pixel_c, e.batch_size, workers)
+    moco_teacher, rows["moco_finetune"] = tuned_row(encoder(rt, job), dim, s.finetune_lr)
+    # same images, crops and schedule as fine-tuning
+    scratch_teacher, rows["supervised_scratch"] = tuned_row(scratch, dim, s.lr)
+    # students start where their teachers did: the pre-trained encoder, the same seeded random init
+    rows["moco_distill"] = distilled_row(moco_teacher, encoder(rt, job), dim, d.lr)
+    rows["scratch_distill"] = distilled_row(scratch_teacher, random_backbone(cfg, rt)[0], dim, d.scratch_lr)
+    rows["pixel_logistic"] = pixel_logistic(rt, labelled, split.test, s.pixel_c, e.batch_size, workers)
     rows["random_probe"] = probe_row(random_backbone(cfg, rt)[0])
     rt.mark_step()
     bar.close()
     values = {k: float(v) for k, v in rows.items()}  # the study's one host read
     best = max(values, key=values.get)
-    writer.write({"type": "semisup", "labels": s.labels, **values}, step=s.labels)
-    return {"semisup": {str(s.labels): {
-        "labels": s.labels, "per_class": s.labels / classes, "rows": values, "best": best,
-        "steps": s.steps, "augment": s.augment, "seed": s.seed, "ckpt": job.ckpt,
-        "lr": {"probe": s.probe_lr, "finetune": s.finetune_lr, "scratch": s.lr},
-        "test_images": len(bundle.test)}}}
+    n = len(split.picked)
+    writer.write({"type": "semisup", "labels": n, "scored_on": split.scored_on, **values}, step=n)
+    return {summary_key(cfg): {str(n): {
+        "labels": n, "per_class": n / classes, "rows": values, "best": best,
+        "steps": s.steps, "augment": s.augment, "seed": s.seed, "labels_file": s.labels_file,
+        "ckpt": job.ckpt, "lr": {"probe": s.probe_lr, "finetune": s.finetune_lr, "scratch": s.lr},
+        "distill": {**dataclasses.asdict(d), "batch_size": all_batch, "unlabelled_pool": len(split.pool)},
+        "scored_on": split.scored_on, "test_images": len(split.test)}}}
+
+
+def summary_key(cfg: Config) -> str:
+    """Studies scored on held-out training images are kept apart from those scored on the test set."""
+    return "semisup_holdout" if cfg.eval.semisup.holdout else "semisup"
+
+
+def distill_batch(cfg: Config, world: int, pool: int) -> int:
+    """The global batch of images from the whole train set: at most the pool, a multiple of the replicas."""
+    return min(cfg.eval.semisup.distill.batch_size, pool) // world * world
 
 
 RUNNERS: dict[str, Callable[[Job, Runtime, MetricsWriter], dict[str, Any]]] = {
@@ -329,12 +412,17 @@ def print_table(command: str, out: Path, cfg: Config) -> None:
         print(f"  linear probe top-1: {lin['top1']:.2f}%  ({lin['epochs']} epochs, lr {lin['lr']:g}, "
               f"{lin['test_images']} test images)")
     elif command == "semisup":
-        study = (s.get("semisup") or {}).get(str(cfg.eval.semisup.labels))
+        study = (s.get(summary_key(cfg)) or {}).get(str(cfg.eval.semisup.labels))
         if not study:
             return
-        print(f"  {study['labels']} labelled images ({study['per_class']:g} per class); "
-              f"test top-1 on {study['test_images']} images:")
+        where = study.get("scored_on", "test")
+        where = "test" if where == "test" else where.split(" ", 1)[0]
+        source = f"from {study['labels_file']}" if study.get("labels_file") else f"draw {study['seed']}"
+        print(f"  {study['labels']} labelled images ({study['per_class']:g} per class, {source}); "
+              f"{where} top-1 on {study['test_images']} images:")
         for key, title in SEMISUP_ROWS.items():
+            if key not in study["rows"]:
+                continue
             tied = study["rows"][key] == study["rows"][study["best"]]  # a tie marks every row that has it
             mark = "  <- best" if tied else ""
             print(f"    {title:<32} {study['rows'][key]:6.2f}%{mark}")
@@ -350,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.labels is not None:
             overrides.append(f"eval.semisup.labels={args.labels}")
         cfg = eval_config(ckpt, args.config, overrides)
+        if args.command == "semisup":
+            use_labels_file(cfg, args.labels_file, args.labels)
         backend = resolve_backend(args.backend)
         world, master = _world(backend, args.cores)
         check_job(cfg, args.command, world)

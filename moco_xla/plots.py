@@ -22,7 +22,9 @@ SIZE, DPI = (6.4, 4.0), 100  # 640 x 400 pixels
 SEMISUP_ROWS = {
     "moco_probe": "MoCo linear probe (frozen)",
     "moco_finetune": "MoCo fine-tuned",
+    "moco_distill": "MoCo fine-tuned + distilled",
     "supervised_scratch": "supervised from scratch",
+    "scratch_distill": "from scratch + distilled",
     "pixel_logistic": "raw-pixel logistic regression",
     "random_probe": "random-init encoder probe",
 }

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -96,10 +97,17 @@ def probe_sgd(cfg: Config) -> SGDSpec:
 
 # ----------------------------------------------------------------------------- training loop
 
-def fit(rt: Runtime, model: nn.Module, params: list[nn.Parameter], batches: Batches, epochs: int,
+def classify_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of ``model`` on an (images, labels) batch."""
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y)
+
+
+def fit(rt: Runtime, model: nn.Module, params: list[nn.Parameter], batches: Iterator, epochs: int,
         steps_per_epoch: int, sgd: SGDSpec,
-        on_epoch: Callable[[int, float, torch.Tensor], None] | None = None) -> None:
-    """Cross-entropy SGD for ``epochs`` x ``steps_per_epoch`` steps of this replica's ``batches``.
+        on_epoch: Callable[[int, float, torch.Tensor], None] | None = None,
+        loss_fn: Callable[[nn.Module, tuple], torch.Tensor] = classify_loss) -> None:
+    """SGD on ``loss_fn(model, batch)`` for ``epochs`` x ``steps_per_epoch`` of this replica's ``batches``.
 
     The learning rate changes once per epoch (a Python scalar: no recompilation on XLA).
     ``on_epoch(epoch, lr, mean_loss)`` gets the epoch's mean loss as a device tensor.
@@ -113,8 +121,7 @@ def fit(rt: Runtime, model: nn.Module, params: list[nn.Parameter], batches: Batc
         # host data, not a graph node; shape [1]: torch_xla folds a 0-d host zero into the graph
         loss_sum = torch.zeros(1).to(rt.device)
         for _ in range(steps_per_epoch):
-            x, y = next(batches)
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = loss_fn(model, next(batches))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             rt.optimizer_step(optimizer)
@@ -300,6 +307,63 @@ def train_classifier(rt: Runtime, backbone: nn.Module, feat_dim: int, classes: i
     return model
 
 
+# ----------------------------------------------------------------------------- distillation
+
+@dataclass
+class DistillSpec:
+    """SimCLRv2's distillation loss: T^2 KL(teacher || student) at temperature T + w x labelled CE."""
+
+    temperature: float = 1.0
+    label_weight: float = 1.0
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL of the softened student from the softened teacher, times T^2 (gradients keep their scale in T)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean",
+                  log_target=True)
+    return kl * (t * t)
+
+
+def paired(everything: Batches, labelled: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images from the whole train set, labelled images, their labels): one distillation step's batch."""
+    for (x_all, _), (x_lab, y_lab) in zip(everything, labelled):
+        yield x_all, x_lab, y_lab
+
+
+def distill(rt: Runtime, teacher: nn.Module, backbone: nn.Module, feat_dim: int, classes: int,
+            batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int, sgd: SGDSpec,
+            spec: DistillSpec, seed: int = 0,
+            on_epoch: Callable[[int, float, torch.Tensor], None] | None = None) -> nn.Module:
+    """A student (``backbone`` + a fresh head) trained to match the frozen ``teacher`` on ``batches``.
+
+    Every step sees a batch of any training images (the teacher's softened predictions on
+    them are the targets) and a batch of labelled ones (cross-entropy, weight
+    ``spec.label_weight``), both augmented; teacher and student see the same crops, and
+    the student's BN normalises both batches together. Gradients average over replicas
+    as in ``fit``; the teacher runs in eval mode without gradients.
+    """
+    teacher.eval()
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    student = nn.Sequential(backbone.to(rt.device), linear_head(feat_dim, classes, rt, seed)).train()
+    rt.sync_module(student)
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x_all, x_lab, y_lab = batch
+        with torch.no_grad():
+            target = teacher(x_all).float()
+        logits = model(torch.cat([x_all, x_lab])).float()
+        loss = distill_loss(logits[: len(x_all)], target, spec.temperature)
+        if spec.label_weight > 0:
+            loss = loss + spec.label_weight * F.cross_entropy(logits[len(x_all):], y_lab)
+        return loss
+
+    fit(rt, student, list(student.parameters()), batches, steps, 1, sgd, on_epoch, loss_fn)
+    rt.sync_module(student)
+    return student
+
+
 # ----------------------------------------------------------------------------- raw pixels
 
 def pixel_logistic(rt: Runtime, train_ds: Dataset, test_ds, c: float, batch: int, workers: int = 0
@@ -361,3 +425,107 @@ def balanced_subset(labels: torch.Tensor, n: int, classes: int, seed: int) -> to
 
 def subset(ds, indices: torch.Tensor) -> Dataset:
     return Subset(ds, indices.tolist())
+
+
+class Relabelled(Dataset):
+    """Images ``indices`` of ``ds`` with ``labels`` (the dataset's own, or a user's labels file)."""
+
+    def __init__(self, ds, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ds, self.indices, self.labels = ds, indices.tolist(), labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.ds[self.indices[i]][0], self.labels[i]
+
+
+def holdout_indices(n: int, exclude: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` seeded indices of range(n) outside ``exclude``: unlabelled images to choose settings on."""
+    free = torch.ones(n, dtype=torch.bool)
+    free[exclude] = False
+    pool = free.nonzero().flatten()
+    if count > len(pool):
+        raise UserError(f"eval.semisup.holdout={count} exceeds the {len(pool)} unlabelled training images; "
+                        f"use at most {len(pool)}")
+    g = torch.Generator().manual_seed(seed)
+    return pool[torch.randperm(len(pool), generator=g)[:count]].sort().values
+
+
+LABELS_FILE_FORMAT = ("one labelled image per line, 'index,label' or 'path,label' (an optional header "
+                      "line, # comments)")
+
+
+def read_labels_file(path: str, train_ds, classes: int, root: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices into the train set, labels) of a user's labels file; UserError naming the bad line.
+
+    CSV, one image a line: ``index,label`` (index: position in the train split as
+    ``data.build`` orders it; for the digits, the fixed stratified split) or ``path,label``
+    (an image file of a folder dataset, absolute or relative to data.root); label: the class
+    number 0..classes-1. Blank lines and lines starting with # are skipped; a first line
+    ``index,label`` or ``path,label`` is a header.
+    """
+    import csv
+    try:
+        text = open(path, newline="", encoding="utf-8").read()
+    except OSError as e:
+        raise UserError(f"--labels-file {path}: cannot read it ({e.strerror or e})") from None
+    n = len(train_ds)
+    by_path: dict[str, int] | None = None
+    seen: dict[int, int] = {}
+    indices, labels = [], []
+    for line_no, row in enumerate(csv.reader(text.splitlines()), 1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        row = [c.strip() for c in row]
+        where = f"--labels-file {path} line {line_no}"
+        if len(row) != 2:
+            raise UserError(f"{where}: expected 2 fields, got {len(row)}; format: {LABELS_FILE_FORMAT}")
+        key, label = row
+        if not indices and not seen and label.lower() == "label" and key.lower() in ("index", "path"):
+            continue  # header
+        if key.lstrip("-").isdigit():
+            index = int(key)
+            if not 0 <= index < n:
+                raise UserError(f"{where}: index {index} is not in the train set (valid: 0..{n - 1})")
+        else:
+            if by_path is None:
+                by_path = _train_paths(train_ds, where)
+            index = by_path.get(_resolve(key, root), -1)
+            if index < 0:
+                raise UserError(f"{where}: {key} is not an image of the train set")
+        try:
+            y = int(label)
+        except ValueError:
+            raise UserError(f"{where}: label {label!r} is not a class number (valid: 0..{classes - 1})") from None
+        if not 0 <= y < classes:
+            raise UserError(f"{where}: label {y} is out of range (valid: 0..{classes - 1})")
+        if index in seen:
+            raise UserError(f"{where}: image {key} is listed twice (also on line {seen[index]}); "
+                            f"one label per image")
+        seen[index] = line_no
+        indices.append(index)
+        labels.append(y)
+    if not indices:
+        raise UserError(f"--labels-file {path} has no labelled images; format: {LABELS_FILE_FORMAT}")
+    counts = torch.bincount(torch.tensor(labels), minlength=classes)
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        raise UserError(f"--labels-file {path} labels no image of class {', '.join(map(str, missing[:10]))}"
+                        f"{' ...' if len(missing) > 10 else ''}; every one of the {classes} classes needs one")
+    return torch.tensor(indices), torch.tensor(labels)
+
+
+def _resolve(p: str, root: str | None) -> str:
+    q = Path(p)
+    if not q.is_absolute() and root:
+        q = Path(root) / q
+    return str(q.resolve())
+
+
+def _train_paths(train_ds, where: str) -> dict[str, int]:
+    base = getattr(train_ds, "base", train_ds)
+    if not hasattr(base, "samples"):
+        raise UserError(f"{where}: this dataset's images have no file paths; use 'index,label' rows")
+    return {str(Path(s[0]).resolve()): i for i, s in enumerate(base.samples)}

@@ -109,7 +109,8 @@ def xla_compiles(ckpt: str, out: str) -> dict:
     for name, runner, key, lengths in runs:
         for length in lengths:
             sets = [f"{key}={length}", "eval.probe.batch_size=64", "eval.probe.eval_every=1",
-                    "eval.semisup.labels=20"]
+                    "eval.semisup.labels=20", f"eval.semisup.distill.steps={length}",
+                    "eval.semisup.distill.batch_size=32"]
             cfg = eval_config(ckpt, None, sets)
             before = compiles()
             results[f"{name}{length}"] = runner(Job(name, ckpt, cfg, out), rt, MetricsWriter(out, enabled=False))
