@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ from .probe import (DistillSpec, SGDSpec, FrozenProbe, Relabelled, balanced_subs
                     linear_head, load_encoder, paired, pixel_logistic, probe_sgd, read_labels_file, subset,
                     train_classifier, train_labels, train_probe, train_transform, with_transform)
 from .report import MetricsWriter, read_summary, write_summary
-from .runtime import BACKENDS, Runtime, make_runtime, resolve_backend
+from .runtime import BACKENDS, Runtime, make_runtime, replicas, resolve_backend
 
 COMMANDS = ("knn", "linear", "semisup")
 
@@ -354,48 +352,9 @@ def run_replica(backend: str, rank: int, world: int, local_rank: int, job: Job) 
         rt.shutdown()
 
 
-def _xla_replica(index: int, job: Job) -> None:
-    run_replica("xla", 0, 1, index, job)  # XlaRuntime reads rank and world from PJRT
-
-
-def _dist_replica(rank: int, backend: str, world: int, job: Job, reports: str) -> None:
-    if backend == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # replicas share this host's cores
-    try:
-        run_replica(backend, rank, world, rank, job)
-    except RunStopped as e:
-        from .launch import report_stop
-        report_stop(reports, rank, e)
-
-
-def start(backend: str, world: int, job: Job) -> None:
-    """Run ``world`` replicas of ``backend`` on this host (or be one replica under torchrun)."""
-    from .runtime.dist import env_rank
-    env = env_rank()
-    if env is not None:
-        run_replica(backend, env[0], env[1], env[2], job)
-    elif backend == "xla":
-        from .runtime.xla import spawn
-        spawn(_xla_replica, (job,), nprocs=None if world > 1 else 1)
-    elif world == 1:
-        run_replica(backend, 0, 1, 0, job)
-    else:
-        _spawn_dist(backend, world, job)
-
-
-def _spawn_dist(backend: str, world: int, job: Job) -> None:
-    import torch.multiprocessing as mp
-    from .launch import free_port, replica_failure
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    with tempfile.TemporaryDirectory(prefix="moco_xla_eval_") as reports:
-        try:
-            mp.spawn(_dist_replica, args=(backend, world, job, reports), nprocs=world, join=True)
-        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
-            err = replica_failure(e, reports)
-            if err is None:
-                raise  # a replica crashed with a traceback: a bug, shown as such
-            raise err from None
+def start(backend: str, cores: int, job: Job) -> None:
+    """Run ``cores`` replicas of ``backend`` on this host (or be one replica under torchrun)."""
+    replicas.start(backend, cores, run_replica, (job,))
 
 
 # ----------------------------------------------------------------------------- report
@@ -441,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "semisup":
             use_labels_file(cfg, args.labels_file, args.labels)
         backend = resolve_backend(args.backend)
-        world, master = _world(backend, args.cores)
+        cores, world, master = _world(backend, args.cores)
         check_job(cfg, args.command, world)
         from .launch import check_data
         check_data(cfg)
@@ -451,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         if master:
             out.mkdir(parents=True, exist_ok=True)
             print(f"moco_xla.eval {args.command}: {ckpt} on {backend} x{world} -> {out}", flush=True)
-        start(backend, world, Job(args.command, ckpt, cfg, str(out)))
+        start(backend, cores, Job(args.command, ckpt, cfg, str(out)))
     except RunStopped as e:
         if "--debug" in argv:
             traceback.print_exc()
@@ -462,18 +421,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _world(backend: str, cores: int | None) -> tuple[int, bool]:
-    """(replicas, whether this process reports): torchrun's WORLD_SIZE, else ``--cores``."""
-    from .launch import replica_count
+def _world(backend: str, cores: int | None) -> tuple[int, int, bool]:
+    """(replicas on this host, replicas in all, whether this process reports): as for launch."""
+    from .launch import replica_count, world_size
     from .runtime.dist import env_rank
     env = env_rank()
     if env is None:
-        return replica_count(backend, cores), True
+        cores = replica_count(backend, cores)
+        return cores, world_size(backend, cores), True
     if backend == "xla":
         raise UserError("torchrun drives the cpu/cuda backends; on TPUs use --cores (xmp.spawn)")
     if cores is not None and cores != env[1]:
         raise UserError(f"--cores {cores} disagrees with torchrun's WORLD_SIZE={env[1]}")
-    return env[1], env[0] == 0
+    return env[1], env[1], env[0] == 0
 
 
 if __name__ == "__main__":

@@ -17,31 +17,20 @@ Exit codes: 0 done, 2 bad input, 3 NaN/inf loss, 75 preempted (see errors.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import json
-import multiprocessing
 import os
-import signal
-import socket
 import sys
-import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any
 
 from . import checkpoint as ckpt
 from .config import Config, load_config, save_config, validate_world
-from .errors import NonFiniteLoss, Preempted, RunStopped, UserError
+from .errors import Preempted, RunStopped, UserError
 from .profiling import GRAPH_CHECK_ENV, GRAPH_CHECKS, PROFILE_ENV, graph_check_mode
-from .runtime import BACKENDS, available_replicas, make_runtime, resolve_backend, xla_installed
-
-# Set by SIGTERM in this process. A process-wide flag on purpose: signals reach processes,
-# and on TPU v2/v3 several replica threads of one process share it.
-_STOP = threading.Event()
-REPLICA_GRACE_S = 120  # a stopping replica waits this long for the others before they are killed
+from .runtime import BACKENDS, available_replicas, hosts, make_runtime, replicas, resolve_backend, xla_installed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,21 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def replica_count(backend: str, cores: int | None) -> int:
-    """Validate ``--cores`` against what the backend can run on this host; UserError if not."""
+    """Validate ``--cores`` against what the backend can run on this host; UserError if not.
+
+    XLA: PJRT runs one replica per device or a single one. What a TPU VM exposes: v2-8 and
+    v3-8 8 devices (2 cores per chip), v4-8 and v5p-8 4 (one megacore per chip), v5e-8 and
+    v6e-8 8, v5e-1 1. Omitting ``--cores`` takes them all. On XLA:CPU (``PJRT_DEVICE=CPU``)
+    ``--cores N`` rehearses an N-core run on N XLA:CPU devices (``CPU_NUM_DEVICES=N``).
+    """
     if cores is not None and cores < 1:
         raise UserError(f"--cores must be >= 1, got {cores}")
     if backend == "xla":
-        if not xla_installed():
-            raise UserError("--backend xla needs torch_xla (pip install torch_xla); valid here: cuda, cpu")
-        have = available_replicas("xla")
-        if have == 0:
-            raise UserError("--backend xla found no TPU; set PJRT_DEVICE=CPU for XLA:CPU (1 core) "
-                            "or use --backend cpu")
-        cores = have if cores is None else cores
-        if cores not in (1, have):
-            raise UserError(f"--cores {cores} is not available on XLA: PJRT exposes {have} device(s); "
-                            f"use --cores {have} or --cores 1")
-        return cores
+        return _xla_cores(cores)
     if backend == "cuda":
         have = available_replicas("cuda")
         if have == 0:
@@ -109,6 +94,46 @@ def replica_count(backend: str, cores: int | None) -> int:
     return 1 if cores is None else cores
 
 
+def _xla_cores(cores: int | None) -> int:
+    if not xla_installed():
+        raise UserError("--backend xla needs torch_xla (pip install torch_xla); valid here: cuda, cpu")
+    xla_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
+    if xla_cpu and cores and cores > 1 and "CPU_NUM_DEVICES" not in os.environ:
+        os.environ["CPU_NUM_DEVICES"] = str(cores)  # a rehearsal of a `cores`-core TPU run
+    have = available_replicas("xla")
+    if have == 0:
+        raise UserError("--backend xla found no TPU; set PJRT_DEVICE=CPU for XLA:CPU "
+                        "(CPU_NUM_DEVICES=N for N replicas) or use --backend cpu")
+    cores = have if cores is None else cores
+    if cores not in (1, have):
+        where = "CPU_NUM_DEVICES" if xla_cpu else "PJRT"
+        raise UserError(f"--cores {cores} is not available on XLA: {where} exposes {have} device(s) on "
+                        f"this host; use --cores {have} or --cores 1 (or omit --cores to take all)")
+    return cores
+
+
+def world_size(backend: str, cores: int) -> int:
+    """Replicas of the whole job: this host's ``cores`` times the hosts of a TPU pod slice.
+
+    UserError for ``--cores 1`` on a pod slice (every worker must run all its cores).
+    """
+    n_hosts = hosts(backend)
+    if n_hosts > 1 and cores == 1:
+        raise UserError(f"--cores 1 on a TPU pod slice of {n_hosts} hosts: every worker runs all its "
+                        f"cores; omit --cores")
+    return cores * n_hosts
+
+
+def check_hosts(cfg: Config, n_hosts: int, out: Path) -> None:
+    """Several hosts must share their checkpoints: a local directory on each would let host 0
+    resume while the others start over (and then hang in the first collective)."""
+    if n_hosts > 1 and not str(cfg.checkpoint.dir or "").startswith("gs://"):
+        where = cfg.checkpoint.dir or out / "checkpoints"
+        raise UserError(f"checkpoint.dir={where} is local, but this job runs on {n_hosts} hosts; set "
+                        f"--set checkpoint.dir=gs://BUCKET/PATH so that every host writes and resumes "
+                        f"the same checkpoints")
+
+
 def default_out(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -119,140 +144,17 @@ def run_replica(backend: str, rank: int, world: int, local_rank: int, cfg: Confi
     from .train import train
     rt = make_runtime(backend, rank, world, local_rank)
     try:
-        return train(cfg, rt, out, resume, _STOP.is_set)
+        return train(cfg, rt, out, resume, replicas.stop_requested)
     finally:
         rt.shutdown()
 
 
-def install_stop_handler() -> None:
-    """SIGTERM asks this process's replicas to stop at the next agreed step (main thread only)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.set())
-
-
-def _xla_replica(index: int, cfg: Config, out: str, resume: str | None) -> None:
-    run_replica("xla", 0, 1, index, cfg, out, resume)  # XlaRuntime reads rank and world from PJRT
-
-
-def _dist_replica(rank: int, backend: str, world: int, cfg: Config, out: str, resume: str | None,
-                  reports: str) -> None:
-    install_stop_handler()
-    try:
-        run_replica(backend, rank, world, rank, cfg, out, resume)
-    except RunStopped as e:
-        report_stop(reports, rank, e)
-
-
-def report_stop(reports: str, rank: int, e: RunStopped) -> NoReturn:
-    """Tell the parent why this replica stops (a file: no lock a killed peer could leak), then exit."""
-    report = {"rank": rank, "code": e.exit_code, "kind": type(e).__name__, "message": str(e)}
-    Path(reports, f"{rank}.json").write_text(json.dumps(report))
-    sys.exit(e.exit_code)
-
-
-def replica_failure(e: Exception, reports: str) -> RunStopped | None:
-    """Why spawned replicas stopped: the lowest rank's report, else how a replica died.
-
-    None for a replica that raised an exception of its own: a bug, to be shown with its traceback.
-    """
-    import torch.multiprocessing as mp
-    found = [json.loads(f.read_text()) for f in sorted(Path(reports).glob("*.json"))]
-    if found or isinstance(e, mp.ProcessExitedException):
-        return _replica_error(e, found)
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _sigterm(handler) -> Iterator[None]:
-    """Install a SIGTERM handler for the duration (main thread only), then restore the previous one."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        _STOP.clear()
-
-
-def _stop_here(signum: int, frame: Any) -> None:
-    _STOP.set()
-
-
-def _forward_to_replicas(signum: int, frame: Any) -> None:
-    """In the parent of spawned replicas: pass SIGTERM on; they checkpoint and exit 75."""
-    _STOP.set()
-    for child in multiprocessing.active_children():
-        try:
-            os.kill(child.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-
 def start(backend: str, cores: int, cfg: Config, out: str, resume: str | None = None) -> None:
-    """Start ``cores`` replicas of ``backend`` on this host and wait for them.
+    """Train on ``cores`` replicas of ``backend`` (see runtime/replicas.py for how they start and stop).
 
     Raises RunStopped (UserError, NonFiniteLoss, Preempted) with the replicas' exit code.
     """
-    from .runtime.dist import env_rank
-    env = env_rank()
-    if env is not None:  # under torchrun: this process is one replica (torchrun forwards SIGTERM)
-        rank, world, local_rank = env
-        with _sigterm(_stop_here):
-            run_replica(backend, rank, world, local_rank, cfg, out, resume)
-        return
-    if backend == "xla":
-        from .runtime.xla import spawn
-        with _sigterm(_stop_here if cores == 1 else _forward_to_replicas):
-            spawn(_xla_replica, (cfg, out, resume), nprocs=None if cores > 1 else 1)
-        return
-    if cores == 1:
-        with _sigterm(_stop_here):
-            run_replica(backend, 0, 1, 0, cfg, out, resume)
-        return
-    _spawn_dist(backend, cores, cfg, out, resume)
-
-
-def _spawn_dist(backend: str, cores: int, cfg: Config, out: str, resume: str | None) -> None:
-    import torch.multiprocessing as mp
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    with _sigterm(_forward_to_replicas), tempfile.TemporaryDirectory(prefix="moco_xla_") as reports:
-        ctx = mp.spawn(_dist_replica, args=(backend, cores, cfg, out, resume, reports), nprocs=cores,
-                       join=False)
-        try:
-            while not ctx.join(grace_period=REPLICA_GRACE_S):
-                pass
-        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
-            err = replica_failure(e, reports)
-            if err is None:
-                raise  # a replica crashed with a traceback: a bug, shown as such
-            raise err from None
-
-
-def _replica_error(e: Exception, reports: list[dict[str, Any]]) -> RunStopped:
-    """The lowest rank's report (replicas agree on why they stop), else how the replica died."""
-    if reports:
-        first = min(reports, key=lambda r: r["rank"])
-        code = first["code"]
-        err = {"UserError": UserError, "NonFiniteLoss": NonFiniteLoss, "Preempted": Preempted}.get(
-            first["kind"], RunStopped)(first["message"])
-    else:
-        code = getattr(e, "exit_code", 1)
-        signal_name = getattr(e, "signal_name", None)
-        code = 128 - code if code < 0 else code  # the shell's convention for a signal
-        how = f"was killed by {signal_name}" if signal_name else f"exited with code {code}"
-        err = RunStopped(f"replica {getattr(e, 'error_index', '?')} {how}; rerun with --resume auto "
-                         f"to continue from the last checkpoint")
-    err.exit_code = code
-    return err
+    replicas.start(backend, cores, run_replica, (cfg, out, resume))
 
 
 def set_diagnostics(profile: str | None, graph_check: str | None) -> None:
@@ -326,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("torchrun drives the cpu/cuda backends; on TPUs use --cores (xmp.spawn)")
             if args.cores is not None and args.cores != env[1]:
                 raise UserError(f"--cores {args.cores} disagrees with torchrun's WORLD_SIZE={env[1]}")
-            world = env[1]
+            world = cores = env[1]
         else:
-            world = replica_count(backend, args.cores)
+            cores = replica_count(backend, args.cores)
+            world = world_size(backend, cores)
         validate_world(cfg, world)
         check_backend(cfg, backend)
         set_diagnostics(args.profile, args.graph_check)
@@ -336,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else default_out(cfg)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; pass a directory")
+        check_hosts(cfg, world // cores, out)
         resume = plan_resume(cfg, args.resume, out, out_given=args.out is not None)
         if env is None or env[0] == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
         print(f"moco_xla: {cfg.name} on {backend} x{world} -> {out}", flush=True)
-        start(backend, world, cfg, str(out), resume)
+        start(backend, cores, cfg, str(out), resume)
     except RunStopped as e:
         if debug:
             traceback.print_exc()
@@ -367,12 +271,6 @@ def print_summary(out: Path) -> None:
                                    f"warm-up, {graph.get('fallback_ops')} fallback ops"))
     print("\n".join(f"  {k:<14} {v:.2f}" if isinstance(v, float) else f"  {k:<14} {v}" for k, v in rows))
     print(f"  results in {out}")
-
-
-if multiprocessing.parent_process() is not None:
-    # A spawned replica process (xmp.spawn runs replicas in threads, which cannot install signal
-    # handlers): this module is imported by its main thread when the replica function arrives.
-    install_stop_handler()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,16 +45,28 @@ def resolve_backend(backend: str) -> str:
 
 
 def available_replicas(backend: str) -> int:
-    """How many replicas this host can run for ``backend`` (CPU: any number, reported as 0)."""
+    """How many replicas this host can run for ``backend`` (CPU: any number, reported as 0).
+
+    XLA:CPU: ``CPU_NUM_DEVICES`` devices (default 1), each a replica of a rehearsal.
+    """
     if backend == "xla":
         if os.environ.get("PJRT_DEVICE", "").upper() == "CPU":
-            return 1  # XLA:CPU cannot run collectives across several devices
+            from .rehearsal import cpu_devices
+            return cpu_devices()
         from .xla import tpu_device_count
         return tpu_device_count()
     if backend == "cuda":
         from .dist import cuda_device_count
         return cuda_device_count()
     return 0
+
+
+def hosts(backend: str) -> int:
+    """Hosts taking part in the job: TPU VMs of a pod slice (each runs the same launch), else 1."""
+    if backend == "xla" and os.environ.get("PJRT_DEVICE", "TPU").upper() == "TPU" and tpu_available():
+        from .xla import tpu_hosts
+        return tpu_hosts()
+    return 1
 
 
 def make_runtime(backend: str, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> Runtime:
@@ -71,4 +83,4 @@ def make_runtime(backend: str, rank: int = 0, world_size: int = 1, local_rank: i
 
 
 __all__ = ["Runtime", "BACKENDS", "PRECISIONS", "make_runtime", "resolve_backend", "resolve_precision",
-           "available_replicas", "tpu_available", "xla_installed"]
+           "available_replicas", "hosts", "tpu_available", "xla_installed"]

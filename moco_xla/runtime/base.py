@@ -28,6 +28,10 @@ class Runtime:
         # every replica (a Python int would be baked in as a constant, one graph per replica).
         self._rank_index: torch.Tensor | None = None
         self._trace: Any = None  # a running torch.profiler session (start_trace)
+        self.replicas_in_process = 1  # > 1 where replicas are threads of one process (TPU v2/v3, XLA:CPU)
+        self.first_in_process = True  # the replica that runs process-wide things (profiler, counters)
+        self.hosts = 1
+        self.rehearsal = False  # several XLA:CPU replicas rehearsing a TPU run (runtime/rehearsal.py)
 
     # -- identity ---------------------------------------------------------------
     @property
@@ -60,8 +64,8 @@ class Runtime:
         This is how XLA broadcasts (there is no torch.distributed broadcast there); the
         select keeps the graph the same on every replica and costs one all_reduce.
         """
-        keep = (self.rank_index == src).to(t.dtype)
-        return self.all_reduce(t * keep, op="sum")
+        keep = self.rank_index.reshape(()) == src  # 0-dim: the result keeps t's shape, 0-dim included
+        return self.all_reduce(torch.where(keep, t, torch.zeros_like(t)), op="sum")  # NaN elsewhere stays out
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
         """Split dim 0 into ``world_size`` chunks; chunk j goes to replica j, received in rank order."""
@@ -116,8 +120,35 @@ class Runtime:
         """Copy the master's parameters and buffers to every replica (start of training)."""
         if self.world_size == 1:
             return
-        for t in list(module.parameters()) + list(module.buffers()):
-            t.copy_(self.broadcast(t, src=0))
+        self._broadcast_flat(list(module.parameters()) + list(module.buffers()))
+
+    @torch.no_grad()
+    def sync_batchnorm_stats(self, module: torch.nn.Module) -> None:
+        """Give every replica the master's BatchNorm running statistics.
+
+        Each replica's BN layers track the statistics of the batches *it* normalised, so
+        they drift apart during training (the weights do not: gradients are averaged). DDP
+        copies rank 0's buffers at every forward; here they are copied where they are used,
+        before an evaluation and before a checkpoint, so that N replicas evaluate exactly
+        what one would and a resumed run starts from what was saved.
+        """
+        if self.world_size == 1:
+            return
+        stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                 for b in m.buffers()]
+        self._broadcast_flat(stats)
+
+    def _broadcast_flat(self, tensors: list[torch.Tensor]) -> None:
+        """Broadcast ``tensors`` from rank 0 in place, one flattened collective per dtype."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = self.broadcast(torch.cat([t.detach().reshape(-1) for t in group]), src=0)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
     def mark_step(self) -> None:
         """End of one traced step (cuts the lazy graph on XLA; nothing elsewhere)."""

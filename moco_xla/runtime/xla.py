@@ -16,16 +16,34 @@ import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
 import torch_xla.runtime as xr
 
+from . import rehearsal
 from .base import _CPU_RNG_BYTES, Runtime, _check_op
 
 
 class XlaRuntime(Runtime):
-    """One XLA replica (a TPU core, or the single XLA:CPU device)."""
+    """One XLA replica: a TPU core, or one of N XLA:CPU devices (a rehearsal, see rehearsal.py)."""
 
     name = "xla"
 
     def __init__(self) -> None:
+        if rehearsal.requested():
+            rehearsal.install()  # before this replica runs any graph
         super().__init__(torch_xla.device(), xr.global_ordinal(), xr.world_size())
+        self.rehearsal = rehearsal.requested() and self.world_size > 1
+        # TPU v2/v3 and XLA:CPU run several replica threads in one process
+        self.replicas_in_process = xr.addressable_device_count()
+        self.first_in_process = self.device.index == 0
+        self.hosts = max(1, self.world_size // max(1, xr.local_device_count()))
+
+    def resolve_precision(self, precision: str) -> str:
+        """As on the TPU, except that the XLA:CPU rehearsal runs fp32 (bf16 autocast traces a
+        different graph on each replica thread there: its cast cache is process-wide)."""
+        resolved = super().resolve_precision(precision)
+        if self.rehearsal and resolved != "fp32":
+            if precision != "auto":
+                rehearsal.warn_fp32(precision)
+            return "fp32"
+        return resolved
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """A real all-gather. xm.all_gather's default (pin_layout=True) builds it from an
@@ -99,7 +117,12 @@ class XlaRuntime(Runtime):
                 "limit_bytes": int(info.get("bytes_limit", 0))}
 
     def start_trace(self, log_dir: str) -> None:
-        """torch_xla's profiler: host spans, the lazy tracing and (on TPU) the device ops."""
+        """torch_xla's profiler: host spans, the lazy tracing and (on TPU) the device ops.
+
+        The profiler is process-wide: with several replica threads in a process (TPU v2/v3)
+        only the first one starts it, and the trace holds them all."""
+        if not self.first_in_process:
+            return
         import torch_xla.debug.profiler as xp
         xp.start_trace(log_dir)
         self._trace = xp
@@ -122,6 +145,15 @@ class XlaRuntime(Runtime):
         if state.numel() == _CPU_RNG_BYTES + 8:  # else written by another backend
             seed = int.from_bytes(bytes(state[_CPU_RNG_BYTES:].tolist()), "little")
             xm.set_rng_state(seed, self.device)
+
+
+def tpu_hosts() -> int:
+    """TPU VMs (workers) in this slice, from the TPU metadata; 1 on a single-host TPU VM."""
+    from torch_xla._internal import tpu
+    try:
+        return max(1, tpu.num_tpu_workers())
+    except Exception:  # no metadata (not a TPU VM)
+        return 1
 
 
 def tpu_device_count() -> int:
