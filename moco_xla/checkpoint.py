@@ -40,7 +40,7 @@ FORMAT = 1
 LATEST = "latest"
 PREFIX, SUFFIX = "ckpt-", ".pt"
 # Keys that may change on resume: they change neither the model nor the data order.
-RESUME_MUTABLE = ("name", "train.epochs", "train.lr", "train.log_every", "train.collapse_warn",
+RESUME_MUTABLE = ("name", "train.epochs", "train.lr", "train.log_every", "train.stop_every", "train.collapse_warn",
                   "train.precision", "data.root", "data.workers", "data.on_bad_sample", "eval.",
                   "checkpoint.")
 GCS_TIMEOUT_S = float(os.environ.get("MOCO_XLA_GCS_TIMEOUT", "20"))
@@ -329,6 +329,7 @@ class Position:
     step: int = 0                   # steps done in ``epoch``
     global_step: int = 0
     knn_top1: float | None = None
+    knn_epoch: int = 0              # the epoch (1-based) knn_top1 was measured after
     final_loss: float | None = None
     images_per_s: float = 0.0
     wall_s: float = 0.0             # training time so far, over every resumed run
@@ -367,7 +368,7 @@ def save_checkpoint(rt: Runtime, store: CheckpointStore, cfg: Config, model: tor
                                         "world_size", "config")}
         store.write(buf.getvalue(), meta)
     rt.barrier()
-    cpu = torch.get_rng_state()  # unchanged by saving, but a prefetching loader thread may use it
+    cpu = rt.cpu_rng_state()  # unchanged by saving, but a prefetching loader thread may use it
     rt.set_rng_state(torch.cat([cpu, mine[cpu.numel():]]))
     return path
 
@@ -402,5 +403,5 @@ def restore(ckpt: dict[str, Any], rt: Runtime, model: torch.nn.Module, optimizer
                           f"{rt.world_size}: same data order, new augmentation draws", RuntimeWarning)
 
         def rng() -> None:
-            torch.manual_seed(seed)
+            rt.manual_seed(seed)
     return pos, sums.clone(), rng

@@ -37,7 +37,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "small_resnet"       # resnet18 | resnet34 | resnet50 | small_resnet
+    arch: str = "small_resnet"       # resnet18 | resnet34 | resnet50 | small_resnet | vit_small | vit_base | small_vit
     in_channels: int = 1
     small_stem: bool = True          # 3x3 stride-1 stem, no max-pool (28-32 px images)
     width: int = 32                  # small_resnet base width
@@ -45,6 +45,9 @@ class ModelConfig:
     mlp: bool = True                 # v2 MLP head (v1: linear)
     bn_splits: int = 8               # Split BN sub-batches (1 = plain BN on each replica)
     sync_bn: bool = False            # BN over the global batch (instead of shuffle BN)
+    channels_last: bool | None = None  # ResNets in NHWC: null = on for CUDA only; true = also CPU; XLA ignores it
+    patch_size: int = 16             # ViT patch size (small_vit on 16 px digits: 4)
+    stop_grad_conv1: bool = True     # ViT: frozen random patch projection (MoCo v3's --stop-grad-conv1)
 
 
 @dataclass
@@ -54,6 +57,9 @@ class MocoConfig:
     T: float = 0.1                   # softmax temperature
     symmetric: bool = True           # both crops serve as query in turn
     shuffle: str = "gather"          # gather | all_to_all | none
+    version: int = 2                 # 1/2: queue MoCo (moco.py); 3: MoCo v3, the batch as negatives (moco_v3.py)
+    mlp_dim: int = 4096              # v3: hidden width of the projector and predictor MLPs
+    proj_layers: int = 0             # v3: projector depth; 0 = the official code's (ResNet 2, ViT 3)
 
 
 @dataclass
@@ -63,14 +69,19 @@ class TrainConfig:
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"           # sgd | lars (MoCo v3 ResNet) | adamw (MoCo v3 ViT)
+    scale_lr: bool = False           # lr is the base lr for 256 images, times batch_size / 256 (v3 recipe)
     schedule: str = "cosine"         # cosine | step | constant
     lr_steps: list = field(default_factory=lambda: [120, 160])  # epochs where lr *= 0.1 (step)
     warmup_epochs: int = 0
     precision: str = "auto"          # auto | fp32 | bf16 | fp16
     log_every: int = 10              # steps between host reads of loss/acc
+    stop_every: int = 5              # steps between agreeing on a stop (SIGTERM, NaN): reacts within 2x
     seed: int = 0
     max_steps_per_epoch: int = 0     # 0 = the whole epoch (small values for smoke tests)
     collapse_warn: bool = True       # warn when the loss sits at the uniform-logits value
+    compile: bool = False            # torch.compile both encoders (CUDA/CPU; slower on CPU as measured)
+    compile_backend: str = "inductor"  # inductor | aot_eager (traces without generating kernels) | eager
 
 
 @dataclass
@@ -167,10 +178,13 @@ class Config:
 CHOICES = {
     "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits"),
     "data.on_bad_sample": ("error", "skip"),
-    "model.arch": ("resnet18", "resnet34", "resnet50", "small_resnet"),
+    "model.arch": ("resnet18", "resnet34", "resnet50", "small_resnet", "vit_small", "vit_base", "small_vit"),
+    "moco.version": (1, 2, 3),
+    "train.optimizer": ("sgd", "lars", "adamw"),
     "moco.shuffle": ("gather", "all_to_all", "none"),
     "train.schedule": ("cosine", "step", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
 }
 
 
@@ -193,9 +207,13 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     """Read a YAML config, apply ``key=value`` overrides, validate. Raises UserError."""
     path = config_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if raw is None or raw == {}:
+        names = ", ".join(f.name for f in dataclasses.fields(Config) if f.name != "name")
+        raise UserError(f"config {path} is empty; it needs at least one of the sections {names} "
+                        f"(see configs/digits.yaml)")
     if not isinstance(raw, dict):
         raise UserError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
     raw.setdefault("name", path.stem)
@@ -305,7 +323,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
-            raise UserError(f"config key {dotted!r} is {value!r}; valid: {', '.join(choices)}")
+            raise UserError(f"config key {dotted!r} is {value!r}; valid: {', '.join(map(str, choices))}")
     t, m, d, e = cfg.train, cfg.moco, cfg.data, cfg.eval
     checks = [
         (t.lr > 0, "train.lr", f"must be > 0, got {t.lr}"),
@@ -314,6 +332,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}"),
         (t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}"),
         (t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}"),
+        (t.stop_every >= 1, "train.stop_every", f"must be >= 1, got {t.stop_every}"),
         (t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}"),
         (t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0"),
         (0 <= m.m < 1, "moco.m", f"must be in [0, 1), got {m.m}"),
@@ -342,13 +361,35 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise UserError(f"config key {key!r} {msg}")
+    for ok, key, msg in v3_checks(cfg):
+        if not ok:
+            raise UserError(f"config key {key!r} {msg}")
     enqueue = t.batch_size * (2 if m.symmetric else 1)
-    if m.K % enqueue:
+    if m.version != 3 and m.K % enqueue:  # v3 has no queue
         what = "2 x global batch (symmetric loss enqueues both crops)" if m.symmetric else "the global batch"
         raise UserError(f"moco.K={m.K} must be divisible by {what} = {enqueue}; "
                         f"e.g. moco.K={max(enqueue, m.K // enqueue * enqueue)}")
     if world_size is not None:
         validate_world(cfg, world_size)
+
+
+def v3_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    """MoCo v3 and ViT keys: the heads' widths, the patch grid, which optimiser and arch go together."""
+    m, mo, d = cfg.model, cfg.moco, cfg.data
+    vit = m.arch in ("vit_small", "vit_base", "small_vit")
+    return [
+        (mo.mlp_dim >= 1, "moco.mlp_dim", f"must be >= 1, got {mo.mlp_dim}"),
+        (mo.proj_layers >= 0, "moco.proj_layers", f"must be >= 0 (0: the official depth), got {mo.proj_layers}"),
+        (m.patch_size >= 1, "model.patch_size", f"must be >= 1, got {m.patch_size}"),
+        (not vit or mo.version == 3, "model.arch",
+         f"{m.arch} is a ViT: it needs moco.version=3 (MoCo v1/v2 train ResNets and small_resnet)"),
+        (not vit or d.image_size % m.patch_size == 0, "model.patch_size",
+         f"{m.patch_size} must divide data.image_size={d.image_size} (a whole grid of patches)"),
+        (m.arch != "small_vit" or m.width % 4 == 0, "model.width",
+         f"small_vit's width must be divisible by 4 (2-D sin-cos position embedding, 4 heads), got {m.width}"),
+        (mo.version == 3 or cfg.train.optimizer == "sgd", "train.optimizer",
+         f"{cfg.train.optimizer} is MoCo v3's (moco.version=3); MoCo v1/v2 train with sgd"),
+    ]
 
 
 def probe_checks(p: ProbeConfig, s: SemisupConfig) -> list[tuple[bool, str, str]]:

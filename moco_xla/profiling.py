@@ -63,7 +63,11 @@ class GraphWatch:
         if mode not in GRAPH_CHECKS:
             raise ValueError(f"graph check {mode!r}; valid: {', '.join(GRAPH_CHECKS)}")
         self.rt, self.warmup, self.mode = rt, warmup, mode
-        self.enabled = mode != "off" and bool(rt.counters())
+        # torch_xla's counters are process-wide: where replicas are threads of one process
+        # (TPU v2/v3, the XLA:CPU rehearsal) the first of them watches for all, and only
+        # compilations and fallbacks are checked (another thread's log read is not a leak).
+        self.enabled = mode != "off" and rt.first_in_process and bool(rt.counters())
+        self.check_transfers = rt.replicas_in_process == 1
         self.last = rt.counters() if self.enabled else {}
         self.steps = 0
         self.current = "train"
@@ -101,7 +105,7 @@ class GraphWatch:
             self.totals["compiles_after_warmup"] += d["compiles"]
             self._violate(f"{where} compiled {d['compiles']} new graph(s) after the {self.warmup}-step "
                           f"warm-up: a shape or a Python scalar changes between steps")
-        if d["transfers_from_device"] and not (host_read or self.prev_host_read):
+        if self.check_transfers and d["transfers_from_device"] and not (host_read or self.prev_host_read):
             self.totals["unexpected_transfers"] += d["transfers_from_device"]
             self._violate(f"{where} moved {d['transfers_from_device']} tensor(s) device-to-host outside "
                           f"a log interval (.item(), .tolist(), .cpu(), float(t) or print in the step)")

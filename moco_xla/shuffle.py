@@ -64,7 +64,7 @@ def shuffle_gather(rt: Runtime, x: torch.Tensor, perm: torch.Tensor | None = Non
 def unshuffle_gather(rt: Runtime, k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Gather the encoded slices and return this replica's keys in their original order."""
     k_all = rt.all_gather(k)                       # row i is the key of global sample perm[i]
-    idx_unshuffle = torch.argsort(perm)
+    idx_unshuffle = torch.argsort(perm.int())  # int32 keys: TPUs emulate 64-bit sorts
     idx_this = idx_unshuffle.view(rt.world_size, -1).index_select(0, rt.rank_index).view(-1)
     return k_all.index_select(0, idx_this)
 
@@ -85,7 +85,7 @@ def shuffle_all_to_all(rt: Runtime, x: torch.Tensor, perm: torch.Tensor | None =
 
 def unshuffle_all_to_all(rt: Runtime, k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Send every key back to its owner (all_to_all is its own inverse here) and un-permute."""
-    return rt.all_to_all(k)[torch.argsort(perm)]
+    return rt.all_to_all(k)[torch.argsort(perm.int())]  # int32 keys: TPUs emulate 64-bit sorts
 
 
 def shuffled_keys(rt: Runtime, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

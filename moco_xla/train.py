@@ -22,33 +22,67 @@ from tqdm import tqdm
 
 from . import data
 from .checkpoint import CheckpointStore, Position, checkpoint_dir, load_checkpoint, restore, save_checkpoint
-from .config import Config
+from .config import Config, validate_world
 from .errors import NonFiniteLoss, Preempted, UserError
 from .knn import knn_accuracy
-from .models import build_encoder
+from .models import build_encoder, to_channels_last
 from .moco import MoCo
-from .optim import prime_momentum
+from .moco_v3 import MoCoV3, build_moco_v3, momentum_at
+from .optim import build_optimizer as build_train_optimizer, lr_at_step
 from .profiling import GraphWatch, StepProfiler
 from .report import MetricsWriter, write_summary
 from .runtime import Runtime
 
 
-def build_model(cfg: Config, rt: Runtime) -> MoCo:
-    """Query encoder + momentum key encoder + queue, identical on every replica."""
-    torch.manual_seed(cfg.train.seed)  # same init everywhere; sync_module makes it certain
-    encoder = build_encoder(cfg.model, rt)
+def build_model(cfg: Config, rt: Runtime) -> MoCo | MoCoV3:
+    """Query encoder + momentum key encoder (+ queue; v3: + predictor), identical on every replica."""
+    rt.manual_seed(cfg.train.seed)  # same init everywhere; sync_module makes it certain
     m = cfg.moco
-    model = MoCo(encoder, rt, cfg.model.dim, m.K, m.m, m.T, m.symmetric, m.shuffle).to(rt.device)
+    with rt.cpu_rng():  # this replica's own stream where replica threads share a process
+        if m.version == 3:
+            model: MoCo | MoCoV3 = build_moco_v3(cfg, rt).to(rt.device)
+        else:
+            encoder = build_encoder(cfg.model, rt)
+            model = MoCo(encoder, rt, cfg.model.dim, m.K, m.m, m.T, m.symmetric, m.shuffle).to(rt.device)
+    to_channels_last(model, cfg.model, rt.device)  # model.channels_last (CUDA ResNets by default)
     rt.sync_module(model)  # PJRT replica threads initialise nondeterministically
     return model
 
 
-def build_optimizer(cfg: Config, model: MoCo) -> torch.optim.SGD:
-    t = cfg.train
-    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=t.lr, momentum=t.momentum,
-                          weight_decay=t.weight_decay)
-    prime_momentum(opt)
-    return opt
+def build_optimizer(cfg: Config, model: MoCo | MoCoV3) -> torch.optim.Optimizer:
+    """train.optimizer over what the gradient trains: the query encoder (v3: and the predictor)."""
+    params = list(model.encoder_q.parameters())
+    if isinstance(model, MoCoV3):
+        params += list(model.predictor.parameters())
+    return build_train_optimizer(cfg.train, params)
+
+
+def step_schedule(cfg: Config, model: MoCo | MoCoV3, optimizer: torch.optim.Optimizer,
+                  steps_per_epoch: int) -> Callable[[int], float] | None:
+    """MoCo v3 sets lr and momentum before every step (main_moco.py); None for v1/v2 (per epoch)."""
+    if not isinstance(model, MoCoV3):
+        return None
+    total = cfg.train.epochs * steps_per_epoch
+
+    def before_step(global_step: int) -> float:
+        lr = lr_at_step(cfg.train, global_step, steps_per_epoch)
+        set_lr(optimizer, lr)
+        model.set_momentum(momentum_at(cfg.moco.m, global_step / total))
+        return lr
+    return before_step
+
+
+def compile_encoders(cfg: Config, rt: Runtime, model: torch.nn.Module) -> None:
+    """train.compile: torch.compile both encoders in place (Module.compile keeps the module tree,
+    so checkpoints, kNN and evaluation see the same names). Off by default: on CPU the compiled
+    step was slower (docs/benchmarks.md). XLA compiles the whole step graph already."""
+    if not cfg.train.compile:
+        return
+    if rt.name == "xla":
+        raise UserError("train.compile=true is for the cuda and cpu backends; on XLA the step is "
+                        "already one compiled graph (valid there: train.compile=false)")
+    model.encoder_q.compile(backend=cfg.train.compile_backend)
+    model.encoder_k.compile(backend=cfg.train.compile_backend)
 
 
 def lr_at(cfg: Config, epoch: int) -> float:
@@ -79,7 +113,7 @@ class CollapseDetector:
         self.uniform = uniform_loss
         self.after = max(2, cfg.train.warmup_epochs + 1)
         self.enabled = cfg.train.collapse_warn
-        self.views = 2 if cfg.moco.symmetric else 1
+        self.views = 2 if cfg.moco.symmetric or cfg.moco.version == 3 else 1
 
     def check(self, epoch: int, mean_loss: float) -> bool:
         collapsed = epoch + 1 >= self.after and mean_loss > 0.98 * self.uniform
@@ -157,15 +191,19 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
     """
     out_dir = Path(out_dir)
     world = rt.world_size
+    validate_world(cfg, world)  # again here: on a pod slice the launcher saw one host of several
     batch = cfg.train.batch_size // world
     bundle = data.build(cfg)
     model = build_model(cfg, rt)
     optimizer = build_optimizer(cfg, model)
+    compile_encoders(cfg, rt, model)
     scaler = rt.grad_scaler(cfg.train.precision)
-    torch.manual_seed(cfg.train.seed * 1000 + rt.rank)  # replicas draw different augmentations
+    rt.manual_seed(cfg.train.seed * 1000 + rt.rank)  # replicas draw different augmentations
     loader = data.pretrain_loader(bundle.pretrain, batch, rt.rank, world, cfg.train.seed,
-                                  cfg.data.workers, cfg.train.max_steps_per_epoch)
+                                  cfg.data.workers, cfg.train.max_steps_per_epoch,
+                                  pin_memory=rt.device.type == "cuda")
     steps_per_epoch = len(loader)
+    before_step = step_schedule(cfg, model, optimizer, steps_per_epoch)
     store = CheckpointStore(checkpoint_dir(cfg, out_dir), cfg.checkpoint.keep)
     pos, carried_sums, restore_rng = Position(), torch.zeros(2), lambda: None
     if resume:
@@ -186,9 +224,23 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
     def checkpoint(lr: float, sums: torch.Tensor) -> str:
         pos.wall_s = wall_before + time.time() - session_start
         with watch.region("checkpoint"):
+            rt.sync_batchnorm_stats(model)  # a resumed run gives every replica these statistics
             guard.last_checkpoint = save_checkpoint(rt, store, cfg, model, optimizer, scaler, pos, lr, sums)
         return guard.last_checkpoint
 
+    def monitor_knn(epoch: int) -> float:
+        """kNN on the query backbone; every replica first takes rank 0's BN statistics, so N
+        replicas score exactly what one would."""
+        # fork_rng: evaluating (its DataLoaders draw seeds) must not shift training's RNG stream
+        with watch.region("knn"), torch.random.fork_rng(devices=[]):
+            rt.sync_batchnorm_stats(model)
+            pos.knn_top1 = float(knn_accuracy(
+                rt, model.encoder_q.backbone, bundle.bank, bundle.test, bundle.num_classes,
+                cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers))
+        pos.knn_epoch = epoch + 1
+        return pos.knn_top1
+
+    _resumed_at = pos.global_step
     restore_rng()  # last thing before the first step
     for epoch in range(pos.epoch, cfg.train.epochs):
         start = pos.step
@@ -203,6 +255,8 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
         stop, t0 = False, time.time()
         watch.enter("train")
         for step, (im_q, im_k) in enumerate(rt.device_loader(loader), start=start):
+            if before_step is not None:  # MoCo v3: lr and momentum per step
+                lr = before_step(pos.global_step)
             with rt.autocast(cfg.train.precision):
                 loss, stats = model(im_q, im_k)
             optimizer.zero_grad(set_to_none=True)
@@ -212,9 +266,12 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
             pos.step, pos.global_step = step + 1, pos.global_step + 1
             bar.update(1)
             mid_epoch = pos.step < steps_per_epoch  # the epoch end decides synchronously below
-            if pos.step % cfg.train.log_every == 0:
+            logging = pos.step % cfg.train.log_every == 0
+            polling = pos.global_step % cfg.train.stop_every == 0  # independent of logging
+            if logging:
                 rt.add_step_closure(_log_step, (writer, bar, epoch, pos.global_step, lr, stats["loss"],
                                                 stats["acc"], (pos.step - start) * cfg.train.batch_size, t0))
+            if polling:
                 stop = mid_epoch and guard.poll()
             every = cfg.checkpoint.every_steps
             saving = mid_epoch and (stop or bool(every and pos.global_step % every == 0))
@@ -224,7 +281,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
                 if stop:
                     bar.close()
                     _preempted(path, pos, steps_per_epoch)
-            watch.step(log=pos.step % cfg.train.log_every == 0, checkpoint=saving)
+            watch.step(log=logging or polling, checkpoint=saving)
             profiler.step()
         rt.mark_step()
         watch.enter("epoch_end")
@@ -238,27 +295,28 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
         pos.images_per_s = (pos.step - start) * cfg.train.batch_size / max(wall, 1e-9)
         record = {"type": "epoch", "epoch": epoch + 1, "step": pos.global_step, "lr": lr,
                   "images_per_s": pos.images_per_s, "epoch_s": wall, **epoch_log}
+        pos.epoch, pos.step, pos.final_loss = epoch + 1, 0, epoch_log["loss"]
+        last = epoch + 1 == cfg.train.epochs
+        every = cfg.checkpoint.every
+        if stop or (every and ((epoch + 1) % every == 0 or last)):
+            # before the kNN: a resumed run never repeats it, nor loses the epoch to it
+            path = checkpoint(lr, torch.zeros(2))
+            if stop and not last:
+                writer.write(record)
+                _preempted(path, pos, steps_per_epoch)
         if _knn_due(cfg, epoch):
-            # fork_rng: evaluating (its DataLoaders draw seeds) must not shift training's RNG stream
-            with watch.region("knn"), torch.random.fork_rng(devices=[]):
-                pos.knn_top1 = float(knn_accuracy(
-                    rt, model.encoder_q.backbone, bundle.bank, bundle.test, bundle.num_classes,
-                    cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers))
-            record["knn_top1"] = pos.knn_top1
+            record["knn_top1"] = monitor_knn(epoch)
         record["collapse"] = collapse.check(epoch, epoch_log["loss"])
         writer.write(record)
         if rt.is_master:
             knn = f"  knn {pos.knn_top1:.2f}%" if "knn_top1" in record else ""
             tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_log['loss']:.4f}  "
                        f"acc {epoch_log['acc']:.1f}%  lr {lr:.4g}  {pos.images_per_s:.0f} img/s{knn}")
-        pos.epoch, pos.step, pos.final_loss = epoch + 1, 0, epoch_log["loss"]
-        last = epoch + 1 == cfg.train.epochs
-        every = cfg.checkpoint.every
-        if stop or (every and ((epoch + 1) % every == 0 or last)):
-            path = checkpoint(lr, torch.zeros(2))
-            if stop and not last:
-                _preempted(path, pos, steps_per_epoch)
 
+    if pos.knn_epoch < pos.epoch == cfg.train.epochs and resume and pos.global_step == _resumed_at:
+        # resumed from the final checkpoint, written before its kNN: the kNN is what is left
+        writer.write({"type": "epoch", "epoch": pos.epoch, "step": pos.global_step, "loss": pos.final_loss,
+                      "knn_top1": monitor_knn(pos.epoch - 1)})
     profiler.stop()
     watch.enter("finish")
     pos.wall_s = wall_before + time.time() - session_start

@@ -59,9 +59,10 @@ def test_xla_backend_one_replica(tmp_path):
 
 
 def test_wrong_cores_is_a_one_line_error():
-    p = run([sys.executable, "-m", "moco_xla.launch", "--backend", "xla", "--cores", "8", "--config", "tiny"])
+    p = run([sys.executable, "-m", "moco_xla.launch", "--backend", "xla", "--cores", "8", "--config", "tiny"],
+            env_extra={"CPU_NUM_DEVICES": "2"})
     assert p.returncode == 2
-    assert p.stderr.strip().count("\n") == 0 and "PJRT exposes 1 device" in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "CPU_NUM_DEVICES exposes 2 device(s)" in p.stderr
     p = run([sys.executable, "-m", "moco_xla.launch", "--backend", "cuda", "--cores", "2", "--config", "tiny"],
             env_extra={"CUDA_VISIBLE_DEVICES": ""})
     assert p.returncode == 2 and "no CUDA GPU" in p.stderr

@@ -10,6 +10,7 @@ state lives on a Runtime instance, never in module globals.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -32,6 +33,7 @@ class Runtime:
         self.first_in_process = True  # the replica that runs process-wide things (profiler, counters)
         self.hosts = 1
         self.rehearsal = False  # several XLA:CPU replicas rehearsing a TPU run (runtime/rehearsal.py)
+        self._cpu_rng_state: torch.Tensor | None = None  # private CPU RNG (see manual_seed)
 
     # -- identity ---------------------------------------------------------------
     @property
@@ -226,16 +228,52 @@ class Runtime:
         """Write ``obj`` with torch.save (after moving device tensors to the CPU on XLA)."""
         torch.save(obj, f)
 
+    # -- random numbers -----------------------------------------------------------
+    # torch's CPU generator is process-wide. Where replicas are threads of one process
+    # (TPU v2/v3, the XLA:CPU rehearsal) each replica keeps a private CPU RNG state instead,
+    # swapped in around its own draws (cpu_rng), so its augmentations and checkpointed RNG
+    # state do not depend on how the threads interleave.
+    def manual_seed(self, seed: int) -> None:
+        """Seed this replica's CPU RNG (the process's, or its private one when threads share it)."""
+        if self.replicas_in_process > 1:
+            self._cpu_rng_state = torch.Generator().manual_seed(seed).get_state()
+        else:
+            torch.manual_seed(seed)
+
+    @contextlib.contextmanager
+    def cpu_rng(self) -> Iterator[None]:
+        """Draws from torch's global CPU RNG inside this block use this replica's own stream."""
+        if self._cpu_rng_state is None:
+            yield
+            return
+        with _RNG_LOCK:
+            outside = torch.get_rng_state()
+            torch.set_rng_state(self._cpu_rng_state)
+            try:
+                yield
+            finally:
+                self._cpu_rng_state = torch.get_rng_state()
+                torch.set_rng_state(outside)
+
+    def cpu_rng_state(self) -> torch.Tensor:
+        return torch.get_rng_state() if self._cpu_rng_state is None else self._cpu_rng_state.clone()
+
+    def set_cpu_rng_state(self, state: torch.Tensor) -> None:
+        if self._cpu_rng_state is None:
+            torch.set_rng_state(state.clone())
+        else:
+            self._cpu_rng_state = state.clone()
+
     def rng_state(self) -> torch.Tensor:
         """This replica's RNG state (torch CPU, then the device's) as one uint8 CPU tensor.
 
         Same length on every replica of a job, so checkpoints can all_gather it.
         """
-        return torch.get_rng_state()
+        return self.cpu_rng_state()
 
     def set_rng_state(self, state: torch.Tensor) -> None:
         """Restore what ``rng_state`` returned (resuming a checkpoint)."""
-        torch.set_rng_state(state[:_CPU_RNG_BYTES].clone())
+        self.set_cpu_rng_state(state[:_CPU_RNG_BYTES])
 
     def shutdown(self) -> None:
         """Release process-group resources."""
@@ -245,6 +283,7 @@ class Runtime:
 
 
 _CPU_RNG_BYTES = torch.get_rng_state().numel()
+_RNG_LOCK = threading.Lock()  # process-wide: guards swapping a replica's CPU RNG state in and out
 
 # train.precision per backend. auto: bf16 on XLA (the MXU's native type, no loss scaling),
 # bf16 or fp16 on CUDA (see DistRuntime), fp32 on CPU (bf16 there is opt-in).

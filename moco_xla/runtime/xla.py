@@ -64,7 +64,12 @@ class XlaRuntime(Runtime):
                              split_count=self.world_size, pin_layout=False)
 
     def barrier(self) -> None:
-        xm.rendezvous("moco_xla.barrier")
+        """An all-reduce every replica must join, then read: one small graph, compiled once
+        (xm.rendezvous's graph depends on what the replica ran before it, and recompiled)."""
+        self.mark_step()
+        done = self.all_reduce(torch.ones(1).to(self.device))
+        self.mark_step()
+        done.cpu()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         xm.optimizer_step(optimizer)
@@ -85,7 +90,7 @@ class XlaRuntime(Runtime):
         iteration early (and the loop would go on with a short epoch or a partial feature
         bank): the error is kept and raised here, in the replica's thread, after the last batch.
         """
-        source = _KeepError(loader)
+        source = _KeepError(loader, self.cpu_rng)
         yield from pl.MpDeviceLoader(source, self.device)
         if source.error is not None:
             raise source.error
@@ -138,7 +143,7 @@ class XlaRuntime(Runtime):
     def rng_state(self) -> torch.Tensor:
         """CPU state, then the XLA seed (a uint64: torch.rand on the device derives from it)."""
         seed = xm.get_rng_state(self.device).to_bytes(8, "little")
-        return torch.cat([torch.get_rng_state(), torch.frombuffer(bytearray(seed), dtype=torch.uint8)])
+        return torch.cat([self.cpu_rng_state(), torch.frombuffer(bytearray(seed), dtype=torch.uint8)])
 
     def set_rng_state(self, state: torch.Tensor) -> None:
         super().set_rng_state(state)
@@ -181,10 +186,13 @@ def spawn(fn: Callable[..., Any], args: tuple, nprocs: int | None) -> None:
 
 
 class _KeepError:
-    """Wraps a loader so that an exception of its iteration is stored, not lost in a thread."""
+    """Wraps a loader so that an exception of its iteration is stored, not lost in a thread.
 
-    def __init__(self, loader: Iterable) -> None:
-        self.loader, self.error = loader, None
+    Each batch is made inside ``rng()``: the replica's own CPU RNG stream (Runtime.cpu_rng).
+    """
+
+    def __init__(self, loader: Iterable, rng: Callable[[], Any]) -> None:
+        self.loader, self.rng, self.error = loader, rng, None
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -192,6 +200,15 @@ class _KeepError:
     def __iter__(self) -> Iterator:
         self.error = None
         try:
-            yield from self.loader
+            it = iter(self.loader)
+            while True:
+                with self.rng():
+                    batch = next(it, _END)
+                if batch is _END:
+                    return
+                yield batch
         except Exception as e:  # noqa: BLE001 - re-raised by XlaRuntime.device_loader
             self.error = e
+
+
+_END = object()
