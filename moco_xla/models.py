@@ -87,8 +87,10 @@ class SyncBatchNorm(nn.BatchNorm2d):
             unbiased = var * count / max(count - 1, 1)
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(unbiased.detach(), self.momentum)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = self.bias - mean * scale
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:  # affine=False: MoCo v3's last projector BN
+            scale = self.weight * scale
+        shift = -mean * scale if self.bias is None else self.bias - mean * scale
         return (xf * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)).to(x.dtype)
 
 
@@ -167,6 +169,28 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "small_resnet")
+
+
+def use_channels_last(model_cfg, device: torch.device) -> bool:
+    """``model.channels_last`` on this device: null means CUDA only (cuDNN's NHWC kernels; no
+    gain measured on CPU), true also CPU (oneDNN); never on XLA, whose compiler picks layouts."""
+    if device.type not in ("cuda", "cpu") or model_cfg.arch not in RESNETS:
+        return False
+    flag = getattr(model_cfg, "channels_last", None)
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
+def to_channels_last(module: nn.Module, model_cfg, device: torch.device) -> bool:
+    """Convert ``module``'s 4-D weights to channels-last in place where ``use_channels_last``
+    says so; the convolutions then run NHWC (their input follows the weight). Parameters stay the
+    same objects, so optimizers and momentum copies built before or after keep working."""
+    if not use_channels_last(model_cfg, device):
+        return False
+    module.to(memory_format=torch.channels_last)
+    return True
 
 
 def build_encoder(model_cfg, runtime: Runtime | None = None) -> Encoder:

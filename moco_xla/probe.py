@@ -32,6 +32,7 @@ from .errors import UserError
 from .models import build_backbone
 from .optim import prime_momentum
 from .runtime import Runtime
+from .vit import build_vit, is_vit
 
 BACKBONE_PREFIX = "encoder_q.backbone."
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -42,6 +43,8 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 def build_eval_backbone(cfg: Config) -> tuple[nn.Module, int]:
     """The config's backbone with plain BN (Split/Sync BN only matter while pre-training)."""
     m = cfg.model
+    if is_vit(m.arch):  # MoCo v3's ViTs (no BN in the backbone)
+        return build_vit(m.arch, cfg.data.image_size, m.patch_size, m.in_channels, m.width, m.stop_grad_conv1)
     return build_backbone(m.arch, m.in_channels, m.small_stem, m.width, nn.BatchNorm2d)
 
 

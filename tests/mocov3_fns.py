@@ -1,0 +1,39 @@
+"""MoCo v3 functions run inside gloo worker processes and, for the reference, in the test process."""
+from __future__ import annotations
+
+import torch
+
+# A tiny MoCo v3: small ResNet (width 4) with the Runtime's SyncBN, 2-layer heads of width 32.
+TINY = ["model.width=4", "model.dim=8", "moco.mlp_dim=32", "train.batch_size=16", "model.sync_bn=true",
+        "model.bn_splits=1"]
+
+
+def global_views(n: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views of ``n`` 16 px images; per-sample offsets make BN statistics differ between slices."""
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(n, 1, 16, 16, generator=g) + torch.linspace(-1, 1, n).view(-1, 1, 1, 1)
+    x2 = x1 + 0.3 * torch.randn(n, 1, 16, 16, generator=g)
+    return x1, x2
+
+
+def v3_step(rt, per: int, sets: list[str]) -> dict:
+    """One v3 forward/backward on this replica's slice of the global batch; what the test compares."""
+    from moco_xla.config import load_config
+    from moco_xla.train import build_model, build_optimizer
+    cfg = load_config("mocov3_digits", sets)
+    cfg.train.seed = rt.rank  # a different init on every replica: build_model's broadcast must fix it
+    model = build_model(cfg, rt)
+    opt = build_optimizer(cfg, model)
+    model.set_momentum(0.9)
+    x1, x2 = global_views(per * rt.world_size)
+    x1, x2 = x1[rt.rank * per:(rt.rank + 1) * per], x2[rt.rank * per:(rt.rank + 1) * per]
+    loss, stats = model(x1, x2)
+    opt.zero_grad()
+    loss.backward()
+    rt.reduce_gradients(opt)
+    with torch.no_grad():  # the same keys and logits again (train-mode BN: batch statistics)
+        k1, k2 = model.key(x1), model.key(x2)
+        logits, labels = model.logits(model.query(x1), k2)
+    return {"loss": loss.detach(), "acc": stats["acc"], "k1": k1, "k2": k2, "logits": logits, "labels": labels,
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            "key_grads": [p.grad for p in model.encoder_k.parameters()]}
