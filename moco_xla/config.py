@@ -28,7 +28,7 @@ class DataConfig:
     root: str | None = None          # local path or gs://bucket/prefix (shards)
     split: str = "balanced"          # EMNIST split
     image_size: int = 16
-    augment: str = "digits"          # moco_v1 | moco_v2 | small | small_v2 | digits
+    augment: str = "digits"          # moco_v1 | moco_v2 | small | small_v2 | digits | digits_affine
     workers: int = 0
     shuffle_buffer: int = 1000       # streaming shards: seeded shuffle buffer
     on_bad_sample: str = "error"     # error | skip
@@ -110,6 +110,7 @@ class DistillConfig:
     """
     steps: int = 500                 # student SGD steps (cosine); every step: a batch of all + labelled
     batch_size: int = 128            # global batch drawn from all training images (labelled or not)
+    label_batch_size: int = 32       # global batch of labelled images for the label term (capped at labels)
     lr: float = 0.01                 # student initialised from the pre-trained encoder: SGD lr
     scratch_lr: float = 0.05         # student initialised at random (the from-scratch teacher's row)
     temperature: float = 1.0         # softens teacher and student logits alike
@@ -176,7 +177,7 @@ class Config:
 
 
 CHOICES = {
-    "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits"),
+    "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_affine"),
     "data.on_bad_sample": ("error", "skip"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "small_resnet", "vit_small", "vit_base", "small_vit"),
     "moco.version": (1, 2, 3),
@@ -422,6 +423,7 @@ def distill_checks(d: DistillConfig) -> list[tuple[bool, str, str]]:
     return [
         (d.steps >= 1, f"{k}.steps", f"must be >= 1, got {d.steps}"),
         (d.batch_size >= 1, f"{k}.batch_size", f"must be >= 1, got {d.batch_size}"),
+        (d.label_batch_size >= 1, f"{k}.label_batch_size", f"must be >= 1, got {d.label_batch_size}"),
         (d.lr > 0, f"{k}.lr", f"must be > 0, got {d.lr}"),
         (d.scratch_lr > 0, f"{k}.scratch_lr", f"must be > 0, got {d.scratch_lr}"),
         (d.temperature > 0, f"{k}.temperature", f"must be > 0, got {d.temperature}"),

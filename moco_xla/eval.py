@@ -271,6 +271,7 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
                                                              cfg.model.in_channels))
     shown = Relabelled(images, split.picked, split.labels)
     batch, all_batch = semisup_batch(cfg, rt.world_size), distill_batch(cfg, rt.world_size, len(split.pool))
+    label_batch = max(rt.world_size, min(d.label_batch_size, batch) // rt.world_size * rt.world_size)
     bar = tqdm(total=4 * s.steps + 2 * d.steps, desc=f"{len(split.picked)} labels", disable=not rt.is_master,
                dynamic_ncols=True)
 
@@ -292,7 +293,7 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     def distilled_row(teacher: nn.Module, student: nn.Module, dim: int, lr: float) -> torch.Tensor:
         everything = image_batches(rt, subset(images, split.pool), all_batch // rt.world_size, seed + 1,
                                    workers)
-        batches = paired(everything, image_batches(rt, shown, batch // rt.world_size, seed + 2, workers))
+        batches = paired(everything, image_batches(rt, shown, label_batch // rt.world_size, seed + 2, workers))
         sgd = SGDSpec(lr, 0.9, s.weight_decay, "cosine")
         model = distill(rt, teacher, student, dim, classes, batches, d.steps, sgd,
                         DistillSpec(d.temperature, d.label_weight), seed, tick)
@@ -319,7 +320,8 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         "labels": n, "per_class": n / classes, "rows": values, "best": best,
         "steps": s.steps, "augment": s.augment, "seed": s.seed, "labels_file": s.labels_file,
         "ckpt": job.ckpt, "lr": {"probe": s.probe_lr, "finetune": s.finetune_lr, "scratch": s.lr},
-        "distill": {**dataclasses.asdict(d), "batch_size": all_batch, "unlabelled_pool": len(split.pool)},
+        "distill": {**dataclasses.asdict(d), "batch_size": all_batch, "label_batch_size": label_batch,
+                    "unlabelled_pool": len(split.pool)},
         "scored_on": split.scored_on, "test_images": len(split.test)}}}
 
 
