@@ -132,8 +132,13 @@ def _stop_workers(it) -> None:
 
 
 def pretrain_loader(ds: Dataset | ShardSet, batch: int, rank: int, world: int, seed: int, workers: int = 0,
-                    max_steps: int = 0) -> EpochLoader:
-    """Shuffled (view_q, view_k) batches of ``batch`` per replica; every replica gets the same count."""
+                    max_steps: int = 0, pin_memory: bool | None = None) -> EpochLoader:
+    """Shuffled (view_q, view_k) batches of ``batch`` per replica; every replica gets the same count.
+
+    ``pin_memory`` (default: when CUDA is present) makes the step's ``non_blocking`` host-to-GPU
+    copies asynchronous; from pageable memory they are synchronous.
+    """
+    pin = pin_default(pin_memory)
     steps = len(ds) // (batch * world)
     if steps == 0:
         raise UserError(f"dataset has {len(ds)} images: too few for a global batch of {batch * world}")
@@ -146,14 +151,20 @@ def pretrain_loader(ds: Dataset | ShardSet, batch: int, rank: int, world: int, s
     if isinstance(ds, ShardSet):
         stream = PretrainStream(ds, rank, world, batch, steps, seed)
         loader = DataLoader(stream, batch_size=batch, num_workers=workers, persistent_workers=persistent,
-                            collate_fn=_collate_views, generator=gen, worker_init_fn=ignore_sigterm)
+                            collate_fn=_collate_views, generator=gen, worker_init_fn=ignore_sigterm,
+                            pin_memory=pin)
         return EpochLoader(loader, steps, _seeding(stream.set_epoch, gen, seed, rank), stream.seek)
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
                         persistent_workers=persistent, collate_fn=_collate_views, generator=gen,
-                        worker_init_fn=ignore_sigterm)
+                        worker_init_fn=ignore_sigterm, pin_memory=pin)
     return EpochLoader(loader, steps, _seeding(sampler.set_epoch, gen, seed, rank),
                        lambda step: setattr(sampler, "start", step * batch))
+
+
+def pin_default(pin_memory: bool | None) -> bool:
+    """Pin loader batches when asked, by default when a CUDA device is present."""
+    return torch.cuda.is_available() if pin_memory is None else pin_memory
 
 
 def ignore_sigterm(worker_id: int) -> None:
@@ -217,8 +228,8 @@ class _Sharded(Dataset):
         return img, label if valid else -1, valid
 
 
-def eval_loader(ds: Dataset | ShardSet, batch: int, rank: int, world: int, workers: int = 0, limit: int = 0
-                ) -> EvalLoader:
+def eval_loader(ds: Dataset | ShardSet, batch: int, rank: int, world: int, workers: int = 0, limit: int = 0,
+                pin_memory: bool | None = None) -> EvalLoader:
     """Fixed-shape batches of (image, label, valid): each of the first ``limit`` samples once across replicas.
 
     Replica r holds samples r, r + world, ... (shards: a contiguous range of the same
@@ -226,9 +237,11 @@ def eval_loader(ds: Dataset | ShardSet, batch: int, rank: int, world: int, worke
     """
     if isinstance(ds, ShardSet):
         return EvalLoader(DataLoader(EvalStream(ds, rank, world, batch, limit), batch_size=batch,
-                                     num_workers=workers, worker_init_fn=ignore_sigterm))
+                                     num_workers=workers, worker_init_fn=ignore_sigterm,
+                                     pin_memory=pin_default(pin_memory)))
     return EvalLoader(DataLoader(_Sharded(ds, rank, world, batch, limit), batch_size=batch, shuffle=False,
-                                 num_workers=workers, worker_init_fn=ignore_sigterm))
+                                 num_workers=workers, worker_init_fn=ignore_sigterm,
+                                 pin_memory=pin_default(pin_memory)))
 
 
 def gathered_order(n: int, world: int, batch: int) -> torch.Tensor:
