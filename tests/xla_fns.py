@@ -1,0 +1,135 @@
+"""Functions run on N XLA:CPU replicas (tests/xla_replicas.py); each returns CPU tensors.
+
+Per-replica inputs are made on the host and copied to the device: a rank-dependent Python
+number inside a graph would give each replica a different graph (and XLA:CPU's in-process
+collectives would wait for each other until the 10 s abort).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+
+import torch
+import torch.nn as nn
+
+import dist_fns
+from moco_xla.shuffle import shuffled_keys
+
+
+def _cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu(v) for v in x)
+    return x
+
+
+def collectives(rt) -> dict:
+    """Broadcasts of 0-dim, int64 and float buffers; all_gather / all_reduce / all_to_all per rank."""
+    dev, r = rt.device, rt.rank
+    bn = nn.BatchNorm2d(4)
+    bn.running_mean.copy_(torch.arange(4.0) + 10 * r)
+    bn.num_batches_tracked.fill_(5 + r)  # 0-dim int64: the buffer that broke sync_module on XLA
+    bn.weight.data.fill_(2.0 + r)
+    bn.to(dev)
+    rt.sync_module(bn)
+    drift = nn.BatchNorm1d(3)
+    drift.running_var.fill_(1.0 + r)
+    drift.to(dev)
+    rt.sync_batchnorm_stats(drift)
+    t = (torch.full((2, 3), float(r)) + 0).to(dev)
+    ints = (torch.arange(3, dtype=torch.int64) * (r + 2)).to(dev)
+    return _cpu({
+        "bn": {k: v for k, v in bn.state_dict().items()}, "bn_weight": bn.weight,
+        "drift_var": drift.running_var,
+        "bcast_int": rt.broadcast(ints, src=0), "bcast_0d": rt.broadcast(torch.tensor(7 + r).to(dev), src=0),
+        "gather": rt.all_gather(t), "sum": rt.all_reduce(t, "sum"), "mean": rt.all_reduce(t, "mean"),
+        "a2a": rt.all_to_all((torch.arange(rt.world_size * 2).float() + 100 * r).to(dev)),
+    })
+
+
+def shuffle_keys(rt, per: int) -> dict:
+    """Keys with shuffle BN in both modes, and the round trip of the images themselves."""
+    rt.manual_seed(0)
+    with rt.cpu_rng():  # replica threads share torch's CPU generator: draw under the replica's own
+        enc = dist_fns.tiny_encoder().to(rt.device)
+    x = dist_fns.global_batch(rt.world_size, per)[rt.rank * per:(rt.rank + 1) * per].to(rt.device)
+    out = {"x": x}
+    with torch.no_grad():
+        for mode in ("gather", "all_to_all"):
+            keys, perm = shuffled_keys(rt, enc, x, mode)
+            back, _ = shuffled_keys(rt, lambda t: t * 1.0, x, mode)
+            out[mode] = {"keys": keys, "perm": perm, "back": back}
+        out["plain"] = enc(x)
+    return _cpu(out)
+
+
+def train_steps(rt, cfg, steps: int) -> dict:
+    """MoCo steps on different data per replica; parameters, queue, compilations, graph hash."""
+    from moco_xla.train import build_model, build_optimizer
+    cfg = copy.deepcopy(cfg)
+    cfg.train.seed = rt.rank  # a different init on every replica: the start broadcast must fix it
+    model = build_model(cfg, rt)
+    opt = build_optimizer(cfg, model)
+    per = cfg.train.batch_size // rt.world_size
+    g = torch.Generator().manual_seed(rt.rank)
+    compiles, graph = [], ""
+    for step in range(steps):
+        im_q = torch.randn(per, 1, 16, 16, generator=g)
+        im_k = im_q + 0.1 * torch.randn(per, 1, 16, 16, generator=g)
+        loss, _ = model(im_q.to(rt.device), im_k.to(rt.device))
+        opt.zero_grad()
+        loss.backward()
+        rt.optimizer_step(opt)
+        if step == steps - 1:  # the whole lowered step (forward, backward, collectives, update)
+            graph = hashlib.sha256(rt.graph_text(list(model.parameters()) + [model.queue]).encode()).hexdigest()
+        rt.mark_step()
+        compiles.append(rt.counters()["compiles"])
+    return _cpu({"q": [p for p in model.encoder_q.parameters()], "k": [p for p in model.encoder_k.parameters()],
+                 "queue": model.queue, "ptr": model.queue_ptr, "compiles": compiles, "graph": graph,
+                 "bn_mean": [m.running_mean for m in model.encoder_q.modules()
+                             if isinstance(m, nn.modules.batchnorm._NormBase)]})
+
+
+def knn(rt, cfg) -> dict:
+    """The kNN monitor on replicas whose BN statistics drifted apart, before and after syncing them."""
+    from moco_xla import data
+    from moco_xla.knn import embed, knn_accuracy
+    from moco_xla.models import build_encoder
+    rt.manual_seed(0)
+    with rt.cpu_rng():  # the same init on every replica
+        net = build_encoder(cfg.model).backbone
+    net.to(rt.device)
+    bundle = data.build(cfg)
+    e = cfg.eval
+    # BN in training mode on this replica's own images: running statistics differ per replica
+    mine = torch.stack([bundle.bank[i][0] for i in range(rt.rank * 16, (rt.rank + 1) * 16)]).to(rt.device)
+    with torch.no_grad():
+        net.train()(mine)
+    rt.mark_step()
+    drifted, _ = embed(rt, net.eval(), bundle.bank, e.batch_size, e.max_bank)
+    rt.sync_batchnorm_stats(net)
+    bank, labels = embed(rt, net.eval(), bundle.bank, e.batch_size, e.max_bank)
+    top1 = knn_accuracy(rt, net, bundle.bank, bundle.test, bundle.num_classes, e.knn_k, e.knn_t, e.batch_size,
+                        e.max_bank)
+    # the same kNN by one replica alone (no collectives), on the same device: what N must equal
+    from moco_xla.runtime import Runtime
+    alone = knn_accuracy(Runtime(rt.device), net, bundle.bank, bundle.test, bundle.num_classes, e.knn_k, e.knn_t,
+                         e.batch_size, e.max_bank)
+    return _cpu({"drifted": drifted, "bank": bank, "labels": labels, "top1": float(top1),
+                 "top1_alone": float(alone), "state": net.state_dict()})
+
+
+def everything(rt, cfg, per: int, steps: int) -> dict:
+    """All of the above in one start (each start of N replicas costs seconds of set-up)."""
+    out = {}
+    for name, fn, args in (("collectives", collectives, ()), ("shuffle", shuffle_keys, (per,)),
+                           ("train", train_steps, (cfg, steps)), ("knn", knn, (cfg,))):
+        t0 = time.time()
+        out[name] = fn(rt, *args)
+        rt.mark_step()
+        out[f"{name}_s"] = time.time() - t0  # start the next check from an empty graph (and a fresh collective token)
+    return out
