@@ -72,12 +72,13 @@ def prime_state(optimizer: torch.optim.Optimizer) -> None:
                 optimizer.state[p].setdefault("mu", _host_zeros(p))
     elif isinstance(optimizer, torch.optim.Adam):  # AdamW is an Adam
         for group in optimizer.param_groups:
-            if group.get("capturable") or group.get("fused") or group.get("amsgrad"):
+            if group.get("fused") or group.get("amsgrad"):
                 continue  # their own state layout: left to torch
             for p in group["params"]:
                 state = optimizer.state[p]
-                if not state:  # the layout Adam._init_group makes; ``step`` stays on the host
-                    state["step"] = torch.tensor(0.0)
+                if not state:  # the layout Adam._init_group makes (``step`` on the host unless capturable)
+                    step = torch.tensor(0.0)
+                    state["step"] = step.to(p.device) if group.get("capturable") else step
                     state["exp_avg"], state["exp_avg_sq"] = _host_zeros(p), _host_zeros(p)
     else:
         prime_momentum(optimizer)
@@ -97,7 +98,10 @@ def build_optimizer(train_cfg, params: list[torch.nn.Parameter]) -> torch.optim.
     if t.optimizer == "lars":
         opt: torch.optim.Optimizer = LARS(params, lr, weight_decay=t.weight_decay, momentum=t.momentum)
     elif t.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr, weight_decay=t.weight_decay)
+        # On XLA the bias corrections must stay on the device (capturable): as Python floats they
+        # reach 1.0 exactly after ~37k steps, a value torch_xla bakes into the graph (a recompile).
+        capturable = bool(params) and params[0].device.type == "xla"
+        opt = torch.optim.AdamW(params, lr, weight_decay=t.weight_decay, capturable=capturable)
     elif t.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
     else:
@@ -116,15 +120,15 @@ def lr_at_step(train_cfg, global_step: int, steps_per_epoch: int) -> float:
     """Per-step learning rate (MoCo v3): linear warm-up over ``warmup_epochs``, then cosine (or
     step / constant) over the remaining steps.
 
-    Warm-up counts the step being taken (step s of W runs at lr * (s + 1) / W, where main_moco.py
-    starts at 0): no step is wasted at lr 0, and on XLA no step runs with the constant 0 baked
-    into its graph. Cosine ends one step before 0 for the same reason.
+    Warm-up step s of W runs at lr * (s + 1) / (W + 1) (main_moco.py's starts at 0): no step is
+    wasted at lr 0, and on XLA no step runs with the constant 0 baked into its graph. The peak is
+    the first step after warm-up, and cosine ends one step before 0 for the same reason.
     """
     t, lr = train_cfg, peak_lr(train_cfg)
     total = t.epochs * steps_per_epoch
     warm = min(t.warmup_epochs * steps_per_epoch, total - 1)
     if global_step < warm:
-        return lr * (global_step + 1) / warm
+        return lr * (global_step + 1) / (warm + 1)
     if t.schedule == "cosine":
         return lr * 0.5 * (1.0 + math.cos(math.pi * (global_step - warm) / (total - warm)))
     if t.schedule == "step":

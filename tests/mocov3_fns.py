@@ -37,3 +37,36 @@ def v3_step(rt, per: int, sets: list[str]) -> dict:
     return {"loss": loss.detach(), "acc": stats["acc"], "k1": k1, "k2": k2, "logits": logits, "labels": labels,
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
             "key_grads": [p.grad for p in model.encoder_k.parameters()]}
+
+
+def xla_v3_steps(rt, runs: list[tuple[str, list[str]]], steps: int) -> dict:
+    """On XLA replicas: ``steps`` v3 steps of each (config, overrides) with its per-step lr and momentum;
+    compilations after every step, the lowered step's hash, the weights (CPU tensors)."""
+    import hashlib
+    from moco_xla.config import load_config
+    from moco_xla.train import build_model, build_optimizer, step_schedule
+    out = {}
+    for name, sets in runs:
+        cfg = load_config(name, sets)
+        model = build_model(cfg, rt)
+        opt = build_optimizer(cfg, model)
+        before = step_schedule(cfg, model, opt, steps_per_epoch=steps)
+        per = cfg.train.batch_size // rt.world_size
+        g = torch.Generator().manual_seed(rt.rank)  # each replica its own images, made on the host
+        compiles, lrs, ms, graph = [], [], [], ""
+        for step in range(steps):
+            lrs.append(before(step))
+            ms.append(model.m)
+            x1 = torch.randn(per, 1, 16, 16, generator=g)
+            x2 = x1 + 0.1 * torch.randn(per, 1, 16, 16, generator=g)
+            loss, _ = model(x1.to(rt.device), x2.to(rt.device))
+            opt.zero_grad(set_to_none=True)
+            rt.backward_step(loss, opt)
+            if step == steps - 1:
+                graph = hashlib.sha256(rt.graph_text(list(model.parameters())).encode()).hexdigest()
+            rt.mark_step()
+            compiles.append(rt.counters()["compiles"])
+        out[name] = {"compiles": compiles, "lrs": lrs, "ms": ms, "graph": graph, "loss": loss.detach().cpu(),
+                     "q": [p.detach().cpu() for p in model.encoder_q.parameters()],
+                     "k": [p.detach().cpu() for p in model.encoder_k.parameters()]}
+    return out

@@ -82,8 +82,9 @@ def test_momentum_schedule_rises_to_one_on_a_cosine():
     assert ms[20] == pytest.approx(momentum_at(0.99, 0.5))
     peak = peak_lr(cfg.train)
     assert peak == pytest.approx(0.5 * 16 / 256)  # scale_lr: base lr x batch / 256
-    assert lrs[:10] == pytest.approx([peak * (s + 1) / 10 for s in range(10)])  # warm-up, never 0
-    assert lrs[10] == pytest.approx(peak) and all(b < a for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] > 0
+    assert lrs[:10] == pytest.approx([peak * (s + 1) / 11 for s in range(10)])  # warm-up, never 0
+    assert lrs[10] == pytest.approx(peak) and all(b > a for a, b in zip(lrs[:10], lrs[1:11]))
+    assert all(b < a for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] > 0
     assert lrs[25] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 15 / 30)))
     # the update uses the momentum the schedule set
     model.set_momentum(0.25)
@@ -173,3 +174,33 @@ def test_four_gloo_replicas_equal_one_process_on_the_global_batch(world):
     x1, _ = mocov3_fns.global_views(per * world)
     local = torch.cat([model.key(x1[r * per:(r + 1) * per]) for r in range(world)])
     assert (local - ref["k1"]).abs().max() > 1e-3
+
+
+def v3_table() -> list[dict[str, str]]:
+    from moco_xla.config import CONFIG_DIR
+    section = (CONFIG_DIR / "README.md").read_text().split("## MoCo v3")[1].split("\n## ")[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    split = lambda ln: [c.strip() for c in ln.strip("|").split("|")]  # noqa: E731
+    return [dict(zip(split(lines[0]), split(ln))) for ln in lines[2:]]
+
+
+@pytest.mark.parametrize("row", v3_table(), ids=lambda r: r["arch"])
+def test_v3_table_is_what_the_configs_resolve_to(row):
+    name = row["launch arguments"].strip("`").split()[-1]
+    cfg = load_config(name)
+    t, m, p = cfg.train, cfg.moco, cfg.eval.probe
+    assert m.version == 3 and cfg.model.arch == row["arch"] and t.optimizer == row["optimizer"]
+    layers, widths = row["projector"].split(" layers, ")
+    assert m.proj_layers == int(layers) and widths == f"{m.mlp_dim}-{cfg.model.dim}"
+    assert t.batch_size == int(row["batch"]) and t.scale_lr
+    assert math.isclose(t.lr, float(row["base lr"])) and math.isclose(t.weight_decay, float(row["wd"]))
+    assert math.isclose(m.T, float(row["T"])) and math.isclose(m.m, float(row["m"]))
+    assert t.warmup_epochs == int(row["warm-up"]) and t.epochs == int(row["epochs"]) and t.schedule == "cosine"
+    lr, batch, epochs = (float(v) for v in row["linear probe (lr, batch, epochs)"].split(", "))
+    assert (p.lr, p.batch_size, p.epochs, p.schedule, p.weight_decay, p.normalize, p.augment) == \
+        (lr, batch, epochs, "cosine", 0.0, False, True)
+    base = 0.1 if cfg.model.arch.startswith("resnet") else 3.0  # main_lincls.py's base lr x 1024 / 256
+    assert math.isclose(p.lr, base * p.batch_size / 256)
+    assert row["published result"] in ("72.8% linear top-1", "73.2% linear top-1", "76.7% linear top-1")
+    assert (cfg.model.arch == "vit_small") == (row["published result"] == "73.2% linear top-1")
+
