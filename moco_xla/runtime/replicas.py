@@ -40,6 +40,7 @@ Body = Callable[..., Any]  # body(backend, rank, world, local_rank, *args)
 # replica threads of one process (TPU v2/v3, XLA:CPU) share it.
 _STOP = threading.Event()
 REPLICA_GRACE_S = 120.0  # a stopping replica waits this long for the others before they are killed
+REHEARSAL_GRACE_S = 2.0  # the same on XLA:CPU, which aborts on its own after 10 s
 
 
 class ReplicaCrashed(RunStopped):
@@ -86,8 +87,11 @@ def _spawn_xla(body: Body, args: tuple, cores: int) -> None:
     from .xla import spawn
     if cores > 1 and rehearsal.requested():
         rehearsal.prepare_env(cores)
+    # XLA:CPU aborts the whole process 10 s after a collective that some replica never joins:
+    # there, end the job soon after the first report (agreed stops report within milliseconds).
+    grace = REHEARSAL_GRACE_S if cores > 1 and rehearsal.requested() else REPLICA_GRACE_S
     with tempfile.TemporaryDirectory(prefix="moco_xla_") as reports, \
-            _sigterm(_stop_here if cores == 1 else _forward_to_replicas), _Watchdog(reports) as dog:
+            _sigterm(_stop_here if cores == 1 else _forward_to_replicas), _Watchdog(reports, grace) as dog:
         try:
             spawn(_xla_replica, (body, args, reports), nprocs=None if cores > 1 else 1)
         except RunStopped:
@@ -127,10 +131,10 @@ def _ordinal(index: int) -> int:
 
 class _Watchdog:
     """In the parent of xmp.spawn: once a replica reported, kill the job if it has not ended
-    within REPLICA_GRACE_S (the other replicas wait forever in their next collective)."""
+    within ``grace`` seconds (the other replicas wait forever in their next collective)."""
 
-    def __init__(self, reports: str) -> None:
-        self.reports, self.done = reports, threading.Event()
+    def __init__(self, reports: str, grace: float) -> None:
+        self.reports, self.grace, self.done = reports, grace, threading.Event()
         self.children: dict[int, multiprocessing.Process] = {}
         self.thread = threading.Thread(target=self._watch, daemon=True, name="moco_xla-watchdog")
 
@@ -149,7 +153,7 @@ class _Watchdog:
                 self.children.setdefault(child.pid, child)
             if first_report is None and any(Path(self.reports).glob("*.json")):
                 first_report = time.monotonic()
-            if first_report is not None and time.monotonic() - first_report > REPLICA_GRACE_S:
+            if first_report is not None and time.monotonic() - first_report > self.grace:
                 for child in self.children.values():
                     if child.is_alive():
                         child.kill()
@@ -283,7 +287,8 @@ def _forward_to_replicas(signum: int, frame: Any) -> None:
             pass
 
 
-if multiprocessing.parent_process() is not None:
-    # A spawned replica process: its main thread imports this module when the replica function
-    # arrives (xmp.spawn then runs replicas in threads, which cannot install signal handlers).
+if multiprocessing.parent_process() is not None or getattr(multiprocessing.current_process(), "_inheriting", False):
+    # A spawned replica process (mp.spawn, or xmp.spawn's process pool): its main thread imports
+    # this module while it is being set up or when the replica function arrives. Replicas that
+    # are threads (TPU v2/v3, XLA:CPU) cannot install signal handlers themselves.
     install_stop_handler()
