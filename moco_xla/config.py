@@ -109,7 +109,7 @@ class DistillConfig:
     test set); see the README's few-label study for the figures.
     """
     steps: int = 500                 # student SGD steps (cosine); every step: a batch of all + labelled
-    batch_size: int = 128            # global batch drawn from all training images (labelled or not)
+    batch_size: int = 64             # global batch drawn from all training images (labelled or not)
     label_batch_size: int = 32       # global batch of labelled images for the label term (capped at labels)
     lr: float = 0.01                 # student initialised from the pre-trained encoder: SGD lr
     scratch_lr: float = 0.05         # student initialised at random (the from-scratch teacher's row)
@@ -351,6 +351,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (e.knn_t > 0, "eval.knn_t", f"must be > 0, got {e.knn_t}"),
         (e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}"),
         (e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}"),
+        (e.max_bank >= 0, "eval.max_bank", f"must be >= 0, got {e.max_bank}"),
+        (not (d.dataset == "imagenet" and e.max_bank == 0), "eval.max_bank",
+         "is 0 (the whole train set): for ImageNet that gathers 1.28 M x D fp32 features (10.5 GB at "
+         "D 2048) onto every replica, above a TPU core's memory; set it, e.g. eval.max_bank=65536"),
         *probe_checks(e.probe, e.semisup),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}"),
         (cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}"),
