@@ -1,6 +1,7 @@
 """``python -m moco_xla.launch``: pick a backend, start the replicas, train MoCo.
 
-    python -m moco_xla.launch --cores 8                      # all cores of a TPU VM
+    python -m moco_xla.launch                                # every device of a TPU VM (v3-8: 8, v4-8: 4)
+    PJRT_DEVICE=CPU python -m moco_xla.launch --backend xla --cores 4   # rehearse on 4 XLA:CPU replicas
     python -m moco_xla.launch --backend cpu --cores 2 --config digits
     torchrun --nproc_per_node 4 -m moco_xla.launch --backend cuda --config cifar10
 
