@@ -343,7 +343,7 @@ def run_replica(backend: str, rank: int, world: int, local_rank: int, job: Job) 
     """The body of every replica: make the runtime, evaluate, write the summary on the master."""
     rt = make_runtime(backend, rank, world, local_rank)
     try:
-        torch.manual_seed(job.cfg.train.seed)
+        rt.manual_seed(job.cfg.train.seed)  # a private stream where replica threads share a process
         writer = MetricsWriter(job.out, enabled=rt.is_master)
         result = RUNNERS[job.command](job, rt, writer)
         if rt.is_master:
