@@ -57,3 +57,24 @@ def test_resume_on_fewer_replicas_keeps_the_data_position(tmp_path):
     ck = final_checkpoint(out)
     assert ck["global_step"] == 12 and ck["world_size"] == 1 and len(ck["rng"]) == 1
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
+
+
+def test_resume_from_the_final_checkpoint_runs_only_the_final_knn(tmp_path):
+    """The last checkpoint is written before the final kNN: a run that died in the kNN (say, out of
+    memory on a large bank) resumes into the kNN alone, without training the last epoch again."""
+    import shutil
+    out = tmp_path / "run"
+    args = list(TINY) + ["--set", "train.epochs=1", "--out", str(out)]
+    assert run_inprocess(args) == 0
+    done = json.loads((out / "summary.json").read_text())
+    final = load_checkpoint(str(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]))
+    assert final["progress"]["knn_epoch"] == 0  # saved before its kNN ran
+    # as if the process died inside the final kNN: no summary, no epoch record yet
+    (out / "summary.json").unlink()
+    kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if '"type": "epoch"' not in ln]
+    (out / "metrics.jsonl").write_text("".join(f"{ln}\n" for ln in kept))
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    assert run_inprocess(args + ["--resume", "auto"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["knn_top1"] == done["knn_top1"] and again["steps"] == done["steps"] == 3
+    assert len(step_records(out)) == 3  # no step trained twice
