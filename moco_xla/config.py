@@ -105,8 +105,11 @@ class DistillConfig:
     every training image (KL at ``temperature``, times T^2) plus ``label_weight`` x the
     cross-entropy on the labelled ones, the same crops for teacher and student.
 
-    Chosen on held-out training digits (eval.semisup.holdout=400, label draws 10 and 11, never the
-    test set); see the README's few-label study for the figures.
+    Chosen on held-out training digits (eval.semisup.holdout=400, 100 labels of draw 10, never the
+    test set; the 40-epoch quickstart checkpoint): the MoCo teacher scored 94.50 % on those 400
+    images, its student 94.75 at T 1 (label weight 1 or 0 alike), 94.50 at T 2; the from-scratch
+    teacher 92.75, its student 94.25. lr and scratch_lr are the fine-tuning and from-scratch lrs
+    of the study (not tuned again for distillation).
     """
     steps: int = 500                 # student SGD steps (cosine); every step: a batch of all + labelled
     batch_size: int = 64             # global batch drawn from all training images (labelled or not)
