@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +65,7 @@ class Workload:
     steps: int = 5
     rounds: int = 5             # interleave MoCo, supervised and key-forward timings; best round counts
     threads: int = 0            # torch intra-op threads (0: torch's default, one per core)
+    compile: bool = False       # torch.compile the encoders (train.compile), CPU and CUDA
 
 
 def workload_for(backend: str, quick: bool) -> Workload:
@@ -98,18 +100,25 @@ def build_models(w: Workload, rt) -> tuple[nn.Module, nn.Module]:
     return moco.train(), sup.train()
 
 
-def make_step(rt, model: nn.Module, params, precision: str, moco: bool) -> Callable[..., torch.Tensor]:
-    """One training step, as train.py runs it (autocast forward, backward, optimizer_step)."""
+def make_step(rt, model: nn.Module, params, precision: str, moco: bool, overlap: bool = True
+              ) -> Callable[..., torch.Tensor]:
+    """One training step, as train.py runs it (autocast forward, backward, optimizer_step).
+
+    ``overlap=False``: the base Runtime's backward_step, one flattened all_reduce after the
+    whole backward (moco_xla before its gradient buckets), for comparison.
+    """
     from .optim import prime_momentum
+    from .runtime import Runtime
     opt = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
     prime_momentum(opt)
     scaler = rt.grad_scaler(precision)
+    backward_step = rt.backward_step if overlap else partial(Runtime.backward_step, rt)
 
     def step(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         with rt.autocast(precision):
             loss = model(a, b)[0] if moco else F.cross_entropy(model(a).float(), b)
         opt.zero_grad(set_to_none=True)
-        rt.backward_step(loss, opt, scaler)  # all-reduced gradients, then the step
+        backward_step(loss, opt, scaler)  # all-reduced gradients, then the step
         return loss.detach()
     step.model = model  # type: ignore[attr-defined]
     return step
@@ -141,6 +150,9 @@ def bench_backend(backend: str, w: Workload) -> dict[str, Any]:
     precision = rt.resolve_precision(w.precision)
     torch.manual_seed(0)
     moco, sup = build_models(w, rt)
+    if w.compile:  # as train.compile does: in place, both encoders (and the supervised network)
+        for module in (moco.encoder_q, moco.encoder_k, sup):
+            module.compile()
     shape = (w.batch, w.channels, w.image_size, w.image_size)
     x = torch.randn(shape)  # made on the host, copied once: device data for every step
     im_q, im_k = x.to(rt.device), (x + 0.1 * torch.randn(shape)).to(rt.device)
@@ -361,7 +373,7 @@ def official_step(rt, w: Workload, precision: str) -> Callable[..., torch.Tensor
     return step
 
 
-def moco_xla_step(rt, w: Workload, precision: str) -> Callable[..., torch.Tensor]:
+def moco_xla_step(rt, w: Workload, precision: str, overlap: bool = True) -> Callable[..., torch.Tensor]:
     """moco_xla's step on the same encoder and settings (MoCo from moco.py, Runtime.backward_step)."""
     from .models import build_encoder, to_channels_last
     from .moco import MoCo
@@ -371,7 +383,7 @@ def moco_xla_step(rt, w: Workload, precision: str) -> Callable[..., torch.Tensor
                  shuffle="gather").to(rt.device).train()
     to_channels_last(model, mcfg, rt.device)  # moco_xla's default: on for CUDA, off on CPU
     rt.sync_module(model)
-    return make_step(rt, model, model.encoder_q.parameters(), precision, moco=True)
+    return make_step(rt, model, model.encoder_q.parameters(), precision, moco=True, overlap=overlap)
 
 
 def compare_in_replica(rt, c: Comparison) -> dict[str, Any]:
@@ -382,14 +394,16 @@ def compare_in_replica(rt, c: Comparison) -> dict[str, Any]:
     g = torch.Generator().manual_seed(rt.rank)
     x = torch.randn(shape, generator=g)
     args = (x.to(rt.device), (x + 0.1 * torch.randn(shape, generator=g)).to(rt.device))
-    steps = {"moco_xla": moco_xla_step(rt, w, precision), "official": official_step(rt, w, precision)}
+    steps = {"moco_xla": moco_xla_step(rt, w, precision), "official": official_step(rt, w, precision),
+             "moco_xla_flat": moco_xla_step(rt, w, precision, overlap=False)}
     for _ in range(w.warmup):
         for fn in steps.values():
             fn(*args)
     times: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(c.rounds):  # alternate which side goes first: drift and load hit both alike
-        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+    names = list(steps)
+    for r in range(c.rounds):  # rotate which step goes first: drift and load hit all alike
+        for name in names[r % 3:] + names[:r % 3]:
             rt.barrier()
             wall, cpu_s = time_steps(rt, steps[name], args, c.steps)
             times[name].append(wall)
@@ -403,7 +417,8 @@ def compare_in_replica(rt, c: Comparison) -> dict[str, Any]:
             "ratio": med["official"] / med["moco_xla"], "median_round_ratio": _median(rounds),
             "round_ratios": rounds, "round_step_s": times,
             "cpu_time_ratio": _median(cpu["official"]) / _median(cpu["moco_xla"]),
-            "rounds": c.rounds, "steps_per_round": c.steps}
+            "flat_step_s": med["moco_xla_flat"], "overlap_over_flat": med["moco_xla_flat"] / med["moco_xla"],
+            "round_cpu_s": cpu, "rounds": c.rounds, "steps_per_round": c.steps}
 
 
 def _median(v: list[float]) -> float:
@@ -538,6 +553,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: one per core; 1 is steadier on a busy host)")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds; the best counts")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoders (train.compile; cpu and cuda; warm-up then includes compiling)")
     p.add_argument("--official", default="auto", choices=("auto", "on", "off"),
                    help="side by side with the official facebookresearch/moco builder under DDP on cpu "
                         "(2 gloo processes) and cuda (every GPU); auto = on unless --quick")
@@ -580,7 +597,8 @@ def apply_overrides(w: Workload, args: argparse.Namespace) -> Workload:
     if args.precision is not None and args.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"--precision {args.precision!r}; valid: auto, fp32, bf16, fp16")
     changes = {"arch": args.arch, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
-               "precision": args.precision, "threads": args.threads, "rounds": args.rounds}
+               "precision": args.precision, "threads": args.threads, "rounds": args.rounds,
+               "compile": args.compile or None}
     w = dataclasses.replace(w, **{k: v for k, v in changes.items() if v is not None})
     if w.K % w.batch:
         w = dataclasses.replace(w, K=max(w.batch, w.K // w.batch * w.batch))
@@ -596,6 +614,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for b in backends:
         w = apply_overrides(workload_for(b, args.quick), args)
         resolve_precision(b, w.precision)  # UserError for e.g. fp16 on XLA, before a process starts
+        if w.compile and b == "xla":
+            raise UserError("--compile is for the cpu and cuda backends (XLA compiles the step graph itself)")
         results["workloads"][b] = dataclasses.asdict(w)
         print(f"bench: {b} ({w.arch}, {w.image_size} px, batch {w.batch}) ...", flush=True)
         results["backends"][b] = run_in_child(b, w)
@@ -682,7 +702,8 @@ def official_line(backend: str, r: dict[str, Any], w: dict[str, Any]) -> str:
             f"{w.get('arch')} {w.get('image_size')} px, batch {w.get('batch')}/replica, {r['precision']}): "
             f"moco_xla {r['moco_xla_images_per_s_per_replica']:.1f} img/s/replica, official "
             f"{r['official_images_per_s_per_replica']:.1f}: ratio {r['ratio']:.3f} (goal >= 1.10; median of "
-            f"{r['rounds']} interleaved rounds; by CPU time {r['cpu_time_ratio']:.3f})")
+            f"{r['rounds']} interleaved rounds; by CPU time {r['cpu_time_ratio']:.3f}); overlapped all-reduce "
+            f"{r['overlap_over_flat']:.3f}x the flat one after backward")
 
 
 def main(argv: list[str] | None = None) -> int:

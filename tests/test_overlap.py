@@ -11,12 +11,15 @@ from moco_xla.config import load_config
 from moco_xla.models import use_channels_last
 
 
-@pytest.mark.parametrize("world,channels_last", [(2, True), (4, False)])
-def test_overlapped_gradients_equal_the_flat_all_reduce(tiny_cfg, world, channels_last):
+@pytest.mark.parametrize("world,channels_last,sync_bn", [(2, True, False), (4, False, True)])
+def test_overlapped_gradients_equal_the_flat_all_reduce(tiny_cfg, world, channels_last, sync_bn):
     """Symmetric MoCo (the query encoder runs twice before one backward), buckets small enough
     that there are several: each step's gradients equal the one-flattened-all_reduce average.
-    With channels-last weights the averaged gradients are copied back in their NHWC layout."""
+    With channels-last weights the averaged gradients are copied back in their NHWC layout; with
+    SyncBN, whose backward all_reduces too, those collectives interleave with the buckets'."""
     tiny_cfg.model.channels_last = channels_last
+    if sync_bn:
+        tiny_cfg.model.sync_bn, tiny_cfg.model.bn_splits = True, 1
     res = run_gloo(overlap_fns.overlapped_vs_flat, world, tiny_cfg, 3, 16 << 10)
     for r in res:
         assert (min(r["nhwc_grads"]) > 0) == channels_last
@@ -57,6 +60,7 @@ def test_bench_side_by_side_runs_on_two_gloo_processes():
     assert r["world"] == 2 and len(r["round_ratios"]) == c.rounds
     assert r["moco_xla_images_per_s_per_replica"] > 0 and r["official_images_per_s_per_replica"] > 0
     assert r["ratio"] == pytest.approx(r["official_step_s"] / r["moco_xla_step_s"])
+    assert r["overlap_over_flat"] == pytest.approx(r["flat_step_s"] / r["moco_xla_step_s"])
     assert "ratio" in official_line("cpu", r, {"arch": "small_resnet"})
 
 

@@ -170,6 +170,8 @@ class GradientBuckets:
     def _rebuild(self) -> None:
         """Once: lay the buckets out in the order gradients came (rank 0's, broadcast)."""
         self._rebuilt = True  # (launched_at stays: it reports the step just run)
+        if not self.params:
+            return
         seen = set(self._order)
         order = self._order + [i for i in reversed(range(len(self.params))) if i not in seen]
         t = torch.tensor(order, dtype=torch.long, device=self.params[0].device)
