@@ -113,14 +113,16 @@ class CollapseDetector:
         self.uniform = uniform_loss
         self.after = max(2, cfg.train.warmup_epochs + 1)
         self.enabled = cfg.train.collapse_warn
-        self.views = 2 if cfg.moco.symmetric or cfg.moco.version == 3 else 1
+        self.v3 = cfg.moco.version == 3
+        self.views = 2 if cfg.moco.symmetric or self.v3 else 1
 
     def check(self, epoch: int, mean_loss: float) -> bool:
         collapsed = epoch + 1 >= self.after and mean_loss > 0.98 * self.uniform
         if collapsed and self.enabled:
             warnings.warn(
                 f"possible collapse at epoch {epoch + 1}: loss {mean_loss / self.views:.3f} per view is at "
-                f"ln(K+1) = {self.uniform / self.views:.3f}, the value of uniform logits; the features "
+                f"{'2T ln(batch)' if self.v3 else 'ln(K+1)'} = {self.uniform / self.views:.3f}, the value of "
+                f"uniform logits; the features "
                 f"are likely no better than random. Lower train.lr, raise model.bn_splits, or check BN.",
                 RuntimeWarning, stacklevel=2)
         return collapsed

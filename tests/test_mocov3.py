@@ -204,3 +204,16 @@ def test_v3_table_is_what_the_configs_resolve_to(row):
     assert row["published result"] in ("72.8% linear top-1", "73.2% linear top-1", "76.7% linear top-1")
     assert (cfg.model.arch == "vit_small") == (row["published result"] == "73.2% linear top-1")
 
+
+
+def test_logits_and_loss_stay_fp32_under_bf16_autocast():
+    model, _ = tiny_model()
+    x1, x2 = mocov3_fns.global_views(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = model.query(x1)
+        logits, _ = model.logits(q, model.key(x2))
+        loss, stats = model(x1, x2)
+    assert q.dtype == torch.bfloat16  # the encoders ran in bf16 ...
+    assert logits.dtype == loss.dtype == torch.float32  # ... the softmax over the batch did not
+    loss.backward()
+    assert all(p.grad is not None for p in model.predictor.parameters())
