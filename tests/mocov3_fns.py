@@ -28,12 +28,11 @@ def v3_step(rt, per: int, sets: list[str]) -> dict:
     x1, x2 = global_views(per * rt.world_size)
     x1, x2 = x1[rt.rank * per:(rt.rank + 1) * per], x2[rt.rank * per:(rt.rank + 1) * per]
     loss, stats = model(x1, x2)
-    opt.zero_grad()
-    loss.backward()
-    rt.reduce_gradients(opt)
     with torch.no_grad():  # the same keys and logits again (train-mode BN: batch statistics)
         k1, k2 = model.key(x1), model.key(x2)
         logits, labels = model.logits(model.query(x1), k2)
+    opt.zero_grad()
+    rt.backward_step(loss, opt)  # the training path: averaged gradients (buckets on gloo), then the step
     return {"loss": loss.detach(), "acc": stats["acc"], "k1": k1, "k2": k2, "logits": logits, "labels": labels,
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
             "key_grads": [p.grad for p in model.encoder_k.parameters()]}
