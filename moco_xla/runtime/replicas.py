@@ -110,12 +110,12 @@ def _xla_replica(index: int, body: Body, args: tuple, reports: str) -> None:
     except RunStopped as e:
         if _single_replica():
             raise
-        _write_report(reports, _ordinal(index), e)
+        _write_report(reports, _global_rank(), e)
     except Exception as e:
         if _single_replica():
             raise
         traceback.print_exc()
-        _write_report(reports, _ordinal(index), ReplicaCrashed(f"{type(e).__name__}: {e}"))
+        _write_report(reports, _global_rank(), ReplicaCrashed(f"{type(e).__name__}: {e}"))
         raise
 
 
@@ -124,7 +124,7 @@ def _single_replica() -> bool:
     return xr.world_size() == 1
 
 
-def _ordinal(index: int) -> int:
+def _global_rank() -> int:
     import torch_xla.runtime as xr
     return xr.global_ordinal()
 
