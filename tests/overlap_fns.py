@@ -17,11 +17,12 @@ def overlapped_vs_flat(rt, cfg, steps: int, bucket_bytes: int):
     Returns both gradient lists per step (the overlapped ones read in an optimizer pre-step
     hook, right before SGD uses them), the bucket report and both encoders at the end.
     """
-    from moco_xla.train import build_model, build_optimizer
+    from moco_xla.train import build_model, build_optimizer, compile_encoders
     rt.first_bucket_bytes = rt.bucket_bytes = bucket_bytes  # several buckets even for the tiny model
     cfg.train.seed = rt.rank  # different init everywhere: the start broadcast must fix it
     model = build_model(cfg, rt)
     opt = build_optimizer(cfg, model)
+    compile_encoders(cfg, rt, model)  # train.compile: the hooks then follow a compiled backward
     params = list(model.encoder_q.parameters())
     seen: list[list[torch.Tensor]] = []
     nhwc: list[int] = []  # gradients in channels-last layout, as SGD gets them

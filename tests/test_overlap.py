@@ -15,9 +15,11 @@ from moco_xla.models import use_channels_last
 def test_overlapped_gradients_equal_the_flat_all_reduce(tiny_cfg, world, channels_last, sync_bn):
     """Symmetric MoCo (the query encoder runs twice before one backward), buckets small enough
     that there are several: each step's gradients equal the one-flattened-all_reduce average.
-    With channels-last weights the averaged gradients are copied back in their NHWC layout; with
-    SyncBN, whose backward all_reduces too, those collectives interleave with the buckets'."""
+    2 replicas: channels-last weights (the averaged gradients are copied back in their NHWC
+    layout) and compiled encoders (train.compile, aot_eager); 4: SyncBN, whose backward
+    all_reduces too, so those collectives interleave with the buckets'."""
     tiny_cfg.model.channels_last = channels_last
+    tiny_cfg.train.compile, tiny_cfg.train.compile_backend = world == 2, "aot_eager"
     if sync_bn:
         tiny_cfg.model.sync_bn, tiny_cfg.model.bn_splits = True, 1
     res = run_gloo(overlap_fns.overlapped_vs_flat, world, tiny_cfg, 3, 16 << 10)
@@ -73,33 +75,28 @@ def test_channels_last_is_for_cuda_resnets_unless_asked():
     assert not use_channels_last(cfg, torch.device("cuda"))
 
 
-def test_channels_last_tiny_run_end_to_end(tmp_path):
-    """model.channels_last=true on the CPU backend: the tiny config trains, checkpoints and runs
-    kNN, and the checkpointed convolutions are NHWC."""
-    from moco_xla.runtime import make_runtime
-    from moco_xla.train import train
-    cfg = load_config("tiny", ["model.channels_last=true", "train.epochs=1"])
-    summary = train(cfg, make_runtime("cpu"), tmp_path)
-    assert torch.isfinite(torch.tensor(summary["final_loss"])) and summary["knn_top1"] is not None
-    ckpt = torch.load(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], weights_only=False)
-    convs = [v for k, v in ckpt["model"].items() if k.startswith("encoder_q.") and v.dim() == 4
-             and v.shape[1] > 1 and v.shape[2] > 1]  # (1x1 and 1-channel kernels are both layouts)
-    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
-                         for v in convs)
-
-
-def test_compiled_encoders_train_the_tiny_config_like_eager(tmp_path):
-    """train.compile=true (aot_eager: dynamo and AOTAutograd, no kernel generation, seconds on a
-    CPU) runs the tiny config end to end and lands on eager's loss."""
+def test_channels_last_and_compiled_tiny_runs_end_to_end(tmp_path):
+    """The tiny config end to end on the CPU backend with model.channels_last=true, eager and with
+    train.compile=true (aot_eager: dynamo and AOTAutograd, no kernel generation, seconds on a CPU):
+    both train, checkpoint and run kNN, the checkpointed convolutions are NHWC, the encoders were
+    compiled, and the compiled run lands on the eager run's loss."""
     from moco_xla.runtime import make_runtime
     from moco_xla.train import train
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     summaries = {}
     for compiled in (False, True):
-        cfg = load_config("tiny", ["train.compile=" + str(compiled).lower(), "train.compile_backend=aot_eager",
-                                   "train.epochs=1", "train.max_steps_per_epoch=2"])
+        cfg = load_config("tiny", ["model.channels_last=true", "train.compile=" + str(compiled).lower(),
+                                   "train.compile_backend=aot_eager", "train.epochs=1",
+                                   "train.max_steps_per_epoch=2"])
         summaries[compiled] = train(cfg, make_runtime("cpu"), tmp_path / str(compiled))
+        assert torch.isfinite(torch.tensor(summaries[compiled]["final_loss"]))
+        assert summaries[compiled]["knn_top1"] is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # query and key encoder
     assert summaries[True]["final_loss"] == pytest.approx(summaries[False]["final_loss"], rel=1e-4)
     torch._dynamo.reset()
+    ckpt = torch.load(sorted((tmp_path / "True" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    convs = [v for k, v in ckpt["model"].items() if k.startswith("encoder_q.") and v.dim() == 4
+             and v.shape[1] > 1 and v.shape[2] > 1]  # (1x1 and 1-channel kernels are both layouts)
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+                         for v in convs)
