@@ -269,7 +269,8 @@ def comparison_for(backend: str, quick: bool, gpus: int = 1) -> Comparison:
     1 thread each) on CPU; ResNet-50 224 px, batch 128 per GPU, K 65536, AMP on CUDA."""
     if quick:
         return Comparison(Workload(width=8, image_size=16, channels=1, batch=16, K=256, dim=16, bn_splits=2,
-                                   warmup=1, threads=1), world=2, rounds=2, steps=2)
+                                   warmup=1, threads=1), world=2 if backend == "cpu" else max(gpus, 1),
+                          rounds=2, steps=2)
     if backend == "cuda":
         return Comparison(Workload(arch="resnet50", image_size=224, small_stem=False, batch=128, classes=1000,
                                    K=65536, bn_splits=1, warmup=10), world=max(gpus, 1), rounds=5, steps=20)
