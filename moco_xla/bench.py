@@ -260,8 +260,8 @@ class Comparison:
 
     workload: Workload
     world: int = 2
-    rounds: int = 9             # interleaved rounds (order alternates); the median counts
-    steps: int = 10             # steps per side per round
+    rounds: int = 9             # interleaved rounds (the order rotates); the median counts
+    steps: int = 10             # steps per step kind per round
 
 
 def comparison_for(backend: str, quick: bool, gpus: int = 1) -> Comparison:
