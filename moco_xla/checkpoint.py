@@ -41,6 +41,7 @@ LATEST = "latest"
 PREFIX, SUFFIX = "ckpt-", ".pt"
 # Keys that may change on resume: they change neither the model nor the data order.
 RESUME_MUTABLE = ("name", "train.epochs", "train.lr", "train.log_every", "train.stop_every", "train.collapse_warn",
+                  "train.compile", "train.compile_backend", "model.channels_last",
                   "train.precision", "data.root", "data.workers", "data.on_bad_sample", "eval.",
                   "checkpoint.")
 GCS_TIMEOUT_S = float(os.environ.get("MOCO_XLA_GCS_TIMEOUT", "20"))
