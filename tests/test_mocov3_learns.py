@@ -3,8 +3,8 @@ evaluation CLI (kNN, linear probe) reads their checkpoints.
 
 Measured on the shared 2-core VM, seed 0 (deterministic: two runs gave the same numbers): the width-8
 small ResNet after 3 epochs, kNN 55.6% against 36.9% for the same network randomly initialised (loss
-3.82, uniform 3.88); the width-32 ViT (4x4 patches) after 6 epochs at lr 4e-3, kNN 60.7% against 49.8%
-(loss 3.19), its 10-epoch linear probe 50.7%. The tests assert about half of those margins.
+3.82, uniform 3.88); the width-16 ViT (4x4 patches) after 6 epochs at lr 4e-3, kNN 60.6% against 46.7%
+(loss 3.36), its 10-epoch linear probe 45.4%. The tests assert about half of those margins.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from moco_xla.launch import main as launch_main
 from moco_xla.runtime import make_runtime
 from moco_xla.train import build_model
 
-COMMON = ["data.workers=0", "eval.knn_every=0", "checkpoint.every=1", "checkpoint.keep=1", "moco.mlp_dim=256",
-          "train.log_every=5", "train.warmup_epochs=1"]
-RESNET = ("mocov3_digits", COMMON + ["model.width=8", "train.epochs=3"])
-VIT = ("mocov3_vit_digits", COMMON + ["model.width=32", "train.epochs=6", "train.lr=4.0e-3"])
+COMMON = ["data.workers=0", "eval.knn_every=0", "checkpoint.every=1", "checkpoint.keep=1", "train.log_every=5",
+          "train.warmup_epochs=1"]
+RESNET = ("mocov3_digits", COMMON + ["model.width=8", "moco.mlp_dim=256", "train.epochs=3"])
+VIT = ("mocov3_vit_digits", COMMON + ["model.width=16", "moco.mlp_dim=128", "train.epochs=6", "train.lr=4.0e-3"])
 
 
 def random_init_knn(config: str, sets: list[str]) -> float:
@@ -72,4 +72,4 @@ def test_eval_cli_reads_a_v3_vit_checkpoint(vit_run):
     probe = ["--set", "eval.probe.epochs=10", "--set", "eval.probe.eval_every=0", "--set", "eval.probe.augment=false"]
     assert moco_eval.main(["linear", *base, *probe]) == 0
     linear = json.loads((out / "eval" / "summary.json").read_text())["linear_top1"]
-    assert linear > 40.0, linear  # ten classes: chance is 10%
+    assert linear > 30.0, linear  # ten classes: chance is 10%
