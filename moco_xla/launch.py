@@ -99,8 +99,8 @@ def _xla_cores(cores: int | None) -> int:
     if not xla_installed():
         raise UserError("--backend xla needs torch_xla (pip install torch_xla); valid here: cuda, cpu")
     xla_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
-    if xla_cpu and cores and cores > 1 and "CPU_NUM_DEVICES" not in os.environ:
-        os.environ["CPU_NUM_DEVICES"] = str(cores)  # a rehearsal of a `cores`-core TPU run
+    if xla_cpu and cores and "CPU_NUM_DEVICES" not in os.environ:
+        return cores  # a rehearsal of a `cores`-core TPU run on as many XLA:CPU devices
     have = available_replicas("xla")
     if have == 0:
         raise UserError("--backend xla found no TPU; set PJRT_DEVICE=CPU for XLA:CPU "

@@ -81,16 +81,16 @@ class GraphWatch:
                        "unexpected_transfers": 0}
         self.violations: list[str] = []
 
-    def step(self, log: bool = False, checkpoint: bool = False) -> None:
-        """One training step has been queued; ``log``/``checkpoint``: it also read values back.
+    def step(self, log: bool = False, checkpoint: bool = False, poll: bool = False) -> None:
+        """One training step has been queued; ``log``/``poll``/``checkpoint``: it also read values back.
 
-        Such a step may run small graphs of its own (the stop check's gather); they
+        A poll or checkpoint step runs small graphs of its own (the stop check's gather); they
         compile the first time a step of that kind runs, and never again.
         """
         if not self.enabled:
             return
         self.steps += 1
-        kind = ("log" if log else "") + ("+checkpoint" if checkpoint else "")
+        kind = ("log" if log else "") + ("+poll" if poll else "") + ("+checkpoint" if checkpoint else "")
         first_of_kind = kind not in self.kinds
         self.kinds.add(kind)
         host_read = bool(kind)

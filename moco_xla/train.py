@@ -277,13 +277,13 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
                 stop = mid_epoch and guard.poll()
             every = cfg.checkpoint.every_steps
             saving = mid_epoch and (stop or bool(every and pos.global_step % every == 0))
+            watch.step(log=logging, poll=polling, checkpoint=saving)  # this step's window ends here
             if saving:
                 stop = guard.agree() or stop
                 path = checkpoint(lr, sums)
                 if stop:
                     bar.close()
                     _preempted(path, pos, steps_per_epoch)
-            watch.step(log=logging or polling, checkpoint=saving)
             profiler.step()
         rt.mark_step()
         watch.enter("epoch_end")

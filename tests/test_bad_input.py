@@ -41,7 +41,8 @@ CASES = [
     ("keep-0", ["--set", "checkpoint.keep=0"], "'checkpoint.keep' must be >= 1", "main", {}),
     ("cores-0", ["--cores", "0"], "--cores must be >= 1, got 0", "main", {}),
     ("no-gpu", ["--backend", "cuda"], "--backend cuda found no CUDA GPU", "main", {}),
-    ("xla-cores", ["--backend", "xla", "--cores", "4"], "--cores 4 is not available on XLA", "main", {}),
+    ("xla-cores", ["--backend", "xla", "--cores", "4"], "--cores 4 is not available on XLA: CPU_NUM_DEVICES "
+     "exposes 2 device(s)", "main", {"CPU_NUM_DEVICES": "2"}),
     ("batch-vs-cores", ["--backend", "cpu", "--cores", "3"], "must be divisible by the 3 replicas", "main", {}),
     ("bn-splits", ["--set", "model.bn_splits=3"], "divisible by model.bn_splits=3", "main", {}),
     ("fp16-on-cpu", ["--backend", "cpu", "--set", "train.precision=fp16"], "needs --backend cuda", "main", {}),

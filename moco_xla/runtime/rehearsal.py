@@ -30,10 +30,11 @@ only on XLA:CPU with more than one device. Nothing changes on a TPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 VERIFIED = ("2.9.",)  # torch_xla releases this was verified on
 _HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "cpu", "tolist", "numpy")
@@ -65,12 +66,23 @@ def check_version() -> None:
                         f"CPU_NUM_DEVICES=1 (one replica) or --backend cpu (gloo processes)")
 
 
-def prepare_env(replicas: int) -> None:
-    """Environment for ``replicas`` XLA:CPU devices; call before xmp.spawn (children inherit it)."""
-    os.environ["CPU_NUM_DEVICES"] = str(replicas)
+@contextlib.contextmanager
+def environment(replicas: int) -> Iterator[None]:
+    """Environment for ``replicas`` XLA:CPU devices around xmp.spawn (its process inherits it);
+    restored afterwards, so a launch called in-process (tests, notebooks) leaves no trace."""
     pool = int(os.environ.get("XLA_THREAD_POOL_SIZE", "0") or 0)
-    os.environ["XLA_THREAD_POOL_SIZE"] = str(max(pool, 2 * replicas))
-    os.environ["XLA_ENABLE_PARAM_ALIASING"] = "0"
+    settings = {"CPU_NUM_DEVICES": str(replicas), "XLA_THREAD_POOL_SIZE": str(max(pool, 2 * replicas)),
+                "XLA_ENABLE_PARAM_ALIASING": "0"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def install() -> None:
