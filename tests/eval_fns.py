@@ -18,6 +18,19 @@ PRETRAIN_SET = ["train.epochs=12", "model.width=16", "eval.knn_every=6", "checkp
                 "train.log_every=3"]
 
 
+def tiny_checkpoint(directory: Path) -> tuple[Path, nn.Module]:
+    """A checkpoint of the untrained tiny model in ``directory``: enough for the CLIs' plumbing."""
+    from moco_xla.config import load_config
+    from moco_xla.runtime import make_runtime
+    from moco_xla.train import build_model
+    cfg = load_config("tiny")
+    model = build_model(cfg, make_runtime("local"))
+    path = Path(directory) / "checkpoints" / "ckpt-000000000.pt"
+    path.parent.mkdir()
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, path)
+    return path, model
+
+
 class Points(Dataset):
     """Feature vectors with integer labels, shaped like an image dataset: (x, label)."""
 

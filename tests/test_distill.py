@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from conftest import run_gloo
-from eval_fns import Points, run_eval
+from eval_fns import Points, run_eval, tiny_checkpoint
 from moco_xla import data
 from moco_xla import eval as moco_eval
 from moco_xla.config import load_config
@@ -117,13 +117,7 @@ def test_finetune_and_distill_on_two_gloo_replicas():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A checkpoint of the tiny model (untrained): the study's plumbing, not its figures."""
-    from moco_xla.train import build_model
-    cfg = load_config("tiny")
-    model = build_model(cfg, make_runtime("local"))
-    path = tmp_path_factory.mktemp("tiny") / "checkpoints" / "ckpt-000000000.pt"
-    path.parent.mkdir()
-    torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, path)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))[0]
 
 
 @pytest.fixture(scope="module")

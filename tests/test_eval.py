@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_gloo
-from eval_fns import ROOT, clusters, pretrained_run, probe_on_points, run_eval
+from eval_fns import ROOT, clusters, pretrained_run, probe_on_points, run_eval, tiny_checkpoint
 from moco_xla import eval as moco_eval
 from moco_xla.config import SemisupConfig, load_config
 from moco_xla.errors import UserError
@@ -29,13 +29,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A checkpoint of the tiny model (untrained): enough for the CLI's plumbing on every backend."""
-    from moco_xla.train import build_model
-    cfg = load_config("tiny")
-    model = build_model(cfg, make_runtime("local"))
-    path = tmp_path_factory.mktemp("tiny") / "checkpoints" / "ckpt-000000000.pt"
-    path.parent.mkdir()
-    torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, path)
-    return path, model
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 # ----------------------------------------------------------------------------- units
