@@ -52,6 +52,20 @@ def collectives(rt):
             "a2a": rt.all_to_all(torch.arange(rt.world_size * 2).float() + 100 * rt.rank)}
 
 
+def assert_collectives(results: list[dict]) -> None:
+    """What ``collectives`` (or its XLA twin in xla_fns) must return on every rank, any backend."""
+    world = len(results)
+    gather = torch.cat([torch.full((2, 3), float(r)) for r in range(world)])
+    total = float(sum(range(world)))
+    for rank, r in enumerate(results):
+        assert torch.equal(r["gather"], gather)
+        assert torch.equal(r["sum"], torch.full((2, 3), total))
+        assert torch.equal(r["mean"], torch.full((2, 3), total / world))
+        # all_to_all: replica `rank` receives chunk `rank` from every replica, in rank order
+        want = torch.cat([torch.arange(rank * 2, rank * 2 + 2).float() + 100 * i for i in range(world)])
+        assert torch.equal(r["a2a"], want)
+
+
 def train_steps(rt, cfg, steps: int):
     """A few MoCo steps on different data per replica; returns both encoders' parameters."""
     from moco_xla.train import build_model, build_optimizer

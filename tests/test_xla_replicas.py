@@ -48,13 +48,8 @@ def test_broadcast_keeps_shape_and_dtype_of_0dim_int64_and_float_buffers(collect
 
 
 def test_all_gather_all_reduce_all_to_all_per_rank(collectives):
-    gather = torch.cat([torch.full((2, 3), float(r)) for r in range(N)])
-    for rank, r in enumerate(collectives):
-        assert torch.equal(r["gather"], gather)
-        assert torch.equal(r["sum"], torch.full((2, 3), 6.0))
-        assert torch.equal(r["mean"], torch.full((2, 3), 1.5))
-        want = torch.cat([torch.arange(rank * 2, rank * 2 + 2).float() + 100 * i for i in range(N)])
-        assert torch.equal(r["a2a"], want)
+    assert len(collectives) == N
+    dist_fns.assert_collectives(collectives)  # the same per-rank results as on gloo
 
 
 def test_shuffle_bn_keys_equal_single_process_reference_in_both_modes(replicas):
