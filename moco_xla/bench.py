@@ -447,7 +447,8 @@ def run_comparison(backend: str, c: Comparison) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "compare.json"
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        from .runtime.replicas import free_port
+        port = free_port()
         procs = [ctx.Process(target=_compare_child, args=(r, c.world, port, backend, c, str(path)))
                  for r in range(c.world)]
         for proc in procs:
@@ -460,11 +461,6 @@ def run_comparison(backend: str, c: Comparison) -> dict[str, Any]:
         return json.loads(path.read_text())
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- parts without a device

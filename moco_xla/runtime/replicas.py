@@ -194,8 +194,7 @@ def _dist_replica(rank: int, backend: str, world: int, body: Body, args: tuple, 
     try:
         body(backend, rank, world, rank, *args)
     except RunStopped as e:
-        _write_report(reports, rank, e)
-        sys.exit(e.exit_code)
+        report_stop(reports, rank, e)
 
 
 def free_port() -> int:
