@@ -118,6 +118,9 @@ class DistillConfig:
     scratch_lr: float = 0.05         # student initialised at random (the from-scratch teacher's row)
     temperature: float = 1.0         # softens teacher and student logits alike
     label_weight: float = 1.0        # weight of the labelled images' cross-entropy (0 = distillation only)
+    teacher_view: str = "crop"       # crop: the teacher sees the student's crop (SimCLRv2); clean: the
+                                     # un-augmented image, only the student is noised (Noisy Student)
+    targets: str = "soft"            # soft: KL at temperature; hard: cross-entropy on the teacher's top class
 
 
 @dataclass
@@ -189,6 +192,8 @@ CHOICES = {
     "train.schedule": ("cosine", "step", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
+    "eval.semisup.distill.teacher_view": ("crop", "clean"),
+    "eval.semisup.distill.targets": ("soft", "hard"),
 }
 
 
@@ -324,8 +329,9 @@ def _owner(f: dataclasses.Field) -> type:
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Range and consistency checks; with ``world_size`` also the per-replica split."""
     for dotted, choices in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
+        value = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
         if value not in choices:
             raise UserError(f"config key {dotted!r} is {value!r}; valid: {', '.join(map(str, choices))}")
     t, m, d, e = cfg.train, cfg.moco, cfg.data, cfg.eval

@@ -36,7 +36,7 @@ from .knn import knn_accuracy
 from .plots import SEMISUP_ROWS
 from .probe import (DistillSpec, SGDSpec, FrozenProbe, Relabelled, balanced_subset, build_eval_backbone,
                     distill, extract, fit, head_accuracy, holdout_indices, image_accuracy, image_batches,
-                    linear_head, load_encoder, paired, pixel_logistic, probe_sgd, read_labels_file, subset,
+                    linear_head, load_encoder, paired, TwoViews, pixel_logistic, probe_sgd, read_labels_file, subset,
                     train_classifier, train_labels, train_probe, train_transform, with_transform)
 from .report import MetricsWriter, read_summary, write_summary
 from .runtime import BACKENDS, Runtime, make_runtime, replicas, resolve_backend
@@ -291,12 +291,12 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         return model, image_accuracy(rt, model, split.test, e.batch_size, workers)
 
     def distilled_row(teacher: nn.Module, student: nn.Module, dim: int, lr: float) -> torch.Tensor:
-        everything = image_batches(rt, subset(images, split.pool), all_batch // rt.world_size, seed + 1,
-                                   workers)
+        pool = TwoViews(bundle.bank, images) if d.teacher_view == "clean" else images
+        everything = image_batches(rt, subset(pool, split.pool), all_batch // rt.world_size, seed + 1, workers)
         batches = paired(everything, image_batches(rt, shown, label_batch // rt.world_size, seed + 2, workers))
         sgd = SGDSpec(lr, 0.9, s.weight_decay, "cosine")
         model = distill(rt, teacher, student, dim, classes, batches, d.steps, sgd,
-                        DistillSpec(d.temperature, d.label_weight), seed, tick)
+                        DistillSpec(d.temperature, d.label_weight, d.targets), seed, tick)
         return image_accuracy(rt, model, split.test, e.batch_size, workers)
 
     rows: dict[str, torch.Tensor] = {}

@@ -315,10 +315,15 @@ def train_classifier(rt: Runtime, backbone: nn.Module, feat_dim: int, classes: i
 
 @dataclass
 class DistillSpec:
-    """SimCLRv2's distillation loss: T^2 KL(teacher || student) at temperature T + w x labelled CE."""
+    """The distillation loss on the unlabelled term, plus ``label_weight`` x the labelled images' CE.
+
+    targets "soft": SimCLRv2's T^2 KL(teacher || student) at temperature T; "hard": the
+    cross-entropy on the teacher's top class (Noisy Student's hard pseudo-labels; T unused).
+    """
 
     temperature: float = 1.0
     label_weight: float = 1.0
+    targets: str = "soft"
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -329,22 +334,44 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return kl * (t * t)
 
 
-def paired(everything: Batches, labelled: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(images from the whole train set, labelled images, their labels): one distillation step's batch."""
+class TwoViews(Dataset):
+    """(clean image, augmented image), label: the same image twice, for a teacher that sees it clean
+    while its student sees the crop (Noisy Student: only the student is noised)."""
+
+    def __init__(self, clean, augmented) -> None:
+        self.clean, self.augmented = clean, augmented
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    def __getitem__(self, i: int):
+        (x_clean, y), (x_aug, _) = self.clean[i], self.augmented[i]
+        return (x_clean, x_aug), y
+
+
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def paired(everything: Batches, labelled: Batches) -> Iterator[Step]:
+    """One distillation step's batch: (teacher's view and student's view of images from the whole
+    train set, labelled images, their labels). ``everything`` yields TwoViews pairs or single
+    images (then teacher and student see the same crop, as in SimCLRv2)."""
     for (x_all, _), (x_lab, y_lab) in zip(everything, labelled):
-        yield x_all, x_lab, y_lab
+        x_teacher, x_student = x_all if isinstance(x_all, (tuple, list)) else (x_all, x_all)
+        yield x_teacher, x_student, x_lab, y_lab
 
 
 def distill(rt: Runtime, teacher: nn.Module, backbone: nn.Module, feat_dim: int, classes: int,
-            batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int, sgd: SGDSpec,
+            batches: Iterator[Step], steps: int, sgd: SGDSpec,
             spec: DistillSpec, seed: int = 0,
             on_epoch: Callable[[int, float, torch.Tensor], None] | None = None) -> nn.Module:
     """A student (``backbone`` + a fresh head) trained to match the frozen ``teacher`` on ``batches``.
 
-    Every step sees a batch of any training images (the teacher's softened predictions on
-    them are the targets) and a batch of labelled ones (cross-entropy, weight
-    ``spec.label_weight``), both augmented; teacher and student see the same crops, and
-    the student's BN normalises both batches together. Gradients average over replicas
+    Every step sees a batch of any training images (the teacher's predictions on them are the
+    targets, soft or hard as ``spec.targets`` says) and a batch of labelled ones (cross-entropy,
+    weight ``spec.label_weight``), both augmented for the student; the teacher sees the same
+    crops or, from TwoViews batches, the clean images; the student's BN normalises both
+    batches together. Gradients average over replicas
     as in ``fit``; the teacher runs in eval mode without gradients.
     """
     teacher.eval()
@@ -353,12 +380,15 @@ def distill(rt: Runtime, teacher: nn.Module, backbone: nn.Module, feat_dim: int,
     student = nn.Sequential(backbone.to(rt.device), linear_head(feat_dim, classes, rt, seed)).train()
     rt.sync_module(student)
 
-    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x_all, x_lab, y_lab = batch
+    def loss_fn(model: nn.Module, batch: Step) -> torch.Tensor:
+        x_teacher, x_all, x_lab, y_lab = batch
         with torch.no_grad():
-            target = teacher(x_all).float()
+            target = teacher(x_teacher).float()
         logits = model(torch.cat([x_all, x_lab])).float()
-        loss = distill_loss(logits[: len(x_all)], target, spec.temperature)
+        if spec.targets == "hard":
+            loss = F.cross_entropy(logits[: len(x_all)], target.argmax(dim=1))
+        else:
+            loss = distill_loss(logits[: len(x_all)], target, spec.temperature)
         if spec.label_weight > 0:
             loss = loss + spec.label_weight * F.cross_entropy(logits[len(x_all):], y_lab)
         return loss

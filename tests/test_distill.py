@@ -48,14 +48,16 @@ def two_clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def finetune_then_distill(rt, seed: int, labelled_per_class: int = 3, steps: int = 60) -> dict:
+def finetune_then_distill(rt, seed: int, labelled_per_class: int = 3, steps: int = 60, targets: str = "soft",
+                          clean: bool = False) -> dict:
     """Teacher: Fourier features + head fitted to a few labelled points. Student: a linear classifier
-    trained on the teacher's softened predictions over all 400 points only (label weight 0).
+    trained on the teacher's softened (or hard) predictions over all 400 points only (label weight 0);
+    ``clean``: the teacher sees the points without jitter (TwoViews), the student jittered.
 
     Both through the study's trainers, on ``rt``'s replicas (each its share of every batch).
     """
-    from moco_xla.probe import (DistillSpec, Relabelled, SGDSpec, distill, image_accuracy, image_batches, paired,
-                                train_classifier)
+    from moco_xla.probe import (DistillSpec, Relabelled, SGDSpec, TwoViews, distill, image_accuracy, image_batches,
+                                paired, train_classifier)
     x, y = two_clusters(400, seed)
     test = Points(*two_clusters(400, seed + 100))
     g = torch.Generator().manual_seed(seed)
@@ -66,9 +68,10 @@ def finetune_then_distill(rt, seed: int, labelled_per_class: int = 3, steps: int
     per_lab, per_all = len(picked) // rt.world_size, 100 // rt.world_size
     teacher = train_classifier(rt, Fourier(seed=seed), 256, 2, image_batches(rt, labelled, per_lab, 0), steps,
                                SGDSpec(0.5, 0.9, 5e-4, "cosine"), 0)
-    batches = paired(image_batches(rt, train, per_all, 1), image_batches(rt, labelled, per_lab, 2))
+    pool = TwoViews(Points(x, y), train) if clean else train
+    batches = paired(image_batches(rt, pool, per_all, 1), image_batches(rt, labelled, per_lab, 2))
     student = distill(rt, teacher, nn.Identity(), 2, 2, batches, steps, SGDSpec(0.5, 0.9, 0.0, "cosine"),
-                      DistillSpec(temperature=1.0, label_weight=0.0), 0)
+                      DistillSpec(temperature=1.0, label_weight=0.0, targets=targets), 0)
     with torch.no_grad():
         agree = (student(test.x).argmax(1) == teacher(test.x).argmax(1)).float().mean().item() * 100
     return {"teacher": float(image_accuracy(rt, teacher, test, 400)),
@@ -102,6 +105,31 @@ def test_distillation_improves_on_its_teacher():
     assert all(g > 0 for g in gains) and sum(gains) / 3 > 5.0, results
     # it learnt the teacher's answers (a student that ignored them would agree half the time)
     assert all(r["agree"] > 65.0 for r in results), results
+
+
+def test_noisy_student_hard_targets_from_clean_images_improve_on_the_teacher():
+    """eval.semisup.distill teacher_view=clean, targets=hard: the teacher labels the clean points, the
+    student learns those labels on jittered ones. Measured (60 steps, seeds 0-2): teacher 78.8/80.8/96.8 %
+    -> student 92.0/89.0/100 % (soft targets on the same jitter: 92.2/88.5/100)."""
+    rt = make_runtime("local")
+    results = [finetune_then_distill(rt, seed, targets="hard", clean=True) for seed in range(3)]
+    assert all(r["student"] > r["teacher"] for r in results), results
+    assert all(r["agree"] > 65.0 for r in results), results
+
+
+def test_two_views_give_the_teacher_the_clean_image_and_the_student_the_crop():
+    from moco_xla.probe import TwoViews, image_batches, paired
+    x, y = two_clusters(40, 0)
+    rt = make_runtime("local")
+    views = TwoViews(Points(x, y), Jittered(x, y))
+    x_teacher, x_student, x_lab, y_lab = next(paired(image_batches(rt, views, 8, 1),
+                                                     image_batches(rt, Points(x, y), 4, 2)))
+    rows = (x_teacher.unsqueeze(1) == x.unsqueeze(0)).all(-1)  # [8, 40]: which clean point each row is
+    assert rows.sum(1).eq(1).all()  # every teacher row is one clean point, unchanged
+    jitter = (x_student - x[rows.float().argmax(1)]).abs()
+    assert 0 < jitter.max() < 0.2  # the student sees the same point, jittered
+    same = next(paired(image_batches(rt, Jittered(x, y), 8, 1), image_batches(rt, Points(x, y), 4, 2)))
+    assert same[0] is same[1]  # without TwoViews both see the same crop (SimCLRv2)
 
 
 def test_finetune_and_distill_on_two_gloo_replicas():
@@ -142,7 +170,7 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
     p = run_eval(["semisup", "--ckpt", str(tiny_ckpt), "--labels-file", str(labels), "--out", str(out),
                   "--backend", "cpu", "--cores", "2", "--set", "eval.semisup.steps=3",
                   "--set", "eval.semisup.distill.steps=3", "--set", "eval.semisup.distill.batch_size=32",
-                  "--set", "eval.semisup.distill.temperature=2"])
+                  "--set", "eval.semisup.distill.temperature=2", "--set", "eval.semisup.distill.teacher_view=clean"])
     assert p.returncode == 0, p.stderr[-3000:]
     study = read_summary(out)["semisup"]["20"]
     assert set(study["rows"]) == set(moco_eval.SEMISUP_ROWS) and len(moco_eval.SEMISUP_ROWS) == 7
@@ -150,7 +178,7 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
     assert study["labels_file"] == str(labels.resolve()) and study["scored_on"] == "test"
     d = study["distill"]
     assert d["steps"] == 3 and d["temperature"] == 2.0 and d["batch_size"] == 32 and d["unlabelled_pool"] == 1257
-    assert {"lr", "scratch_lr", "label_weight"} <= set(d)
+    assert {"lr", "scratch_lr", "label_weight"} <= set(d) and d["teacher_view"] == "clean" and d["targets"] == "soft"
     record = [r for r in read_metrics(out) if r["type"] == "semisup"][-1]
     assert {k: record[k] for k in study["rows"]} == study["rows"]
     for title in ("MoCo fine-tuned + distilled", "from scratch + distilled", "from " + str(labels.resolve())):
