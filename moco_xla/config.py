@@ -101,9 +101,10 @@ class ProbeConfig:
 
 @dataclass
 class DistillConfig:
-    """SimCLRv2's distillation: a student learns the fine-tuned teacher's softened predictions on
-    every training image (KL at ``temperature``, times T^2) plus ``label_weight`` x the
-    cross-entropy on the labelled ones, the same crops for teacher and student.
+    """SimCLRv2's third step, as Noisy Student runs it by default: a student learns the fine-tuned
+    teacher's predictions on every training image plus ``label_weight`` x the cross-entropy on
+    the labelled ones. The teacher sees the clean image (or the student's crop, SimCLRv2); the
+    targets are its top class (or its softened predictions: KL at ``temperature``, times T^2).
 
     Chosen on held-out training digits (eval.semisup.holdout=400, 100 labels of draw 10, never the
     test set; the 40-epoch quickstart checkpoint): the MoCo teacher scored 94.50 % on those 400
