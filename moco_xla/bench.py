@@ -461,8 +461,6 @@ def run_comparison(backend: str, c: Comparison) -> dict[str, Any]:
         return json.loads(path.read_text())
 
 
-
-
 # ----------------------------------------------------------------------------- parts without a device
 
 def shuffle_count_bytes(w: Workload, precision: str) -> list[dict[str, Any]]:

@@ -36,8 +36,8 @@ from .knn import knn_accuracy
 from .plots import SEMISUP_ROWS
 from .probe import (DistillSpec, SGDSpec, FrozenProbe, Relabelled, balanced_subset, build_eval_backbone,
                     distill, extract, fit, head_accuracy, holdout_indices, image_accuracy, image_batches,
-                    linear_head, load_encoder, paired, TwoViews, pixel_logistic, probe_sgd, read_labels_file, subset,
-                    train_classifier, train_labels, train_probe, train_transform, with_transform)
+                    linear_head, load_encoder, paired, pixel_logistic, probe_sgd, read_labels_file, subset,
+                    train_classifier, train_labels, train_probe, train_transform, TwoViews, with_transform)
 from .report import MetricsWriter, read_summary, write_summary
 from .runtime import BACKENDS, Runtime, make_runtime, replicas, resolve_backend
 
