@@ -35,9 +35,9 @@ from .errors import RunStopped, UserError
 from .knn import knn_accuracy
 from .plots import SEMISUP_ROWS
 from .probe import (DistillSpec, SGDSpec, FrozenProbe, Relabelled, balanced_subset, build_eval_backbone,
-                    distill, extract, fit, head_accuracy, holdout_indices, image_accuracy, image_batches,
-                    linear_head, load_encoder, paired, pixel_logistic, probe_sgd, read_labels_file, subset,
-                    train_classifier, train_labels, train_probe, train_transform, TwoViews, with_transform)
+                    clean_and_augmented, distill, extract, fit, head_accuracy, holdout_indices, image_accuracy,
+                    image_batches, linear_head, load_encoder, paired, pixel_logistic, probe_sgd, read_labels_file,
+                    subset, train_classifier, train_labels, train_probe, train_transform, with_transform)
 from .report import MetricsWriter, read_summary, write_summary
 from .runtime import BACKENDS, Runtime, make_runtime, replicas, resolve_backend
 
@@ -266,9 +266,9 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     split = semisup_split(cfg, bundle)
     labelled = Relabelled(bundle.bank, split.picked, split.labels)
     images = bundle.bank  # what the trained rows see: random crops when eval.semisup.augment
+    crop = train_transform(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels)
     if s.augment:
-        images = with_transform(bundle.bank, train_transform(cfg.data.augment, cfg.data.image_size,
-                                                             cfg.model.in_channels))
+        images = with_transform(bundle.bank, crop)
     shown = Relabelled(images, split.picked, split.labels)
     batch, all_batch = semisup_batch(cfg, rt.world_size), distill_batch(cfg, rt.world_size, len(split.pool))
     label_batch = max(rt.world_size, min(d.label_batch_size, batch) // rt.world_size * rt.world_size)
@@ -291,7 +291,9 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         return model, image_accuracy(rt, model, split.test, e.batch_size, workers)
 
     def distilled_row(teacher: nn.Module, student: nn.Module, dim: int, lr: float) -> torch.Tensor:
-        pool = TwoViews(bundle.bank, images) if d.teacher_view == "clean" else images
+        pool = images  # the teacher sees the student's crop (SimCLRv2), or the clean image (Noisy Student)
+        if d.teacher_view == "clean" and s.augment:
+            pool = clean_and_augmented(bundle.bank, crop)
         everything = image_batches(rt, subset(pool, split.pool), all_batch // rt.world_size, seed + 1, workers)
         batches = paired(everything, image_batches(rt, shown, label_batch // rt.world_size, seed + 2, workers))
         sgd = SGDSpec(lr, 0.9, s.weight_decay, "cosine")

@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from . import data
 from .checkpoint import load_checkpoint
 from .config import Config, from_dict
-from .data.transforms import normalize_for
+from .data.transforms import CleanAndAugmented, normalize_for
 from .errors import UserError
 from .models import build_backbone
 from .optim import prime_momentum
@@ -334,19 +334,10 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return kl * (t * t)
 
 
-class TwoViews(Dataset):
-    """(clean image, augmented image), label: the same image twice, for a teacher that sees it clean
-    while its student sees the crop (Noisy Student: only the student is noised)."""
-
-    def __init__(self, clean, augmented) -> None:
-        self.clean, self.augmented = clean, augmented
-
-    def __len__(self) -> int:
-        return len(self.clean)
-
-    def __getitem__(self, i: int):
-        (x_clean, y), (x_aug, _) = self.clean[i], self.augmented[i]
-        return (x_clean, x_aug), y
+def clean_and_augmented(ds, augment: Callable):
+    """``ds`` (a data.build() dataset, eval transform) yielding ((clean image, ``augment``ed image), label)
+    from one read of each sample: the teacher's and the student's views for Noisy Student."""
+    return with_transform(ds, CleanAndAugmented(ds.transform, augment))
 
 
 Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -354,7 +345,7 @@ Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 def paired(everything: Batches, labelled: Batches) -> Iterator[Step]:
     """One distillation step's batch: (teacher's view and student's view of images from the whole
-    train set, labelled images, their labels). ``everything`` yields TwoViews pairs or single
+    train set, labelled images, their labels). ``everything`` yields (clean, augmented) pairs or single
     images (then teacher and student see the same crop, as in SimCLRv2)."""
     for (x_all, _), (x_lab, y_lab) in zip(everything, labelled):
         x_teacher, x_student = x_all if isinstance(x_all, (tuple, list)) else (x_all, x_all)
@@ -370,7 +361,7 @@ def distill(rt: Runtime, teacher: nn.Module, backbone: nn.Module, feat_dim: int,
     Every step sees a batch of any training images (the teacher's predictions on them are the
     targets, soft or hard as ``spec.targets`` says) and a batch of labelled ones (cross-entropy,
     weight ``spec.label_weight``), both augmented for the student; the teacher sees the same
-    crops or, from TwoViews batches, the clean images; the student's BN normalises both
+    crops or, from clean_and_augmented pairs, the clean images; the student's BN normalises both
     batches together. Gradients average over replicas
     as in ``fit``; the teacher runs in eval mode without gradients.
     """

@@ -11,6 +11,7 @@ from eval_fns import Points, run_eval, tiny_checkpoint
 from moco_xla import data
 from moco_xla import eval as moco_eval
 from moco_xla.config import load_config
+from moco_xla.data.transforms import CleanAndAugmented
 from moco_xla.errors import UserError
 from moco_xla.probe import Relabelled, distill_loss, read_labels_file
 from moco_xla.report import read_metrics, read_summary
@@ -19,12 +20,21 @@ from moco_xla.runtime import make_runtime
 # ----------------------------------------------------------------------------- the toy problem
 
 
+def jitter(x: torch.Tensor) -> torch.Tensor:
+    """The toy's augmentation: a small Gaussian jitter each time a point is read."""
+    return x + 0.02 * torch.randn(x.shape)
+
+
 class Jittered(Points):
-    """Points with a small Gaussian jitter each time they are read: the toy's augmentation."""
+    """Points under a transform (by default ``jitter``), as data.build()'s datasets apply theirs."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform=jitter) -> None:
+        super().__init__(x, y)
+        self.transform = transform
 
     def __getitem__(self, i: int):
         x, y = super().__getitem__(i)
-        return x + 0.02 * torch.randn(x.shape), y
+        return self.transform(x), y
 
 
 class Fourier(nn.Module):
@@ -52,12 +62,12 @@ def finetune_then_distill(rt, seed: int, labelled_per_class: int = 3, steps: int
                           clean: bool = False) -> dict:
     """Teacher: Fourier features + head fitted to a few labelled points. Student: a linear classifier
     trained on the teacher's softened (or hard) predictions over all 400 points only (label weight 0);
-    ``clean``: the teacher sees the points without jitter (TwoViews), the student jittered.
+    ``clean``: the teacher sees the points without jitter (CleanAndAugmented), the student jittered.
 
     Both through the study's trainers, on ``rt``'s replicas (each its share of every batch).
     """
-    from moco_xla.probe import (DistillSpec, Relabelled, SGDSpec, TwoViews, distill, image_accuracy, image_batches,
-                                paired, train_classifier)
+    from moco_xla.probe import (DistillSpec, Relabelled, SGDSpec, distill, image_accuracy, image_batches, paired,
+                                train_classifier)
     x, y = two_clusters(400, seed)
     test = Points(*two_clusters(400, seed + 100))
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +78,7 @@ def finetune_then_distill(rt, seed: int, labelled_per_class: int = 3, steps: int
     per_lab, per_all = len(picked) // rt.world_size, 100 // rt.world_size
     teacher = train_classifier(rt, Fourier(seed=seed), 256, 2, image_batches(rt, labelled, per_lab, 0), steps,
                                SGDSpec(0.5, 0.9, 5e-4, "cosine"), 0)
-    pool = TwoViews(Points(x, y), train) if clean else train
+    pool = Jittered(x, y, CleanAndAugmented(nn.Identity(), jitter)) if clean else train
     batches = paired(image_batches(rt, pool, per_all, 1), image_batches(rt, labelled, per_lab, 2))
     student = distill(rt, teacher, nn.Identity(), 2, 2, batches, steps, SGDSpec(0.5, 0.9, 0.0, "cosine"),
                       DistillSpec(temperature=1.0, label_weight=0.0, targets=targets), 0)
@@ -118,18 +128,43 @@ def test_noisy_student_hard_targets_from_clean_images_improve_on_the_teacher():
 
 
 def test_two_views_give_the_teacher_the_clean_image_and_the_student_the_crop():
-    from moco_xla.probe import TwoViews, image_batches, paired
+    from moco_xla.probe import image_batches, paired
     x, y = two_clusters(40, 0)
     rt = make_runtime("local")
-    views = TwoViews(Points(x, y), Jittered(x, y))
+    views = Jittered(x, y, CleanAndAugmented(nn.Identity(), jitter))
     x_teacher, x_student, x_lab, y_lab = next(paired(image_batches(rt, views, 8, 1),
                                                      image_batches(rt, Points(x, y), 4, 2)))
     rows = (x_teacher.unsqueeze(1) == x.unsqueeze(0)).all(-1)  # [8, 40]: which clean point each row is
     assert rows.sum(1).eq(1).all()  # every teacher row is one clean point, unchanged
-    jitter = (x_student - x[rows.float().argmax(1)]).abs()
-    assert 0 < jitter.max() < 0.2  # the student sees the same point, jittered
+    moved = (x_student - x[rows.float().argmax(1)]).abs()
+    assert 0 < moved.max() < 0.2  # the student sees the same point, jittered
     same = next(paired(image_batches(rt, Jittered(x, y), 8, 1), image_batches(rt, Points(x, y), 4, 2)))
-    assert same[0] is same[1]  # without TwoViews both see the same crop (SimCLRv2)
+    assert same[0] is same[1]  # from one view both see the same crop (SimCLRv2)
+
+
+def test_clean_and_augmented_views_of_the_digits_come_from_one_read_of_each_image(digits_train):
+    """The study's distillation pool: the clean view is the bank's own (eval-transformed) image, the
+    other a random crop of that same image, and each sample is read and decoded once for both."""
+    from moco_xla.data.loaders import Transformed
+    from moco_xla.probe import clean_and_augmented, train_transform
+
+    reads: list[int] = []
+
+    class Counted(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(digits_train.base)
+
+        def __getitem__(self, i: int):
+            reads.append(i)
+            return digits_train.base[i]
+
+    bank = Transformed(Counted(), digits_train.transform, digits_train.num_classes, digits_train.skips)
+    views = clean_and_augmented(bank, train_transform("digits", 16, 1))
+    torch.manual_seed(0)
+    (clean, crop), label = views[7]
+    assert reads == [7]
+    x, y = digits_train[7]
+    assert torch.equal(clean, x) and label == y and crop.shape == x.shape and not torch.equal(crop, x)
 
 
 def test_finetune_and_distill_on_two_gloo_replicas():

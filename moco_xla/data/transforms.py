@@ -108,3 +108,14 @@ class TwoCrops:
 
     def __call__(self, img):
         return self.transform(img), self.transform(img)
+
+
+class CleanAndAugmented:
+    """One decoded image, two views: (``clean(img)``, ``augment(img)``). Noisy Student's distillation:
+    the teacher labels the clean image, only the student is noised; one read and decode per sample."""
+
+    def __init__(self, clean, augment) -> None:
+        self.clean, self.augment = clean, augment
+
+    def __call__(self, img):
+        return self.clean(img), self.augment(img)
