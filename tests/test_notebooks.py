@@ -41,8 +41,9 @@ def _check(kind: str, nb, cwd: Path) -> None:
     assert pngs and all(p.startswith(PNG_SIGNATURE) for p in pngs), f"{kind}: no loss/kNN plot in the notebook"
 
     study = summary["semisup"]["100"]
-    assert set(study["rows"]) >= {"moco_probe", "moco_finetune", "supervised_scratch", "pixel_logistic",
-                                  "random_probe"}
+    assert set(study["rows"]) >= {"moco_probe", "moco_finetune", "moco_distill", "supervised_scratch",
+                                  "scratch_distill", "pixel_logistic", "random_probe"}
+    assert study["steps"] == study["distill"]["steps"] == 3  # the smoke run's quick study
     printed = _text(_cell(nb, "moco_xla.eval"))
     assert all(row in printed for row in study["rows"]), printed[-2000:]
 
