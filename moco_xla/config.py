@@ -125,6 +125,9 @@ class DistillConfig:
     teacher_view: str = "clean"      # crop: the teacher sees the student's crop (SimCLRv2); clean: the
                                      # un-augmented image, only the student is noised (Noisy Student)
     targets: str = "hard"            # soft: KL at temperature; hard: cross-entropy on the teacher's top class
+    student_augment: str = "crop"    # the student's noise, on all and labelled images: crop: fine-tuning's
+                                     # view (random crops when eval.semisup.augment); pretrain: the
+                                     # checkpoint's MoCo augmentation (data.augment), a noisier student
 
 
 @dataclass
@@ -198,6 +201,7 @@ CHOICES = {
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "eval.semisup.distill.teacher_view": ("crop", "clean"),
     "eval.semisup.distill.targets": ("soft", "hard"),
+    "eval.semisup.distill.student_augment": ("crop", "pretrain"),
 }
 
 

@@ -26,11 +26,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from . import data
 from .checkpoint import checkpoint_meta, find_checkpoint
 from .config import Config, apply_override, from_dict, load_config, validate
+from .data.transforms import pretrain_transform
 from .errors import RunStopped, UserError
 from .knn import knn_accuracy
 from .plots import SEMISUP_ROWS
@@ -266,9 +268,9 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     split = semisup_split(cfg, bundle)
     labelled = Relabelled(bundle.bank, split.picked, split.labels)
     images = bundle.bank  # what the trained rows see: random crops when eval.semisup.augment
-    crop = train_transform(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels)
     if s.augment:
-        images = with_transform(bundle.bank, crop)
+        images = with_transform(bundle.bank, train_transform(cfg.data.augment, cfg.data.image_size,
+                                                             cfg.model.in_channels))
     shown = Relabelled(images, split.picked, split.labels)
     batch, all_batch = semisup_batch(cfg, rt.world_size), distill_batch(cfg, rt.world_size, len(split.pool))
     label_batch = max(rt.world_size, min(d.label_batch_size, batch) // rt.world_size * rt.world_size)
@@ -290,12 +292,12 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         model = train_classifier(rt, net, dim, classes, batches, s.steps, sgd, seed, tick)
         return model, image_accuracy(rt, model, split.test, e.batch_size, workers)
 
+    pool, noised_labelled = distill_views(cfg, bundle.bank, images, split)
+
     def distilled_row(teacher: nn.Module, student: nn.Module, dim: int, lr: float) -> torch.Tensor:
-        pool = images  # the teacher sees the student's crop (SimCLRv2), or the clean image (Noisy Student)
-        if d.teacher_view == "clean" and s.augment:
-            pool = clean_and_augmented(bundle.bank, crop)
-        everything = image_batches(rt, subset(pool, split.pool), all_batch // rt.world_size, seed + 1, workers)
-        batches = paired(everything, image_batches(rt, shown, label_batch // rt.world_size, seed + 2, workers))
+        everything = image_batches(rt, pool, all_batch // rt.world_size, seed + 1, workers)
+        batches = paired(everything, image_batches(rt, noised_labelled, label_batch // rt.world_size, seed + 2,
+                                                   workers))
         sgd = SGDSpec(lr, 0.9, s.weight_decay, "cosine")
         model = distill(rt, teacher, student, dim, classes, batches, d.steps, sgd,
                         DistillSpec(d.temperature, d.label_weight, d.targets), seed, tick)
@@ -325,6 +327,21 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         "distill": {**dataclasses.asdict(d), "batch_size": all_batch, "label_batch_size": label_batch,
                     "unlabelled_pool": len(split.pool)},
         "scored_on": split.scored_on, "test_images": len(split.test)}}}
+
+
+def distill_views(cfg: Config, bank, images, split: SemisupSplit) -> tuple[Dataset, Dataset]:
+    """The distillation's (pool, labelled) datasets. The student's noise is fine-tuning's view of the
+    images (``images``) or the checkpoint's MoCo augmentation (eval.semisup.distill.student_augment);
+    the pool yields (teacher's view, student's view) pairs when the teacher sees the clean image."""
+    d = cfg.eval.semisup.distill
+    noised = images
+    if d.student_augment == "pretrain":
+        noised = with_transform(bank, pretrain_transform(cfg.data.augment, cfg.data.image_size,
+                                                         cfg.model.in_channels))
+    pool = noised  # teacher_view crop: the teacher sees the student's view (SimCLRv2)
+    if d.teacher_view == "clean" and noised is not bank:
+        pool = clean_and_augmented(bank, noised.transform)
+    return subset(pool, split.pool), Relabelled(noised, split.picked, split.labels)
 
 
 def summary_key(cfg: Config) -> str:

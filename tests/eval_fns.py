@@ -79,10 +79,10 @@ _RUNS: dict[str, Path] = {}
 
 
 def pretrained_run(root: Path) -> Path:
-    """A short digits pre-training, run once per test session through the real CLI."""
+    """A short run of the quickstart (the default config, digits), once per test session, through the real CLI."""
     if "digits" not in _RUNS:
         out = root / "pretrained"
-        args = [sys.executable, "-m", "moco_xla.launch", "--config", "digits", "--out", str(out)]
+        args = [sys.executable, "-m", "moco_xla.launch", "--out", str(out)]
         for item in PRETRAIN_SET:
             args += ["--set", item]
         p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900,

@@ -167,6 +167,32 @@ def test_clean_and_augmented_views_of_the_digits_come_from_one_read_of_each_imag
     assert torch.equal(clean, x) and label == y and crop.shape == x.shape and not torch.equal(crop, x)
 
 
+@pytest.mark.parametrize("student_augment", ["crop", "pretrain"])
+def test_the_student_is_noised_as_configured_and_the_teacher_sees_the_clean_image(student_augment):
+    """eval.semisup.distill.student_augment: fine-tuning's crops, or the checkpoint's MoCo augmentation
+    (here digits_affine's warps), on the pool and on the labelled images alike."""
+    from torchvision.transforms import v2
+
+    from moco_xla.probe import train_transform, with_transform
+    cfg = load_config("tiny", ["data.augment=digits_affine", "eval.semisup.labels=20",
+                               f"eval.semisup.distill.student_augment={student_augment}"])
+    bundle = data.build(cfg)
+    split = moco_eval.semisup_split(cfg, bundle)
+    images = with_transform(bundle.bank, train_transform("digits_affine", 16, 1))
+    pool, labelled = moco_eval.distill_views(cfg, bundle.bank, images, split)
+    pair = pool.dataset.transform
+    assert isinstance(pair, CleanAndAugmented) and pair.clean is bundle.bank.transform
+    assert labelled.ds.transform is pair.augment and len(pool) == len(split.pool) and len(labelled) == 20
+    warps = any(isinstance(t, v2.RandomAffine) for t in pair.augment.transforms)
+    assert warps == (student_augment == "pretrain")
+    assert (pair.augment is images.transform) == (student_augment == "crop")
+    (clean, noised), y = pool[3]
+    assert torch.equal(clean, bundle.bank[int(split.pool[3])][0]) and noised.shape == clean.shape
+    crop_cfg = load_config("tiny", ["eval.semisup.labels=20", "eval.semisup.distill.teacher_view=crop"])
+    shared, _ = moco_eval.distill_views(crop_cfg, bundle.bank, images, split)
+    assert shared.dataset is images  # the teacher sees the student's crop (SimCLRv2)
+
+
 def test_finetune_and_distill_on_two_gloo_replicas():
     """Each replica trains on its half of every batch; averaged gradients keep teacher and student equal."""
     r0, r1 = run_gloo(finetune_then_distill, 2, 0)

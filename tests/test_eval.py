@@ -97,6 +97,8 @@ def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path, capsys):
         (["semisup", "--ckpt", str(path), "--labels", "5"], "fewer than the 10 classes"),
         (["linear", "--ckpt", str(path), "--set", "eval.probe.lrr=1"], "did you mean 'eval.probe.lr'"),
         (["linear", "--ckpt", str(path), "--set", "eval.probe.schedule=linear"], "valid: cosine, step"),
+        (["semisup", "--ckpt", str(path), "--set", "eval.semisup.distill.student_augment=strong"],
+         "'eval.semisup.distill.student_augment' is 'strong'; valid: crop, pretrain"),
         (["linear", "--ckpt", str(path), "--backend", "cpu", "--cores", "3"], "divisible by the 3 replicas"),
         (["lincls", "--ckpt", str(path)], "invalid choice"),
     ]
