@@ -232,7 +232,7 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
                   "--backend", "cpu", "--cores", "2", "--set", "eval.semisup.steps=3",
                   "--set", "eval.semisup.distill.steps=3", "--set", "eval.semisup.distill.batch_size=32",
                   "--set", "eval.semisup.distill.temperature=2", "--set", "eval.semisup.distill.teacher_view=crop",
-                  "--set", "eval.semisup.distill.targets=soft"])
+                  "--set", "eval.semisup.distill.targets=soft", "--set", "eval.semisup.distill.student_augment=crop"])
     assert p.returncode == 0, p.stderr[-3000:]
     study = read_summary(out)["semisup"]["20"]
     assert set(study["rows"]) == set(moco_eval.SEMISUP_ROWS) and len(moco_eval.SEMISUP_ROWS) == 7
@@ -241,6 +241,7 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
     d = study["distill"]
     assert d["steps"] == 3 and d["temperature"] == 2.0 and d["batch_size"] == 32 and d["unlabelled_pool"] == 1257
     assert {"lr", "scratch_lr", "label_weight"} <= set(d) and d["teacher_view"] == "crop" and d["targets"] == "soft"
+    assert d["student_augment"] == "crop"
     record = [r for r in read_metrics(out) if r["type"] == "semisup"][-1]
     assert {k: record[k] for k in study["rows"]} == study["rows"]
     for title in ("MoCo fine-tuned + distilled", "from scratch + distilled", "from " + str(labels.resolve())):
