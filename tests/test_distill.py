@@ -188,7 +188,8 @@ def test_the_student_is_noised_as_configured_and_the_teacher_sees_the_clean_imag
     assert (pair.augment is images.transform) == (student_augment == "crop")
     (clean, noised), y = pool[3]
     assert torch.equal(clean, bundle.bank[int(split.pool[3])][0]) and noised.shape == clean.shape
-    crop_cfg = load_config("tiny", ["eval.semisup.labels=20", "eval.semisup.distill.teacher_view=crop"])
+    crop_cfg = load_config("tiny", ["eval.semisup.labels=20", "eval.semisup.distill.teacher_view=crop",
+                                    "eval.semisup.distill.student_augment=crop"])
     shared, _ = moco_eval.distill_views(crop_cfg, bundle.bank, images, split)
     assert shared.dataset is images  # the teacher sees the student's crop (SimCLRv2)
 
