@@ -92,6 +92,22 @@ def pretrained_run(root: Path) -> Path:
     return _RUNS["digits"]
 
 
+def random_init_knn(config: str, sets: list[str]) -> float:
+    """kNN top-1 of ``config``'s query encoder as initialised (no training): the floor pre-training must beat."""
+    from moco_xla import data
+    from moco_xla.config import load_config
+    from moco_xla.knn import knn_accuracy
+    from moco_xla.runtime import make_runtime
+    from moco_xla.train import build_model
+    cfg = load_config(config, sets)
+    rt = make_runtime("local")
+    bundle = data.build(cfg)
+    model = build_model(cfg, rt)
+    e = cfg.eval
+    return float(knn_accuracy(rt, model.encoder_q.backbone, bundle.bank, bundle.test, bundle.num_classes,
+                              e.knn_k, e.knn_t, e.batch_size, e.max_bank))
+
+
 def run_eval(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m moco_xla.eval ARGS`` as a user runs it."""
     return subprocess.run([sys.executable, "-m", "moco_xla.eval", *args], cwd=ROOT, capture_output=True,

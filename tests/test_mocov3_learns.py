@@ -13,28 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from moco_xla import data
+from eval_fns import random_init_knn
 from moco_xla import eval as moco_eval
-from moco_xla.config import load_config
-from moco_xla.knn import knn_accuracy
 from moco_xla.launch import main as launch_main
-from moco_xla.runtime import make_runtime
-from moco_xla.train import build_model
 
 COMMON = ["data.workers=0", "eval.knn_every=0", "checkpoint.every=1", "checkpoint.keep=1", "train.log_every=5",
           "train.warmup_epochs=1"]
 RESNET = ("mocov3_digits", COMMON + ["model.width=8", "moco.mlp_dim=256", "train.epochs=3"])
 VIT = ("mocov3_vit_digits", COMMON + ["model.width=16", "moco.mlp_dim=128", "train.epochs=6", "train.lr=4.0e-3"])
-
-
-def random_init_knn(config: str, sets: list[str]) -> float:
-    cfg = load_config(config, sets)
-    rt = make_runtime("local")
-    bundle = data.build(cfg)
-    model = build_model(cfg, rt)
-    e = cfg.eval
-    return float(knn_accuracy(rt, model.encoder_q.backbone, bundle.bank, bundle.test, bundle.num_classes,
-                              e.knn_k, e.knn_t, e.batch_size, e.max_bank))
 
 
 def pretrain(config: str, sets: list[str], out: Path) -> dict:

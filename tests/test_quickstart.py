@@ -10,21 +10,7 @@ from __future__ import annotations
 
 import json
 
-from eval_fns import PRETRAIN_SET, pretrained_run
-
-
-def random_init_knn(overrides: list[str]) -> float:
-    from moco_xla import data
-    from moco_xla.config import load_config
-    from moco_xla.knn import knn_accuracy
-    from moco_xla.runtime import make_runtime
-    from moco_xla.train import build_model
-    cfg = load_config("digits", overrides)
-    rt = make_runtime("local")
-    bundle = data.build(cfg)
-    model = build_model(cfg, rt)
-    return float(knn_accuracy(rt, model.encoder_q.backbone, bundle.bank, bundle.test, bundle.num_classes,
-                              cfg.eval.knn_k, cfg.eval.knn_t))
+from eval_fns import PRETRAIN_SET, pretrained_run, random_init_knn
 
 
 def test_digits_quickstart_learns(tmp_path_factory):
@@ -34,6 +20,6 @@ def test_digits_quickstart_learns(tmp_path_factory):
     assert summary["final_loss"] < 0.85 * summary["uniform_loss"]  # well below uniform logits
     epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert not any(r.get("collapse") for r in epochs if r["type"] == "epoch")
-    baseline = random_init_knn(PRETRAIN_SET)
+    baseline = random_init_knn("digits", PRETRAIN_SET)
     assert summary["knn_top1"] > baseline + 15.0, (summary["knn_top1"], baseline)
     assert summary["knn_top1"] > 85.0
