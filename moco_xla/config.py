@@ -136,6 +136,20 @@ class DistillConfig:
 
 
 @dataclass
+class LabelPropConfig:
+    """Label propagation (labelprop.py) over the distillation's images, on MoCo's features and on raw
+    pixels; a student (the distillation's, its settings) learns the propagated labels. k neighbours
+    per image with weights sim^gamma, ``iterations`` steps of F <- alpha S F + (1 - alpha) Y.
+    Placeholder values until chosen on held-out training images (see the README).
+    """
+    k: int = 10                      # neighbours per image on MoCo's (L2-normalised backbone) features
+    pixel_k: int = 5                 # neighbours per image on raw pixels (the baseline without pre-training)
+    alpha: float = 0.9               # how far labels travel (alpha^t: the weight of t-step paths)
+    gamma: float = 3.0               # edge weight max(cosine, 0)^gamma (Iscen et al. 2019)
+    iterations: int = 50             # alpha^50 < 0.6 %: the fixed point for every argmax here
+
+
+@dataclass
 class SemisupConfig:
     """Few labels: probe, fine-tune and a from-scratch baseline on the same N labelled images.
 
@@ -159,6 +173,7 @@ class SemisupConfig:
     holdout: int = 0                 # > 0: score on this many unlabelled training images (seeded), not
                                      # the test set, and keep them out of distillation: to choose settings
     distill: DistillConfig = field(default_factory=DistillConfig)
+    labelprop: LabelPropConfig = field(default_factory=LabelPropConfig)
 
 
 @dataclass
@@ -333,7 +348,7 @@ _OWNERS: dict[int, type] = {}
 def _owner(f: dataclasses.Field) -> type:
     if not _OWNERS:
         for cls in (Config, DataConfig, ModelConfig, MocoConfig, TrainConfig, EvalConfig, CheckpointConfig,
-                    ProbeConfig, SemisupConfig, DistillConfig):
+                    ProbeConfig, SemisupConfig, DistillConfig, LabelPropConfig):
             for g in dataclasses.fields(cls):
                 _OWNERS[id(g)] = cls
     return _OWNERS[id(f)]
@@ -440,6 +455,19 @@ def probe_checks(p: ProbeConfig, s: SemisupConfig) -> list[tuple[bool, str, str]
         (s.pixel_c > 0, "eval.semisup.pixel_c", f"must be > 0, got {s.pixel_c}"),
         (s.holdout >= 0, "eval.semisup.holdout", f"must be >= 0, got {s.holdout}"),
         *distill_checks(s.distill),
+        *labelprop_checks(s.labelprop),
+    ]
+
+
+def labelprop_checks(lp: LabelPropConfig) -> list[tuple[bool, str, str]]:
+    """Ranges of eval.semisup.labelprop."""
+    k = "eval.semisup.labelprop"
+    return [
+        (lp.k >= 1, f"{k}.k", f"must be >= 1, got {lp.k}"),
+        (lp.pixel_k >= 1, f"{k}.pixel_k", f"must be >= 1, got {lp.pixel_k}"),
+        (0 < lp.alpha < 1, f"{k}.alpha", f"must be in (0, 1), got {lp.alpha}"),
+        (lp.gamma > 0, f"{k}.gamma", f"must be > 0, got {lp.gamma}"),
+        (lp.iterations >= 1, f"{k}.iterations", f"must be >= 1, got {lp.iterations}"),
     ]
 
 

@@ -34,7 +34,8 @@ from .checkpoint import checkpoint_meta, find_checkpoint
 from .config import Config, apply_override, from_dict, load_config, validate
 from .data.transforms import pretrain_transform
 from .errors import RunStopped, UserError
-from .knn import knn_accuracy
+from .knn import embed, knn_accuracy
+from .labelprop import propagate
 from .plots import SEMISUP_ROWS
 from .probe import (DistillSpec, SGDSpec, FrozenProbe, Relabelled, balanced_subset, build_eval_backbone,
                     clean_and_augmented, distill, extract, fit, head_accuracy, holdout_indices, image_accuracy,
@@ -274,7 +275,7 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     shown = Relabelled(images, split.picked, split.labels)
     batch, all_batch = semisup_batch(cfg, rt.world_size), distill_batch(cfg, rt.world_size, len(split.pool))
     label_batch = max(rt.world_size, min(d.label_batch_size, batch) // rt.world_size * rt.world_size)
-    bar = tqdm(total=4 * s.steps + 2 * d.steps, desc=f"{len(split.picked)} labels", disable=not rt.is_master,
+    bar = tqdm(total=4 * s.steps + 4 * d.steps, desc=f"{len(split.picked)} labels", disable=not rt.is_master,
                dynamic_ncols=True)
 
     def tick(*_: Any) -> None:
@@ -292,9 +293,11 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         model = train_classifier(rt, net, dim, classes, batches, s.steps, sgd, seed, tick)
         return model, image_accuracy(rt, model, split.test, e.batch_size, workers)
 
-    pool, noised_labelled = distill_views(cfg, bundle.bank, images, split)
+    noised = student_images(cfg, bundle.bank, images)
+    pool, noised_labelled = distill_views(cfg, bundle.bank, noised, split)
 
-    def distilled_row(teacher: nn.Module, student: nn.Module, dim: int, lr: float) -> torch.Tensor:
+    def student_row(teacher: nn.Module | None, pool: Dataset, student: nn.Module, dim: int, lr: float
+                    ) -> torch.Tensor:
         everything = image_batches(rt, pool, all_batch // rt.world_size, seed + 1, workers)
         batches = paired(everything, image_batches(rt, noised_labelled, label_batch // rt.world_size, seed + 2,
                                                    workers))
@@ -303,6 +306,11 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
                         DistillSpec(d.temperature, d.label_weight, d.targets), seed, tick)
         return image_accuracy(rt, model, split.test, e.batch_size, workers)
 
+    def propagated_row(features: nn.Module, k: int, student: nn.Module, dim: int, lr: float) -> torch.Tensor:
+        """Label propagation on ``features`` over the pool, then a student learns the propagated labels."""
+        propagated = propagated_labels(rt, features, bundle.bank, split, classes, k, cfg)
+        return student_row(None, Relabelled(noised, split.pool, propagated), student, dim, lr)
+
     rows: dict[str, torch.Tensor] = {}
     rows["moco_probe"] = probe_row(encoder(rt, job))
     scratch, dim = random_backbone(cfg, rt)
@@ -310,8 +318,11 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     # same images, crops and schedule as fine-tuning
     scratch_teacher, rows["supervised_scratch"] = tuned_row(scratch, dim, s.lr)
     # students start where their teachers did: the pre-trained encoder, the same seeded random init
-    rows["moco_distill"] = distilled_row(moco_teacher, encoder(rt, job), dim, d.lr)
-    rows["scratch_distill"] = distilled_row(scratch_teacher, random_backbone(cfg, rt)[0], dim, d.scratch_lr)
+    rows["moco_distill"] = student_row(moco_teacher, pool, encoder(rt, job), dim, d.lr)
+    rows["moco_labelprop"] = propagated_row(encoder(rt, job), s.labelprop.k, encoder(rt, job), dim, d.lr)
+    rows["scratch_distill"] = student_row(scratch_teacher, pool, random_backbone(cfg, rt)[0], dim, d.scratch_lr)
+    rows["pixel_labelprop"] = propagated_row(nn.Flatten(), s.labelprop.pixel_k, random_backbone(cfg, rt)[0], dim,
+                                             d.scratch_lr)
     rows["pixel_logistic"] = pixel_logistic(rt, labelled, split.test, s.pixel_c, e.batch_size, workers)
     rows["random_probe"] = probe_row(random_backbone(cfg, rt)[0])
     rt.mark_step()
@@ -326,22 +337,38 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         "ckpt": job.ckpt, "lr": {"probe": s.probe_lr, "finetune": s.finetune_lr, "scratch": s.lr},
         "distill": {**dataclasses.asdict(d), "batch_size": all_batch, "label_batch_size": label_batch,
                     "unlabelled_pool": len(split.pool)},
+        "labelprop": dataclasses.asdict(s.labelprop),
         "scored_on": split.scored_on, "test_images": len(split.test)}}}
 
 
-def distill_views(cfg: Config, bank, images, split: SemisupSplit) -> tuple[Dataset, Dataset]:
-    """The distillation's (pool, labelled) datasets. The student's noise is fine-tuning's view of the
-    images (``images``) or the checkpoint's MoCo augmentation (eval.semisup.distill.student_augment);
+def student_images(cfg: Config, bank, images):
+    """The distilled student's view of the training images: fine-tuning's (``images``) or the
+    checkpoint's MoCo augmentation (eval.semisup.distill.student_augment pretrain)."""
+    if cfg.eval.semisup.distill.student_augment == "crop":
+        return images
+    return with_transform(bank, pretrain_transform(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels))
+
+
+def distill_views(cfg: Config, bank, noised, split: SemisupSplit) -> tuple[Dataset, Dataset]:
+    """The distillation's (pool, labelled) datasets, the student seeing ``noised`` (student_images);
     the pool yields (teacher's view, student's view) pairs when the teacher sees the clean image."""
-    d = cfg.eval.semisup.distill
-    noised = images
-    if d.student_augment == "pretrain":
-        noised = with_transform(bank, pretrain_transform(cfg.data.augment, cfg.data.image_size,
-                                                         cfg.model.in_channels))
     pool = noised  # teacher_view crop: the teacher sees the student's view (SimCLRv2)
-    if d.teacher_view == "clean" and noised is not bank:
+    if cfg.eval.semisup.distill.teacher_view == "clean" and noised is not bank:
         pool = clean_and_augmented(bank, noised.transform)
     return subset(pool, split.pool), Relabelled(noised, split.picked, split.labels)
+
+
+def propagated_labels(rt: Runtime, features: nn.Module, bank, split: SemisupSplit, classes: int, k: int,
+                      cfg: Config) -> torch.Tensor:
+    """Labels for every image of split.pool (host tensor): the labelled ones spread by label propagation
+    over ``features``' kNN graph of the pool (clean images; the bank gathered on every replica)."""
+    lp = cfg.eval.semisup.labelprop
+    feats, _ = embed(rt, features.to(rt.device).eval(), subset(bank, split.pool), cfg.eval.batch_size, 0,
+                     cfg.data.workers)
+    seeds = torch.searchsorted(split.pool, split.picked).to(rt.device)  # pool is sorted, holds the labelled
+    labels = propagate(feats, seeds, split.labels.to(rt.device), classes, k, lp.alpha, lp.iterations, lp.gamma,
+                       rt.mark_step)
+    return labels.cpu()  # once per row, before its student trains
 
 
 def summary_key(cfg: Config) -> str:

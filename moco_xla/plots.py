@@ -23,8 +23,10 @@ SEMISUP_ROWS = {
     "moco_probe": "MoCo linear probe (frozen)",
     "moco_finetune": "MoCo fine-tuned",
     "moco_distill": "MoCo fine-tuned + distilled",
+    "moco_labelprop": "MoCo label propagation + distilled",
     "supervised_scratch": "supervised from scratch",
     "scratch_distill": "from scratch + distilled",
+    "pixel_labelprop": "raw-pixel label propagation + distilled",
     "pixel_logistic": "raw-pixel logistic regression",
     "random_probe": "random-init encoder probe",
 }

@@ -340,19 +340,20 @@ def clean_and_augmented(ds, augment: Callable):
     return with_transform(ds, CleanAndAugmented(ds.transform, augment))
 
 
-Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def paired(everything: Batches, labelled: Batches) -> Iterator[Step]:
     """One distillation step's batch: (teacher's view and student's view of images from the whole
-    train set, labelled images, their labels). ``everything`` yields (clean, augmented) pairs or single
-    images (then teacher and student see the same crop, as in SimCLRv2)."""
-    for (x_all, _), (x_lab, y_lab) in zip(everything, labelled):
+    train set, their labels in ``everything`` (the propagated ones when there is no teacher), labelled
+    images, their labels). ``everything`` yields (clean, augmented) pairs or single images (then teacher
+    and student see the same crop, as in SimCLRv2)."""
+    for (x_all, y_all), (x_lab, y_lab) in zip(everything, labelled):
         x_teacher, x_student = x_all if isinstance(x_all, (tuple, list)) else (x_all, x_all)
-        yield x_teacher, x_student, x_lab, y_lab
+        yield x_teacher, x_student, y_all, x_lab, y_lab
 
 
-def distill(rt: Runtime, teacher: nn.Module, backbone: nn.Module, feat_dim: int, classes: int,
+def distill(rt: Runtime, teacher: nn.Module | None, backbone: nn.Module, feat_dim: int, classes: int,
             batches: Iterator[Step], steps: int, sgd: SGDSpec,
             spec: DistillSpec, seed: int = 0,
             on_epoch: Callable[[int, float, torch.Tensor], None] | None = None) -> nn.Module:
@@ -363,23 +364,27 @@ def distill(rt: Runtime, teacher: nn.Module, backbone: nn.Module, feat_dim: int,
     weight ``spec.label_weight``), both augmented for the student; the teacher sees the same
     crops or, from clean_and_augmented pairs, the clean images; the student's BN normalises both
     batches together. Gradients average over replicas
-    as in ``fit``; the teacher runs in eval mode without gradients.
+    as in ``fit``; the teacher runs in eval mode without gradients. Without a teacher the targets
+    are the labels ``batches`` carry for every image (label propagation's).
     """
-    teacher.eval()
-    for q in teacher.parameters():
-        q.requires_grad_(False)
+    if teacher is not None:
+        teacher.eval()
+        for q in teacher.parameters():
+            q.requires_grad_(False)
     student = nn.Sequential(backbone.to(rt.device), linear_head(feat_dim, classes, rt, seed)).train()
     rt.sync_module(student)
 
     def loss_fn(model: nn.Module, batch: Step) -> torch.Tensor:
-        x_teacher, x_all, x_lab, y_lab = batch
-        with torch.no_grad():
-            target = teacher(x_teacher).float()
+        x_teacher, x_all, y_all, x_lab, y_lab = batch
         logits = model(torch.cat([x_all, x_lab])).float()
-        if spec.targets == "hard":
-            loss = F.cross_entropy(logits[: len(x_all)], target.argmax(dim=1))
+        ours = logits[: len(x_all)]
+        if teacher is None:
+            loss = F.cross_entropy(ours, y_all)
         else:
-            loss = distill_loss(logits[: len(x_all)], target, spec.temperature)
+            with torch.no_grad():
+                target = teacher(x_teacher).float()
+            loss = (F.cross_entropy(ours, target.argmax(dim=1)) if spec.targets == "hard"
+                    else distill_loss(ours, target, spec.temperature))
         if spec.label_weight > 0:
             loss = loss + spec.label_weight * F.cross_entropy(logits[len(x_all):], y_lab)
         return loss

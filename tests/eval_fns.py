@@ -146,3 +146,17 @@ def xla_compiles(ckpt: str, out: str) -> dict:
             counts[f"{name}{length}"] = compiles() - before
     results["knn"] = run_knn(Job("knn", ckpt, eval_config(ckpt, None, []), out), rt, MetricsWriter(out, enabled=False))
     return {"compiles": counts, "results": results, "device": str(rt.device)}
+
+
+def study_propagation(rt) -> dict:
+    """The study's propagated_labels on raw pixels of the tiny digits (20 labels), on ``rt``'s replicas."""
+    from moco_xla import data
+    from moco_xla import eval as moco_eval
+    from moco_xla.config import load_config
+    cfg = load_config("tiny", ["eval.semisup.labels=20", "eval.batch_size=64"])
+    bundle = data.build(cfg)
+    split = moco_eval.semisup_split(cfg, bundle)
+    labels = moco_eval.propagated_labels(rt, nn.Flatten(), bundle.bank, split, 10, 5, cfg)
+    truth = moco_eval.train_labels(bundle.bank)[split.pool]
+    return {"labels": labels, "accuracy": float((labels == truth).float().mean() * 100),
+            "seeds_kept": bool(torch.equal(labels[torch.searchsorted(split.pool, split.picked)], split.labels))}

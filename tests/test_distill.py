@@ -132,10 +132,11 @@ def test_two_views_give_the_teacher_the_clean_image_and_the_student_the_crop():
     x, y = two_clusters(40, 0)
     rt = make_runtime("local")
     views = Jittered(x, y, CleanAndAugmented(nn.Identity(), jitter))
-    x_teacher, x_student, x_lab, y_lab = next(paired(image_batches(rt, views, 8, 1),
-                                                     image_batches(rt, Points(x, y), 4, 2)))
+    x_teacher, x_student, y_all, x_lab, y_lab = next(paired(image_batches(rt, views, 8, 1),
+                                                            image_batches(rt, Points(x, y), 4, 2)))
     rows = (x_teacher.unsqueeze(1) == x.unsqueeze(0)).all(-1)  # [8, 40]: which clean point each row is
     assert rows.sum(1).eq(1).all()  # every teacher row is one clean point, unchanged
+    assert torch.equal(y_all, y[rows.float().argmax(1)])  # and carries that point's label
     moved = (x_student - x[rows.float().argmax(1)]).abs()
     assert 0 < moved.max() < 0.2  # the student sees the same point, jittered
     same = next(paired(image_batches(rt, Jittered(x, y), 8, 1), image_batches(rt, Points(x, y), 4, 2)))
@@ -179,7 +180,8 @@ def test_the_student_is_noised_as_configured_and_the_teacher_sees_the_clean_imag
     bundle = data.build(cfg)
     split = moco_eval.semisup_split(cfg, bundle)
     images = with_transform(bundle.bank, train_transform("digits_affine", 16, 1))
-    pool, labelled = moco_eval.distill_views(cfg, bundle.bank, images, split)
+    pool, labelled = moco_eval.distill_views(cfg, bundle.bank, moco_eval.student_images(cfg, bundle.bank, images),
+                                             split)
     pair = pool.dataset.transform
     assert isinstance(pair, CleanAndAugmented) and pair.clean is bundle.bank.transform
     assert labelled.ds.transform is pair.augment and len(pool) == len(split.pool) and len(labelled) == 20
@@ -190,7 +192,8 @@ def test_the_student_is_noised_as_configured_and_the_teacher_sees_the_clean_imag
     assert torch.equal(clean, bundle.bank[int(split.pool[3])][0]) and noised.shape == clean.shape
     crop_cfg = load_config("tiny", ["eval.semisup.labels=20", "eval.semisup.distill.teacher_view=crop",
                                     "eval.semisup.distill.student_augment=crop"])
-    shared, _ = moco_eval.distill_views(crop_cfg, bundle.bank, images, split)
+    shared, _ = moco_eval.distill_views(crop_cfg, bundle.bank, moco_eval.student_images(crop_cfg, bundle.bank, images),
+                                        split)
     assert shared.dataset is images  # the teacher sees the student's crop (SimCLRv2)
 
 
@@ -233,10 +236,12 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
                   "--backend", "cpu", "--cores", "2", "--set", "eval.semisup.steps=3",
                   "--set", "eval.semisup.distill.steps=3", "--set", "eval.semisup.distill.batch_size=32",
                   "--set", "eval.semisup.distill.temperature=2", "--set", "eval.semisup.distill.teacher_view=crop",
-                  "--set", "eval.semisup.distill.targets=soft", "--set", "eval.semisup.distill.student_augment=crop"])
+                  "--set", "eval.semisup.distill.targets=soft", "--set", "eval.semisup.distill.student_augment=crop",
+                  "--set", "eval.semisup.labelprop.k=7"])
     assert p.returncode == 0, p.stderr[-3000:]
     study = read_summary(out)["semisup"]["20"]
-    assert set(study["rows"]) == set(moco_eval.SEMISUP_ROWS) and len(moco_eval.SEMISUP_ROWS) == 7
+    assert study["labelprop"]["k"] == 7 and set(study["labelprop"]) == {"k", "pixel_k", "alpha", "gamma", "iterations"}
+    assert set(study["rows"]) == set(moco_eval.SEMISUP_ROWS) and len(moco_eval.SEMISUP_ROWS) == 9
     assert all(0.0 <= v <= 100.0 for v in study["rows"].values())
     assert study["labels_file"] == str(labels.resolve()) and study["scored_on"] == "test"
     d = study["distill"]
@@ -245,7 +250,8 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
     assert d["student_augment"] == "crop"
     record = [r for r in read_metrics(out) if r["type"] == "semisup"][-1]
     assert {k: record[k] for k in study["rows"]} == study["rows"]
-    for title in ("MoCo fine-tuned + distilled", "from scratch + distilled", "from " + str(labels.resolve())):
+    for title in ("MoCo fine-tuned + distilled", "from scratch + distilled", "MoCo label propagation + distilled",
+                  "raw-pixel label propagation + distilled", "from " + str(labels.resolve())):
         assert title in p.stdout
 
 

@@ -124,3 +124,15 @@ def test_knn_on_4_replicas_equals_one_replica(replicas, tiny_cfg):
         assert abs(r["top1"] - top1) <= 3 * 100.0 / len(bundle.test), (r["top1"], top1)  # XLA vs eager CPU
     # before the sync each replica embedded its share with its own statistics: another bank
     assert (res[0]["drifted"] - bank).abs().max() > 1e-3
+
+
+def test_label_propagation_on_4_replicas_equals_one_replica(replicas):
+    """The few-label study's propagation: the gathered pixel bank, graph and labels the same on every replica."""
+    from eval_fns import study_propagation
+    from moco_xla.runtime import make_runtime
+    res = [r["labelprop"] for r in replicas]
+    eager = study_propagation(make_runtime("local"))
+    for r in res:
+        assert torch.equal(r["replicas"]["labels"], res[0]["alone"]["labels"])  # N replicas = one, on XLA
+        assert r["replicas"]["seeds_kept"]
+        assert (r["replicas"]["labels"] != eager["labels"]).sum() <= 2  # XLA vs eager CPU: near-ties at most

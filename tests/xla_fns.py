@@ -123,11 +123,18 @@ def knn(rt, cfg) -> dict:
                  "top1_alone": float(alone), "state": net.state_dict()})
 
 
+def labelprop(rt) -> dict:
+    """The study's label propagation on N replicas and, on the same device, by one replica alone."""
+    from eval_fns import study_propagation
+    from moco_xla.runtime import Runtime
+    return {"replicas": study_propagation(rt), "alone": study_propagation(Runtime(rt.device))}
+
+
 def everything(rt, cfg, per: int, steps: int) -> dict:
     """All of the above in one start (each start of N replicas costs seconds of set-up)."""
     out = {}
     for name, fn, args in (("collectives", collectives, ()), ("shuffle", shuffle_keys, (per,)),
-                           ("train", train_steps, (cfg, steps)), ("knn", knn, (cfg,))):
+                           ("train", train_steps, (cfg, steps)), ("knn", knn, (cfg,)), ("labelprop", labelprop, ())):
         t0 = time.time()
         out[name] = fn(rt, *args)
         rt.mark_step()
