@@ -261,7 +261,7 @@ def semisup_split(cfg: Config, bundle: data.DataBundle) -> SemisupSplit:
 
 
 def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
-    """N labelled images, seven ways to use them, one test set (the MNIST-with-100-labels study)."""
+    """N labelled images, nine ways to use them, one test set (the MNIST-with-100-labels study)."""
     cfg, s, d = job.cfg, job.cfg.eval.semisup, job.cfg.eval.semisup.distill
     e, workers, seed = cfg.eval, cfg.data.workers, cfg.train.seed
     bundle = data.build(cfg)

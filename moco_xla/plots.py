@@ -121,21 +121,27 @@ def linear_plot(records: list[dict], path: Path) -> Path | None:
 
 
 def semisup_plot(studies: dict[str, dict], path: Path) -> Path | None:
-    """Test top-1 of every row of the few-label study, one group of bars per label count."""
+    """Test top-1 of every row of the few-label study: one horizontal bar per row and label count,
+    rows top to bottom in the study's order (their names fit beside horizontal bars)."""
     studies = {k: v for k, v in studies.items() if isinstance(v, dict) and v.get("rows")}
     if not studies:
         return None
     counts = sorted(studies, key=int)
     rows = [r for r in SEMISUP_ROWS if any(r in studies[n]["rows"] for n in counts)]
-    fig, ax = _figure("few labels: test top-1", "", "test top-1 (%)")
-    width = 0.8 / len(counts)
+    fig = Figure(figsize=(SIZE[0], max(SIZE[1], 0.2 + 0.45 * len(rows) * (1 + 0.25 * len(counts)))), dpi=DPI,
+                 layout="tight")
+    ax = fig.add_subplot()
+    ax.set_title("few labels: test top-1")
+    ax.set_xlabel("test top-1 (%)")
+    ax.grid(alpha=0.3, axis="x")
+    height = 0.8 / len(counts)
     for j, n in enumerate(counts):
-        xs = [i + (j - (len(counts) - 1) / 2) * width for i in range(len(rows))]
-        ys = [studies[n]["rows"].get(r) or 0.0 for r in rows]
-        bars = ax.bar(xs, ys, width, label=f"{n} labels")
-        ax.bar_label(bars, fmt="%.1f", fontsize="x-small")
-    ax.set_xticks(range(len(rows)), [SEMISUP_ROWS[r].replace(" ", "\n", 1) for r in rows],
-                  fontsize="x-small")
-    ax.set_ylim(0, 105)
-    ax.legend(loc="lower left", fontsize="small")
+        ys = [i + (j - (len(counts) - 1) / 2) * height for i in range(len(rows))]
+        xs = [studies[n]["rows"].get(r) or 0.0 for r in rows]
+        bars = ax.barh(ys, xs, height, label=f"{n} labels")
+        ax.bar_label(bars, fmt="%.1f", fontsize="x-small", padding=2)
+    ax.set_yticks(range(len(rows)), [SEMISUP_ROWS[r] for r in rows], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 110)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=len(counts), fontsize="small")
     return _save(fig, path)

@@ -1,5 +1,5 @@
 """Distillation (SimCLRv2's step 3) and the few-label study's labels: a toy problem on one replica and on
-2 gloo replicas, the study's seven rows on the tiny setting, and the labels file's checks."""
+2 gloo replicas, the study's nine rows on the tiny setting, and the labels file's checks."""
 from __future__ import annotations
 
 import pytest
