@@ -8,7 +8,9 @@ propagated labels as the targets of a distilled student (eval.semisup.labelprop)
 features and, as the baseline without pre-training, on raw pixels.
 
 Everything stays on the device with static shapes: the graph is k indices and weights per image,
-the propagation a fixed number of identical steps (one graph, cut at every step on XLA).
+the propagation a fixed number of identical steps (one graph, cut at every step on XLA). Every
+replica holds all n features and builds the same graph (n x D floats: MNIST's 60,000 x 512 are
+120 MB; ImageNet's 1.28 M x 2048 would be 10 GB, more than a TPU core's memory).
 """
 from __future__ import annotations
 
@@ -17,11 +19,17 @@ from typing import Callable
 import torch
 
 
-def knn_graph(feats: torch.Tensor, k: int, gamma: float, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+SIMILARITIES_AT_ONCE = 1 << 26  # 256 MB of fp32 similarities per chunk of rows
+
+
+def knn_graph(feats: torch.Tensor, k: int, gamma: float, chunk: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """([n, k] neighbour indices, [n, k] weights max(sim, 0)^gamma) of L2-normalised ``feats`` [n, D];
-    an image is never its own neighbour. Rows are scored ``chunk`` at a time (memory chunk x n)."""
+    an image is never its own neighbour. Rows are scored ``chunk`` at a time (default: as many as keep
+    chunk x n similarities within SIMILARITIES_AT_ONCE; on XLA a shorter last chunk compiles once more)."""
     n = feats.shape[0]
     k = min(k, n - 1)
+    chunk = chunk or max(1, SIMILARITIES_AT_ONCE // n)
     idx, weights = [], []
     for start in range(0, n, chunk):
         sim = feats[start:start + chunk] @ feats.t()
