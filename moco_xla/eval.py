@@ -427,12 +427,12 @@ def print_table(command: str, out: Path, cfg: Config) -> None:
         source = f"from {study['labels_file']}" if study.get("labels_file") else f"draw {study['seed']}"
         print(f"  {study['labels']} labelled images ({study['per_class']:g} per class, {source}); "
               f"{where} top-1 on {study['test_images']} images:")
-        for key, title in SEMISUP_ROWS.items():
-            if key not in study["rows"]:
-                continue
+        shown = {key: title for key, title in SEMISUP_ROWS.items() if key in study["rows"]}
+        width = max(map(len, shown.values()))
+        for key, title in shown.items():
             tied = study["rows"][key] == study["rows"][study["best"]]  # a tie marks every row that has it
             mark = "  <- best" if tied else ""
-            print(f"    {title:<32} {study['rows'][key]:6.2f}%{mark}")
+            print(f"    {title:<{width}} {study['rows'][key]:6.2f}%{mark}")
     print(f"  results in {out} (summary.json, metrics.jsonl, plots/, tensorboard/)")
 
 
