@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 
-
 SIMILARITIES_AT_ONCE = 1 << 26  # 256 MB of fp32 similarities per chunk of rows
 
 
