@@ -6,20 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import run_gloo
-from eval_fns import Points, study_propagation
 from sklearn.datasets import make_moons
 
+from conftest import run_gloo
+from eval_fns import Points, study_propagation
 from moco_xla.labelprop import knn_graph, propagate, symmetric_product
-from moco_xla.probe import (
-    DistillSpec,
-    Relabelled,
-    SGDSpec,
-    distill,
-    image_accuracy,
-    image_batches,
-    paired,
-)
+from moco_xla.probe import DistillSpec, Relabelled, SGDSpec, distill, image_accuracy, image_batches, paired
 from moco_xla.runtime import make_runtime
 
 

@@ -10,10 +10,10 @@ import copy
 import hashlib
 import time
 
-import dist_fns
 import torch
 import torch.nn as nn
 
+import dist_fns
 from moco_xla.shuffle import shuffled_keys
 
 
@@ -126,7 +126,6 @@ def knn(rt, cfg) -> dict:
 def labelprop(rt) -> dict:
     """The study's label propagation on N replicas and, on the same device, by one replica alone."""
     from eval_fns import study_propagation
-
     from moco_xla.runtime import Runtime
     return {"replicas": study_propagation(rt), "alone": study_propagation(Runtime(rt.device))}
 
