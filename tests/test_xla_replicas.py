@@ -126,13 +126,14 @@ def test_knn_on_4_replicas_equals_one_replica(replicas, tiny_cfg):
     assert (res[0]["drifted"] - bank).abs().max() > 1e-3
 
 
-def test_label_propagation_on_4_replicas_equals_one_replica(replicas):
-    """The few-label study's propagation: the gathered pixel bank, graph and labels the same on every replica."""
+def test_label_propagation_on_4_replicas_equals_one_process(replicas):
+    """The few-label study's propagation: the gathered pixel bank, graph and labels the same on every replica,
+    and what one eager CPU process computes (up to near-ties of XLA's float order)."""
     from eval_fns import study_propagation
     from moco_xla.runtime import make_runtime
     res = [r["labelprop"] for r in replicas]
     eager = study_propagation(make_runtime("local"))
     for r in res:
-        assert torch.equal(r["replicas"]["labels"], res[0]["alone"]["labels"])  # N replicas = one, on XLA
-        assert r["replicas"]["seeds_kept"]
-        assert (r["replicas"]["labels"] != eager["labels"]).sum() <= 2  # XLA vs eager CPU: near-ties at most
+        assert torch.equal(r["labels"], res[0]["labels"]) and r["seeds_kept"]
+        assert (r["labels"] != eager["labels"]).sum() <= 2
+    assert eager["accuracy"] > 80.0

@@ -124,10 +124,9 @@ def knn(rt, cfg) -> dict:
 
 
 def labelprop(rt) -> dict:
-    """The study's label propagation on N replicas and, on the same device, by one replica alone."""
+    """The study's label propagation on N replicas (the gathered pixel bank, graph and labels)."""
     from eval_fns import study_propagation
-    from moco_xla.runtime import Runtime
-    return {"replicas": study_propagation(rt), "alone": study_propagation(Runtime(rt.device))}
+    return study_propagation(rt)
 
 
 def everything(rt, cfg, per: int, steps: int) -> dict:
