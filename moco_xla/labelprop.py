@@ -55,7 +55,9 @@ def propagate(feats: torch.Tensor, seeds: torch.Tensor, seed_labels: torch.Tenso
 
     Iterates F <- alpha S F + (1 - alpha) Y with S = D^-1/2 W D^-1/2, W the symmetric kNN graph and
     Y the one-hot seeds; F approaches (1 - alpha)(I - alpha S)^-1 Y, the closed form, as alpha^t. The
-    seeds keep their own labels. ``mark_step`` runs after every iteration (XLA: one cached graph).
+    seeds keep their own labels; an image no seed reaches within ``iterations`` steps of the graph
+    (a component of its own) takes the label of its most similar seed instead of an arbitrary class.
+    ``mark_step`` runs after every iteration (XLA: one cached graph).
     """
     idx, w = knn_graph(feats, k, gamma)
     n = feats.shape[0]
@@ -67,4 +69,6 @@ def propagate(feats: torch.Tensor, seeds: torch.Tensor, seed_labels: torch.Tenso
     for _ in range(iterations):
         f = alpha * scale * symmetric_product(idx, w, scale * f) + (1 - alpha) * y
         mark_step()
-    return f.argmax(dim=1).index_put((seeds,), seed_labels)
+    nearest_seed = seed_labels[(feats @ feats[seeds].t()).argmax(dim=1)]
+    labels = torch.where(f.sum(dim=1) > 0, f.argmax(dim=1), nearest_seed)
+    return labels.index_put((seeds,), seed_labels)

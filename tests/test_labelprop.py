@@ -57,6 +57,17 @@ def test_propagation_reaches_the_closed_form():
     assert (got != closed[torch.randperm(120, generator=gen)]).any()  # not a constant answer
 
 
+def test_an_image_no_seed_reaches_takes_its_most_similar_seed_label():
+    """Three tight clusters, seeds in two: the third is a component of its own (its neighbours stay inside
+    it) and takes the label of the seed it is most similar to, not class 0 by default."""
+    gen = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.8]]), dim=1)
+    feats = F.normalize(centres.repeat_interleave(10, 0) + 0.01 * torch.randn(30, 3, generator=gen), dim=1)
+    got = propagate(feats, torch.tensor([0, 10]), torch.tensor([1, 2]), 3, 3, 0.9, 50)
+    assert torch.equal(got[:10], torch.ones(10, dtype=torch.long))
+    assert torch.equal(got[10:], torch.full((20,), 2))  # the unseeded cluster is nearest the second seed
+
+
 def moons(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = make_moons(n, noise=0.05, random_state=seed)
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
