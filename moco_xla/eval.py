@@ -296,9 +296,9 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     noised = student_images(cfg, bundle.bank, images)
     pool, noised_labelled = distill_views(cfg, bundle.bank, noised, split)
 
-    def student_row(teacher: nn.Module | None, pool: Dataset, student: nn.Module, dim: int, lr: float
+    def student_row(teacher: nn.Module | None, all_images: Dataset, student: nn.Module, dim: int, lr: float
                     ) -> torch.Tensor:
-        everything = image_batches(rt, pool, all_batch // rt.world_size, seed + 1, workers)
+        everything = image_batches(rt, all_images, all_batch // rt.world_size, seed + 1, workers)
         batches = paired(everything, image_batches(rt, noised_labelled, label_batch // rt.world_size, seed + 2,
                                                    workers))
         sgd = SGDSpec(lr, 0.9, s.weight_decay, "cosine")

@@ -14,11 +14,19 @@ replica holds all n features and builds the same graph (n x D floats: MNIST's 60
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 SIMILARITIES_AT_ONCE = 1 << 26  # 256 MB of fp32 similarities per chunk of rows
+
+
+def row_chunks(feats: torch.Tensor, columns: int, chunk: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, rows) of ``feats`` ``chunk`` rows at a time (default: as many as keep rows x ``columns``
+    similarities within SIMILARITIES_AT_ONCE)."""
+    chunk = chunk or max(1, SIMILARITIES_AT_ONCE // columns)
+    for start in range(0, feats.shape[0], chunk):
+        yield start, feats[start:start + chunk]
 
 
 def knn_graph(feats: torch.Tensor, k: int, gamma: float, chunk: int | None = None
@@ -28,12 +36,11 @@ def knn_graph(feats: torch.Tensor, k: int, gamma: float, chunk: int | None = Non
     chunk x n similarities within SIMILARITIES_AT_ONCE; on XLA a shorter last chunk compiles once more)."""
     n = feats.shape[0]
     k = min(k, n - 1)
-    chunk = chunk or max(1, SIMILARITIES_AT_ONCE // n)
     idx, weights = [], []
-    for start in range(0, n, chunk):
-        sim = feats[start:start + chunk] @ feats.t()
-        rows = torch.arange(start, start + len(sim), device=feats.device)
-        sim = sim.scatter(1, rows.unsqueeze(1), -2.0)  # below any cosine similarity
+    for start, rows in row_chunks(feats, n, chunk):
+        sim = rows @ feats.t()
+        own = torch.arange(start, start + len(sim), device=feats.device)
+        sim = sim.scatter(1, own.unsqueeze(1), -2.0)  # below any cosine similarity
         w, i = sim.topk(k, dim=1)
         idx.append(i)
         weights.append(w.clamp(min=0) ** gamma)
@@ -69,6 +76,8 @@ def propagate(feats: torch.Tensor, seeds: torch.Tensor, seed_labels: torch.Tenso
     for _ in range(iterations):
         f = alpha * scale * symmetric_product(idx, w, scale * f) + (1 - alpha) * y
         mark_step()
-    nearest_seed = seed_labels[(feats @ feats[seeds].t()).argmax(dim=1)]
+    seed_feats = feats[seeds].t()
+    nearest_seed = seed_labels[torch.cat([(rows @ seed_feats).argmax(dim=1)
+                                          for _, rows in row_chunks(feats, len(seeds))])]
     labels = torch.where(f.sum(dim=1) > 0, f.argmax(dim=1), nearest_seed)
     return labels.index_put((seeds,), seed_labels)

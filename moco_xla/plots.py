@@ -59,8 +59,8 @@ def _last_per_epoch(records: list[dict]) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
-    fig = Figure(figsize=SIZE, dpi=DPI, layout="tight")
+def _figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] = SIZE) -> tuple[Figure, Any]:
+    fig = Figure(figsize=size, dpi=DPI, layout="tight")
     ax = fig.add_subplot()
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -128,12 +128,9 @@ def semisup_plot(studies: dict[str, dict], path: Path) -> Path | None:
         return None
     counts = sorted(studies, key=int)
     rows = [r for r in SEMISUP_ROWS if any(r in studies[n]["rows"] for n in counts)]
-    fig = Figure(figsize=(SIZE[0], max(SIZE[1], 0.2 + 0.45 * len(rows) * (1 + 0.25 * len(counts)))), dpi=DPI,
-                 layout="tight")
-    ax = fig.add_subplot()
-    ax.set_title("few labels: test top-1")
-    ax.set_xlabel("test top-1 (%)")
-    ax.grid(alpha=0.3, axis="x")
+    height_in = max(SIZE[1], 0.2 + 0.45 * len(rows) * (1 + 0.25 * len(counts)))
+    fig, ax = _figure("few labels: test top-1", "test top-1 (%)", "", (SIZE[0], height_in))
+    ax.grid(False, axis="y")  # rows are categories: only the percent axis gets lines
     height = 0.8 / len(counts)
     for j, n in enumerate(counts):
         ys = [i + (j - (len(counts) - 1) / 2) * height for i in range(len(rows))]
