@@ -293,23 +293,27 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         model = train_classifier(rt, net, dim, classes, batches, s.steps, sgd, seed, tick)
         return model, image_accuracy(rt, model, split.test, e.batch_size, workers)
 
-    noised = student_images(cfg, bundle.bank, images)
+    noised = student_images(cfg, bundle.bank, images, d.student_augment)
     pool, noised_labelled = distill_views(cfg, bundle.bank, noised, split)
 
-    def student_row(teacher: nn.Module | None, all_images: Dataset, student: nn.Module, dim: int, lr: float
-                    ) -> torch.Tensor:
+    def student_row(teacher: nn.Module | None, all_images: Dataset, student: nn.Module, dim: int, lr: float,
+                    labelled_images: Dataset = noised_labelled) -> torch.Tensor:
         everything = image_batches(rt, all_images, all_batch // rt.world_size, seed + 1, workers)
-        batches = paired(everything, image_batches(rt, noised_labelled, label_batch // rt.world_size, seed + 2,
+        batches = paired(everything, image_batches(rt, labelled_images, label_batch // rt.world_size, seed + 2,
                                                    workers))
         sgd = SGDSpec(lr, 0.9, s.weight_decay, "cosine")
         model = distill(rt, teacher, student, dim, classes, batches, d.steps, sgd,
                         DistillSpec(d.temperature, d.label_weight, d.targets), seed, tick)
         return image_accuracy(rt, model, split.test, e.batch_size, workers)
 
-    def propagated_row(features: nn.Module, k: int, student: nn.Module, dim: int, lr: float) -> torch.Tensor:
-        """Label propagation on ``features`` over the pool, then a student learns the propagated labels."""
+    def propagated_row(features: nn.Module, k: int, student: nn.Module, dim: int, lr: float, augment: str
+                       ) -> torch.Tensor:
+        """Label propagation on ``features`` over the pool, then a student (noised as ``augment`` says)
+        learns the propagated labels."""
         propagated = propagated_labels(rt, features, bundle.bank, split, classes, k, cfg)
-        return student_row(None, Relabelled(noised, split.pool, propagated), student, dim, lr)
+        seen = student_images(cfg, bundle.bank, images, augment)
+        return student_row(None, Relabelled(seen, split.pool, propagated), student, dim, lr,
+                           Relabelled(seen, split.picked, split.labels))
 
     rows: dict[str, torch.Tensor] = {}
     rows["moco_probe"] = probe_row(encoder(rt, job))
@@ -319,10 +323,11 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     scratch_teacher, rows["supervised_scratch"] = tuned_row(scratch, dim, s.lr)
     # students start where their teachers did: the pre-trained encoder, the same seeded random init
     rows["moco_distill"] = student_row(moco_teacher, pool, encoder(rt, job), dim, d.lr)
-    rows["moco_labelprop"] = propagated_row(encoder(rt, job), s.labelprop.k, encoder(rt, job), dim, d.lr)
+    lp = s.labelprop
+    rows["moco_labelprop"] = propagated_row(encoder(rt, job), lp.k, encoder(rt, job), dim, d.lr, lp.student_augment)
     rows["scratch_distill"] = student_row(scratch_teacher, pool, random_backbone(cfg, rt)[0], dim, d.scratch_lr)
-    rows["pixel_labelprop"] = propagated_row(nn.Flatten(), s.labelprop.pixel_k, random_backbone(cfg, rt)[0], dim,
-                                             d.scratch_lr)
+    rows["pixel_labelprop"] = propagated_row(nn.Flatten(), lp.pixel_k, random_backbone(cfg, rt)[0], dim,
+                                             d.scratch_lr, lp.pixel_student_augment)
     rows["pixel_logistic"] = pixel_logistic(rt, labelled, split.test, s.pixel_c, e.batch_size, workers)
     rows["random_probe"] = probe_row(random_backbone(cfg, rt)[0])
     rt.mark_step()
@@ -341,10 +346,11 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         "scored_on": split.scored_on, "test_images": len(split.test)}}}
 
 
-def student_images(cfg: Config, bank, images):
-    """The distilled student's view of the training images: fine-tuning's (``images``) or the
-    checkpoint's MoCo augmentation (eval.semisup.distill.student_augment pretrain)."""
-    if cfg.eval.semisup.distill.student_augment == "crop":
+def student_images(cfg: Config, bank, images, augment: str):
+    """A student's view of the training images: fine-tuning's (``images``; ``augment`` crop) or the
+    checkpoint's MoCo augmentation (pretrain); eval.semisup.distill.student_augment and
+    eval.semisup.labelprop.student_augment choose."""
+    if augment == "crop":
         return images
     return with_transform(bank, pretrain_transform(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels))
 

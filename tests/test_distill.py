@@ -180,8 +180,8 @@ def test_the_student_is_noised_as_configured_and_the_teacher_sees_the_clean_imag
     bundle = data.build(cfg)
     split = moco_eval.semisup_split(cfg, bundle)
     images = with_transform(bundle.bank, train_transform("digits_affine", 16, 1))
-    pool, labelled = moco_eval.distill_views(cfg, bundle.bank, moco_eval.student_images(cfg, bundle.bank, images),
-                                             split)
+    noised = moco_eval.student_images(cfg, bundle.bank, images, student_augment)
+    pool, labelled = moco_eval.distill_views(cfg, bundle.bank, noised, split)
     pair = pool.dataset.transform
     assert isinstance(pair, CleanAndAugmented) and pair.clean is bundle.bank.transform
     assert labelled.ds.transform is pair.augment and len(pool) == len(split.pool) and len(labelled) == 20
@@ -192,8 +192,8 @@ def test_the_student_is_noised_as_configured_and_the_teacher_sees_the_clean_imag
     assert torch.equal(clean, bundle.bank[int(split.pool[3])][0]) and noised.shape == clean.shape
     crop_cfg = load_config("tiny", ["eval.semisup.labels=20", "eval.semisup.distill.teacher_view=crop",
                                     "eval.semisup.distill.student_augment=crop"])
-    shared, _ = moco_eval.distill_views(crop_cfg, bundle.bank, moco_eval.student_images(crop_cfg, bundle.bank, images),
-                                        split)
+    shared, _ = moco_eval.distill_views(crop_cfg, bundle.bank,
+                                        moco_eval.student_images(crop_cfg, bundle.bank, images, "crop"), split)
     assert shared.dataset is images  # the teacher sees the student's crop (SimCLRv2)
 
 
@@ -237,10 +237,12 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
                   "--set", "eval.semisup.distill.steps=3", "--set", "eval.semisup.distill.batch_size=32",
                   "--set", "eval.semisup.distill.temperature=2", "--set", "eval.semisup.distill.teacher_view=crop",
                   "--set", "eval.semisup.distill.targets=soft", "--set", "eval.semisup.distill.student_augment=crop",
-                  "--set", "eval.semisup.labelprop.k=7"])
+                  "--set", "eval.semisup.labelprop.k=7", "--set", "eval.semisup.labelprop.student_augment=pretrain"])
     assert p.returncode == 0, p.stderr[-3000:]
     study = read_summary(out)["semisup"]["20"]
-    assert study["labelprop"]["k"] == 7 and set(study["labelprop"]) == {"k", "pixel_k", "alpha", "gamma", "iterations"}
+    assert study["labelprop"]["k"] == 7 and study["labelprop"]["student_augment"] == "pretrain"
+    assert set(study["labelprop"]) == {"k", "pixel_k", "alpha", "gamma", "iterations", "student_augment",
+                                      "pixel_student_augment"}
     assert set(study["rows"]) == set(moco_eval.SEMISUP_ROWS) and len(moco_eval.SEMISUP_ROWS) == 9
     assert all(0.0 <= v <= 100.0 for v in study["rows"].values())
     assert study["labels_file"] == str(labels.resolve()) and study["scored_on"] == "test"
