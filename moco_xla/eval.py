@@ -296,8 +296,8 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     noised = student_images(cfg, bundle.bank, images, d.student_augment)
     pool, noised_labelled = distill_views(cfg, bundle.bank, noised, split)
 
-    def student_row(teacher: nn.Module | None, all_images: Dataset, student: nn.Module, dim: int, lr: float,
-                    labelled_images: Dataset = noised_labelled) -> torch.Tensor:
+    def student_row(teacher: nn.Module | None, all_images: Dataset, labelled_images: Dataset, student: nn.Module,
+                    dim: int, lr: float) -> torch.Tensor:
         everything = image_batches(rt, all_images, all_batch // rt.world_size, seed + 1, workers)
         batches = paired(everything, image_batches(rt, labelled_images, label_batch // rt.world_size, seed + 2,
                                                    workers))
@@ -311,9 +311,8 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         """Label propagation on ``features`` over the pool, then a student (noised as ``augment`` says)
         learns the propagated labels."""
         propagated = propagated_labels(rt, features, bundle.bank, split, classes, k, cfg)
-        seen = student_images(cfg, bundle.bank, images, augment)
-        return student_row(None, Relabelled(seen, split.pool, propagated), student, dim, lr,
-                           Relabelled(seen, split.picked, split.labels))
+        return student_row(None, *propagated_views(cfg, bundle.bank, images, split, propagated, augment), student,
+                           dim, lr)
 
     rows: dict[str, torch.Tensor] = {}
     rows["moco_probe"] = probe_row(encoder(rt, job))
@@ -322,10 +321,11 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     # same images, crops and schedule as fine-tuning
     scratch_teacher, rows["supervised_scratch"] = tuned_row(scratch, dim, s.lr)
     # students start where their teachers did: the pre-trained encoder, the same seeded random init
-    rows["moco_distill"] = student_row(moco_teacher, pool, encoder(rt, job), dim, d.lr)
+    rows["moco_distill"] = student_row(moco_teacher, pool, noised_labelled, encoder(rt, job), dim, d.lr)
     lp = s.labelprop
     rows["moco_labelprop"] = propagated_row(encoder(rt, job), lp.k, encoder(rt, job), dim, d.lr, lp.student_augment)
-    rows["scratch_distill"] = student_row(scratch_teacher, pool, random_backbone(cfg, rt)[0], dim, d.scratch_lr)
+    rows["scratch_distill"] = student_row(scratch_teacher, pool, noised_labelled, random_backbone(cfg, rt)[0], dim,
+                                         d.scratch_lr)
     rows["pixel_labelprop"] = propagated_row(nn.Flatten(), lp.pixel_k, random_backbone(cfg, rt)[0], dim,
                                              d.scratch_lr, lp.pixel_student_augment)
     rows["pixel_logistic"] = pixel_logistic(rt, labelled, split.test, s.pixel_c, e.batch_size, workers)
@@ -362,6 +362,14 @@ def distill_views(cfg: Config, bank, noised, split: SemisupSplit) -> tuple[Datas
     if cfg.eval.semisup.distill.teacher_view == "clean" and noised is not bank:
         pool = clean_and_augmented(bank, noised.transform)
     return subset(pool, split.pool), Relabelled(noised, split.picked, split.labels)
+
+
+def propagated_views(cfg: Config, bank, images, split: SemisupSplit, propagated: torch.Tensor, augment: str
+                     ) -> tuple[Dataset, Dataset]:
+    """A label-propagation student's (pool, labelled) datasets: the pool with its ``propagated`` labels
+    and the labelled images with theirs, both seen as ``augment`` says (student_images)."""
+    seen = student_images(cfg, bank, images, augment)
+    return Relabelled(seen, split.pool, propagated), Relabelled(seen, split.picked, split.labels)
 
 
 def propagated_labels(rt: Runtime, features: nn.Module, bank, split: SemisupSplit, classes: int, k: int,

@@ -197,6 +197,29 @@ def test_the_student_is_noised_as_configured_and_the_teacher_sees_the_clean_imag
     assert shared.dataset is images  # the teacher sees the student's crop (SimCLRv2)
 
 
+def test_label_propagation_students_are_noised_as_their_setting_says():
+    """eval.semisup.labelprop.(pixel_)student_augment: each propagation row's student sees the pool (with
+    the propagated labels) and the labelled images through fine-tuning's crops or the MoCo augmentation."""
+    from torchvision.transforms import v2
+
+    from moco_xla.probe import train_transform, with_transform
+    cfg = load_config("tiny", ["data.augment=digits_affine", "eval.semisup.labels=20"])
+    assert (cfg.eval.semisup.labelprop.student_augment, cfg.eval.semisup.labelprop.pixel_student_augment) == (
+        "crop", "pretrain")  # the held-out protocol's choices
+    bundle = data.build(cfg)
+    split = moco_eval.semisup_split(cfg, bundle)
+    images = with_transform(bundle.bank, train_transform("digits_affine", 16, 1))
+    propagated = torch.arange(len(split.pool)) % 10
+    for augment in ("crop", "pretrain"):
+        pool, labelled = moco_eval.propagated_views(cfg, bundle.bank, images, split, propagated, augment)
+        assert pool.ds is labelled.ds and len(pool) == len(split.pool) and len(labelled) == 20
+        assert (pool.ds is images) == (augment == "crop")
+        warps = any(isinstance(t, v2.RandomAffine) for t in pool.ds.transform.transforms)
+        assert warps == (augment == "pretrain")
+        assert [pool[i][1] for i in range(5)] == propagated[:5].tolist()
+        assert [labelled[i][1] for i in range(5)] == split.labels[:5].tolist()
+
+
 def test_finetune_and_distill_on_two_gloo_replicas():
     """Each replica trains on its half of every batch; averaged gradients keep teacher and student equal."""
     r0, r1 = run_gloo(finetune_then_distill, 2, 0)

@@ -99,6 +99,8 @@ def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path, capsys):
         (["linear", "--ckpt", str(path), "--set", "eval.probe.schedule=linear"], "valid: cosine, step"),
         (["semisup", "--ckpt", str(path), "--set", "eval.semisup.distill.student_augment=strong"],
          "'eval.semisup.distill.student_augment' is 'strong'; valid: crop, pretrain"),
+        (["semisup", "--ckpt", str(path), "--set", "eval.semisup.labelprop.pixel_student_augment=none"],
+         "'eval.semisup.labelprop.pixel_student_augment' is 'none'; valid: crop, pretrain"),
         (["semisup", "--ckpt", str(path), "--set", "eval.semisup.labelprop.alpha=1"],
          "'eval.semisup.labelprop.alpha' must be in (0, 1), got 1"),
         (["linear", "--ckpt", str(path), "--backend", "cpu", "--cores", "3"], "divisible by the 3 replicas"),
