@@ -348,8 +348,8 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
 
 def student_images(cfg: Config, bank, images, augment: str):
     """A student's view of the training images: fine-tuning's (``images``; ``augment`` crop) or the
-    checkpoint's MoCo augmentation (pretrain); eval.semisup.distill.student_augment and
-    eval.semisup.labelprop.student_augment choose."""
+    checkpoint's MoCo augmentation (pretrain); eval.semisup.distill.student_augment chooses for the
+    teachers' students, eval.semisup.labelprop.(pixel_)student_augment for label propagation's."""
     if augment == "crop":
         return images
     return with_transform(bank, pretrain_transform(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels))
