@@ -159,6 +159,8 @@ class LabelPropConfig:
     student_augment: str = "crop"    # the MoCo row's student noise, as eval.semisup.distill.student_augment:
                                      # crop (fine-tuning's view) or pretrain (the checkpoint's MoCo augmentation)
     pixel_student_augment: str = "pretrain"  # the same for the raw-pixel row's student
+    pixel_weight: float = 0.0        # MoCo's graph: cosine = (1 - w) x features' + w x raw pixels' (0: the
+                                     # features alone; the digits configs set 0.5, chosen on held-out digits)
 
 
 @dataclass
@@ -182,6 +184,7 @@ class SemisupConfig:
     augment: bool = True             # fine-tune and from-scratch see random crops (the same ones)
     pixel_c: float = 1.0             # inverse L2 strength of the raw-pixel logistic regression
     labels_file: str | None = None   # CSV of index,label or path,label rows instead of the seeded draw
+    rows: str = "all"                # which rows to run: all, or comma-separated keys (moco_labelprop,...)
     holdout: int = 0                 # > 0: score on this many unlabelled training images (seeded), not
                                      # the test set, and keep them out of distillation: to choose settings
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -482,6 +485,7 @@ def labelprop_checks(lp: LabelPropConfig) -> list[tuple[bool, str, str]]:
         (0 < lp.alpha < 1, f"{k}.alpha", f"must be in (0, 1), got {lp.alpha}"),
         (lp.gamma > 0, f"{k}.gamma", f"must be > 0, got {lp.gamma}"),
         (lp.iterations >= 1, f"{k}.iterations", f"must be >= 1, got {lp.iterations}"),
+        (0 <= lp.pixel_weight < 1, f"{k}.pixel_weight", f"must be in [0, 1), got {lp.pixel_weight}"),
     ]
 
 

@@ -35,7 +35,7 @@ from .config import Config, apply_override, from_dict, load_config, validate
 from .data.transforms import pretrain_transform
 from .errors import RunStopped, UserError
 from .knn import embed, knn_accuracy
-from .labelprop import propagate
+from .labelprop import graph_features, propagate
 from .plots import SEMISUP_ROWS
 from .probe import (DistillSpec, SGDSpec, FrozenProbe, Relabelled, balanced_subset, build_eval_backbone,
                     clean_and_augmented, distill, extract, fit, head_accuracy, holdout_indices, image_accuracy,
@@ -104,11 +104,13 @@ def eval_config(ckpt: str, config: str | None, overrides: list[str]) -> Config:
 
 
 def check_job(cfg: Config, command: str, world: int) -> None:
-    """Batch splits that depend on the replica count."""
+    """Batch splits that depend on the replica count; the study's row list."""
     p, s = cfg.eval.probe, cfg.eval.semisup
     if command == "linear" and p.batch_size % world:
         raise UserError(f"eval.probe.batch_size={p.batch_size} (global) must be divisible by the "
                         f"{world} replicas")
+    if command == "semisup":
+        selected_rows(s.rows)  # a bad list fails here, before replicas start
     if command == "semisup" and semisup_batch(cfg, world) < world:
         raise UserError(f"eval.semisup.labels={s.labels} gives fewer labelled images than the {world} "
                         f"replicas; use more labels or fewer --cores")
@@ -275,8 +277,9 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     shown = Relabelled(images, split.picked, split.labels)
     batch, all_batch = semisup_batch(cfg, rt.world_size), distill_batch(cfg, rt.world_size, len(split.pool))
     label_batch = max(rt.world_size, min(d.label_batch_size, batch) // rt.world_size * rt.world_size)
-    bar = tqdm(total=4 * s.steps + 4 * d.steps, desc=f"{len(split.picked)} labels", disable=not rt.is_master,
-               dynamic_ncols=True)
+    chosen = selected_rows(s.rows)
+    steps = sum(d.steps if key in STUDENT_ROWS else 0 if key == "pixel_logistic" else s.steps for key in chosen)
+    bar = tqdm(total=steps, desc=f"{len(split.picked)} labels", disable=not rt.is_master, dynamic_ncols=True)
 
     def tick(*_: Any) -> None:
         bar.update(1)
@@ -314,22 +317,31 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         return student_row(None, *propagated_views(cfg, bundle.bank, images, split, propagated, augment), student,
                            dim, lr)
 
-    rows: dict[str, torch.Tensor] = {}
-    rows["moco_probe"] = probe_row(encoder(rt, job))
     scratch, dim = random_backbone(cfg, rt)
-    moco_teacher, rows["moco_finetune"] = tuned_row(encoder(rt, job), dim, s.finetune_lr)
-    # same images, crops and schedule as fine-tuning
-    scratch_teacher, rows["supervised_scratch"] = tuned_row(scratch, dim, s.lr)
-    # students start where their teachers did: the pre-trained encoder, the same seeded random init
-    rows["moco_distill"] = student_row(moco_teacher, pool, noised_labelled, encoder(rt, job), dim, d.lr)
     lp = s.labelprop
-    rows["moco_labelprop"] = propagated_row(encoder(rt, job), lp.k, encoder(rt, job), dim, d.lr, lp.student_augment)
-    rows["scratch_distill"] = student_row(scratch_teacher, pool, noised_labelled, random_backbone(cfg, rt)[0], dim,
-                                         d.scratch_lr)
-    rows["pixel_labelprop"] = propagated_row(nn.Flatten(), lp.pixel_k, random_backbone(cfg, rt)[0], dim,
-                                             d.scratch_lr, lp.pixel_student_augment)
-    rows["pixel_logistic"] = pixel_logistic(rt, labelled, split.test, s.pixel_c, e.batch_size, workers)
-    rows["random_probe"] = probe_row(random_backbone(cfg, rt)[0])
+    teachers: dict[str, nn.Module] = {}
+
+    def teacher_row(key: str, net: nn.Module, lr: float) -> torch.Tensor:
+        teachers[key], accuracy = tuned_row(net, dim, lr)  # same images, crops and schedule for both
+        return accuracy
+
+    # students start where their teachers did: the pre-trained encoder, the same seeded random init
+    recipes: dict[str, Callable[[], torch.Tensor]] = {
+        "moco_probe": lambda: probe_row(encoder(rt, job)),
+        "moco_finetune": lambda: teacher_row("moco_finetune", encoder(rt, job), s.finetune_lr),
+        "moco_distill": lambda: student_row(teachers["moco_finetune"], pool, noised_labelled, encoder(rt, job),
+                                            dim, d.lr),
+        "moco_labelprop": lambda: propagated_row(graph_features(encoder(rt, job), lp.pixel_weight), lp.k,
+                                                 encoder(rt, job), dim, d.lr, lp.student_augment),
+        "supervised_scratch": lambda: teacher_row("supervised_scratch", scratch, s.lr),
+        "scratch_distill": lambda: student_row(teachers["supervised_scratch"], pool, noised_labelled,
+                                               random_backbone(cfg, rt)[0], dim, d.scratch_lr),
+        "pixel_labelprop": lambda: propagated_row(nn.Flatten(), lp.pixel_k, random_backbone(cfg, rt)[0], dim,
+                                                  d.scratch_lr, lp.pixel_student_augment),
+        "pixel_logistic": lambda: pixel_logistic(rt, labelled, split.test, s.pixel_c, e.batch_size, workers),
+        "random_probe": lambda: probe_row(random_backbone(cfg, rt)[0]),
+    }
+    rows = {key: recipes[key]() for key in chosen}  # every row seeds its own init and batches
     rt.mark_step()
     bar.close()
     values = {k: float(v) for k, v in rows.items()}  # the study's one host read
@@ -344,6 +356,24 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
                     "unlabelled_pool": len(split.pool)},
         "labelprop": dataclasses.asdict(s.labelprop),
         "scored_on": split.scored_on, "test_images": len(split.test)}}}
+
+
+STUDENT_ROWS = {"moco_distill": "moco_finetune", "moco_labelprop": None, "scratch_distill": "supervised_scratch",
+                "pixel_labelprop": None}  # the distilled rows and the row that trains each one's teacher
+
+
+def selected_rows(text: str) -> list[str]:
+    """eval.semisup.rows ("all" or comma-separated row keys) as the keys to run, in the table's order; a
+    distilled row brings its teacher's row (the teacher is trained there)."""
+    if text.strip() == "all":
+        return list(SEMISUP_ROWS)
+    asked = {key.strip() for key in text.split(",") if key.strip()}
+    unknown = sorted(asked - set(SEMISUP_ROWS))
+    if unknown or not asked:
+        raise UserError(f"eval.semisup.rows has {', '.join(unknown) or 'no row'}; valid: all or a comma-separated "
+                        f"list of {', '.join(SEMISUP_ROWS)}")
+    asked |= {STUDENT_ROWS[key] for key in asked if STUDENT_ROWS.get(key)}
+    return [key for key in SEMISUP_ROWS if key in asked]
 
 
 def student_images(cfg: Config, bank, images, augment: str):
@@ -442,6 +472,9 @@ def print_table(command: str, out: Path, cfg: Config) -> None:
         print(f"  {study['labels']} labelled images ({study['per_class']:g} per class, {source}); "
               f"{where} top-1 on {study['test_images']} images:")
         shown = {key: title for key, title in SEMISUP_ROWS.items() if key in study["rows"]}
+        pixels = study.get("labelprop", {}).get("pixel_weight", 0)
+        if pixels and "moco_labelprop" in shown:  # the graph joined MoCo's features with the raw pixels
+            shown["moco_labelprop"] = f"MoCo + {pixels:g} pixels label propagation + distilled"
         width = max(map(len, shown.values()))
         for key, title in shown.items():
             tied = study["rows"][key] == study["rows"][study["best"]]  # a tie marks every row that has it

@@ -251,21 +251,28 @@ def _two_per_class(train) -> list[str]:
     return [f"{int(i)},{c}" for c in range(10) for i in (labels == c).nonzero().flatten()[:2]]
 
 
+def _study_args(ckpt, labels, out, *extra: str) -> list[str]:
+    """A tiny study from a labels file on 2 gloo replicas, with non-default distillation settings."""
+    return ["semisup", "--ckpt", str(ckpt), "--labels-file", str(labels), "--out", str(out),
+            "--backend", "cpu", "--cores", "2", "--set", "eval.semisup.steps=3",
+            "--set", "eval.semisup.distill.steps=3", "--set", "eval.semisup.distill.batch_size=32",
+            "--set", "eval.semisup.distill.temperature=2", "--set", "eval.semisup.distill.teacher_view=crop",
+            "--set", "eval.semisup.distill.targets=soft", "--set", "eval.semisup.distill.student_augment=crop",
+            "--set", "eval.semisup.labelprop.k=7", "--set", "eval.semisup.labelprop.student_augment=pretrain",
+            "--set", "eval.semisup.labelprop.pixel_weight=0.5", *extra]
+
+
 def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, tmp_path):
     """Every row, the distilled ones included, from a user's labels file; settings in summary.json."""
     labels = _write(tmp_path / "labels.csv", ["# my 20 digits", "index,label", *_two_per_class(digits_train)])
     out = tmp_path / "out"
-    p = run_eval(["semisup", "--ckpt", str(tiny_ckpt), "--labels-file", str(labels), "--out", str(out),
-                  "--backend", "cpu", "--cores", "2", "--set", "eval.semisup.steps=3",
-                  "--set", "eval.semisup.distill.steps=3", "--set", "eval.semisup.distill.batch_size=32",
-                  "--set", "eval.semisup.distill.temperature=2", "--set", "eval.semisup.distill.teacher_view=crop",
-                  "--set", "eval.semisup.distill.targets=soft", "--set", "eval.semisup.distill.student_augment=crop",
-                  "--set", "eval.semisup.labelprop.k=7", "--set", "eval.semisup.labelprop.student_augment=pretrain"])
+    p = run_eval(_study_args(tiny_ckpt, labels, out))
     assert p.returncode == 0, p.stderr[-3000:]
     study = read_summary(out)["semisup"]["20"]
     assert study["labelprop"]["k"] == 7 and study["labelprop"]["student_augment"] == "pretrain"
+    assert study["labelprop"]["pixel_weight"] == 0.5
     assert set(study["labelprop"]) == {"k", "pixel_k", "alpha", "gamma", "iterations", "student_augment",
-                                      "pixel_student_augment"}
+                                      "pixel_student_augment", "pixel_weight"}
     assert set(study["rows"]) == set(moco_eval.SEMISUP_ROWS) and len(moco_eval.SEMISUP_ROWS) == 9
     assert all(0.0 <= v <= 100.0 for v in study["rows"].values())
     assert study["labels_file"] == str(labels.resolve()) and study["scored_on"] == "test"
@@ -275,9 +282,16 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
     assert d["student_augment"] == "crop"
     record = [r for r in read_metrics(out) if r["type"] == "semisup"][-1]
     assert {k: record[k] for k in study["rows"]} == study["rows"]
-    for title in ("MoCo fine-tuned + distilled", "from scratch + distilled", "MoCo label propagation + distilled",
-                  "raw-pixel label propagation + distilled", "from " + str(labels.resolve())):
+    for title in ("MoCo fine-tuned + distilled", "from scratch + distilled",
+                  "MoCo + 0.5 pixels label propagation + distilled", "raw-pixel label propagation + distilled",
+                  "from " + str(labels.resolve())):
         assert title in p.stdout
+    # eval.semisup.rows: the chosen rows (and the teacher a distilled row needs) alone, each as in the full study
+    p = run_eval(_study_args(tiny_ckpt, labels, tmp_path / "some",
+                             "--set", "eval.semisup.rows=scratch_distill,moco_labelprop"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    some = read_summary(tmp_path / "some")["semisup"]["20"]["rows"]
+    assert some == {k: study["rows"][k] for k in ("moco_labelprop", "supervised_scratch", "scratch_distill")}
 
 
 def test_labels_file_errors_are_one_line_exit_2(tiny_ckpt, digits_train, tmp_path, capsys):

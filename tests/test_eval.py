@@ -103,6 +103,10 @@ def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path, capsys):
          "'eval.semisup.labelprop.pixel_student_augment' is 'none'; valid: crop, pretrain"),
         (["semisup", "--ckpt", str(path), "--set", "eval.semisup.labelprop.alpha=1"],
          "'eval.semisup.labelprop.alpha' must be in (0, 1), got 1"),
+        (["semisup", "--ckpt", str(path), "--set", "eval.semisup.labelprop.pixel_weight=1"],
+         "'eval.semisup.labelprop.pixel_weight' must be in [0, 1), got 1"),
+        (["semisup", "--ckpt", str(path), "--set", "eval.semisup.rows=moco_lp,moco_probe"],
+         "eval.semisup.rows has moco_lp; valid: all or a comma-separated list of moco_probe, moco_finetune"),
         (["linear", "--ckpt", str(path), "--backend", "cpu", "--cores", "3"], "divisible by the 3 replicas"),
         (["lincls", "--ckpt", str(path)], "invalid choice"),
     ]

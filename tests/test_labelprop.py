@@ -10,7 +10,7 @@ from sklearn.datasets import make_moons
 
 from conftest import run_gloo
 from eval_fns import Points, study_propagation
-from moco_xla.labelprop import knn_graph, propagate, symmetric_product
+from moco_xla.labelprop import graph_features, knn_graph, propagate, symmetric_product
 from moco_xla.probe import DistillSpec, Relabelled, SGDSpec, distill, image_accuracy, image_batches, paired
 from moco_xla.runtime import make_runtime
 
@@ -82,6 +82,19 @@ def test_two_labels_label_both_moons_where_nearest_labelled_point_fails():
     nearest = y[seeds][torch.cdist(x, x[seeds]).argmin(1)]
     assert (got == y).float().mean() > 0.98
     assert (nearest == y).float().mean() < 0.9
+
+
+def test_graph_features_with_pixels_mix_the_two_cosines():
+    """eval.semisup.labelprop.pixel_weight w: two images' cosine on the joined features is (1 - w) x their
+    encoder features' cosine + w x their pixels'; at w 0 the graph sees the encoder alone."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+    x = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    assert graph_features(net, 0.0) is net
+    joined = graph_features(net, 0.3)(x)
+    assert joined.shape == (6, 5 + 16)
+    torch.testing.assert_close(joined.norm(dim=1), torch.ones(6))
+    feats, pixels = F.normalize(net(x), dim=1), F.normalize(x.flatten(1), dim=1)
+    torch.testing.assert_close(joined @ joined.t(), 0.7 * feats @ feats.t() + 0.3 * pixels @ pixels.t())
 
 
 def _rbf(x: torch.Tensor) -> torch.Tensor:
