@@ -149,14 +149,20 @@ def xla_compiles(ckpt: str, out: str) -> dict:
 
 
 def study_propagation(rt) -> dict:
-    """The study's propagated_labels on raw pixels of the tiny digits (20 labels), on ``rt``'s replicas."""
+    """The study's propagated_labels on raw pixels of the tiny digits (20 labels), on ``rt``'s replicas; and on
+    a seeded conv layer's features joined with the pixels (eval.semisup.labelprop.pixel_weight 0.5)."""
     from moco_xla import data
     from moco_xla import eval as moco_eval
     from moco_xla.config import load_config
+    from moco_xla.labelprop import graph_features
     cfg = load_config("tiny", ["eval.semisup.labels=20", "eval.batch_size=64"])
     bundle = data.build(cfg)
     split = moco_eval.semisup_split(cfg, bundle)
     labels = moco_eval.propagated_labels(rt, nn.Flatten(), bundle.bank, split, 10, 5, cfg)
+    torch.manual_seed(0)  # the same conv layer on every replica
+    conv = nn.Sequential(nn.Conv2d(cfg.model.in_channels, 4, 3, stride=2), nn.Flatten())
+    joined = moco_eval.propagated_labels(rt, graph_features(conv, 0.5), bundle.bank, split, 10, 5, cfg)
     truth = moco_eval.train_labels(bundle.bank)[split.pool]
-    return {"labels": labels, "accuracy": float((labels == truth).float().mean() * 100),
+    return {"labels": labels, "accuracy": float((labels == truth).float().mean() * 100), "joined": joined,
+            "joined_accuracy": float((joined == truth).float().mean() * 100),
             "seeds_kept": bool(torch.equal(labels[torch.searchsorted(split.pool, split.picked)], split.labels))}

@@ -122,4 +122,6 @@ def test_study_propagation_on_two_gloo_replicas_equals_one():
     alone = study_propagation(make_runtime("local"))
     r0, r1 = run_gloo(study_propagation, 2)
     assert torch.equal(r0["labels"], alone["labels"]) and torch.equal(r1["labels"], alone["labels"])
+    assert torch.equal(r0["joined"], alone["joined"]) and torch.equal(r1["joined"], alone["joined"])
+    assert alone["joined_accuracy"] > 80.0 and not torch.equal(alone["joined"], alone["labels"]), alone
     assert alone["seeds_kept"] and alone["accuracy"] > 80.0, alone  # 20 labels, raw pixels of the digits

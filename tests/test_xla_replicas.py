@@ -136,4 +136,5 @@ def test_label_propagation_on_4_replicas_equals_one_process(replicas):
     for r in res:
         assert torch.equal(r["labels"], res[0]["labels"]) and r["seeds_kept"]
         assert (r["labels"] != eager["labels"]).sum() <= 2
+        assert torch.equal(r["joined"], res[0]["joined"]) and (r["joined"] != eager["joined"]).sum() <= 2
     assert eager["accuracy"] > 80.0
