@@ -89,6 +89,16 @@ def test_load_encoder_round_trip_and_errors(tiny_ckpt, tmp_path):
         load_encoder(str(bad))
 
 
+def test_selected_rows_keep_the_table_order_and_bring_each_students_teacher():
+    """eval.semisup.rows: a distilled row needs the fine-tuned row that trains its teacher."""
+    assert moco_eval.selected_rows("all") == list(moco_eval.SEMISUP_ROWS)
+    assert moco_eval.selected_rows(" scratch_distill, moco_probe,moco_distill") == [
+        "moco_probe", "moco_finetune", "moco_distill", "supervised_scratch", "scratch_distill"]
+    assert moco_eval.selected_rows("pixel_labelprop,moco_labelprop") == ["moco_labelprop", "pixel_labelprop"]
+    with pytest.raises(UserError, match="has no row; valid: all"):
+        moco_eval.selected_rows(" , ")
+
+
 def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path, capsys):
     path, _ = tiny_ckpt
     cases = [
