@@ -278,6 +278,7 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     batch, all_batch = semisup_batch(cfg, rt.world_size), distill_batch(cfg, rt.world_size, len(split.pool))
     label_batch = max(rt.world_size, min(d.label_batch_size, batch) // rt.world_size * rt.world_size)
     chosen = selected_rows(s.rows)
+    # progress ticks: distill.steps a student, semisup.steps every other row but the pixel logistic regression
     steps = sum(d.steps if key in STUDENT_ROWS else 0 if key == "pixel_logistic" else s.steps for key in chosen)
     bar = tqdm(total=steps, desc=f"{len(split.picked)} labels", disable=not rt.is_master, dynamic_ncols=True)
 
@@ -358,8 +359,8 @@ def run_semisup(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
         "scored_on": split.scored_on, "test_images": len(split.test)}}}
 
 
-STUDENT_ROWS = {"moco_distill": "moco_finetune", "moco_labelprop": None, "scratch_distill": "supervised_scratch",
-                "pixel_labelprop": None}  # the distilled rows and the row that trains each one's teacher
+STUDENT_ROWS = ("moco_distill", "moco_labelprop", "scratch_distill", "pixel_labelprop")  # distill.steps each
+TEACHER_ROWS = {"moco_distill": "moco_finetune", "scratch_distill": "supervised_scratch"}  # who trains the teacher
 
 
 def selected_rows(text: str) -> list[str]:
@@ -372,7 +373,7 @@ def selected_rows(text: str) -> list[str]:
     if unknown or not asked:
         raise UserError(f"eval.semisup.rows has {', '.join(unknown) or 'no row'}; valid: all or a comma-separated "
                         f"list of {', '.join(SEMISUP_ROWS)}")
-    asked |= {STUDENT_ROWS[key] for key in asked if STUDENT_ROWS.get(key)}
+    asked |= {TEACHER_ROWS[key] for key in asked & set(TEACHER_ROWS)}
     return [key for key in SEMISUP_ROWS if key in asked]
 
 
