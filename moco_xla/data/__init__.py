@@ -24,10 +24,11 @@ from .badsamples import SkipCounter
 from .datasets import REGISTRY, build_raw, dataset_names, spec
 from .loaders import EpochLoader, EvalLoader, Transformed, eval_loader, gathered_order, pretrain_loader
 from .shardset import ShardSet, check_shard_root, is_shard_root
-from .transforms import TwoCrops, eval_transform, pretrain_transform
+from .device_augment import DeviceAugment, identity
+from .transforms import device_recipe, eval_transform, views_transform
 
 __all__ = ["DataBundle", "EpochLoader", "EvalLoader", "REGISTRY", "ShardSet", "build", "check",
-           "dataset_names", "eval_loader", "gathered_order", "pretrain_loader", "skipped_total"]
+           "dataset_names", "device_views", "eval_loader", "gathered_order", "pretrain_loader", "skipped_total"]
 
 
 @dataclass
@@ -71,7 +72,7 @@ def build(cfg) -> DataBundle:
     """Datasets for the config's ``data`` section, with the model's channel count."""
     d, ch = cfg.data, cfg.model.in_channels
     skips = SkipCounter(d.on_bad_sample)
-    pre_t = TwoCrops(pretrain_transform(d.augment, d.image_size, ch))
+    pre_t = views_transform(d.augment, d.image_size, ch)
     eval_t = eval_transform(d.augment, d.image_size, ch)
     if d.root and is_shard_root(d.root):
         train_m, test_m = check_shard_root(d)
@@ -85,3 +86,11 @@ def build(cfg) -> DataBundle:
     n = len(raw.classes)
     return DataBundle(Transformed(raw.train, pre_t, n, skips), Transformed(raw.train, eval_t, n, skips),
                       Transformed(raw.test, eval_t, n, skips), n, raw.classes, skips)
+
+
+def device_views(cfg):
+    """What the training step applies to each view before the model: the colour half of the
+    augmentation on the device (uint8 views in, float normalised out) for presets whose views
+    the host only crops (transforms.DEVICE_PRESETS), else nothing (the host finished them)."""
+    recipe = device_recipe(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels)
+    return identity if recipe is None else DeviceAugment(recipe)

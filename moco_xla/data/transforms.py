@@ -11,9 +11,15 @@ Presets, chosen by ``data.augment``:
 """
 from __future__ import annotations
 
+import io
+import math
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from .device_augment import ColourRecipe
+from .images import BadImage, decode_bytes, sniff_format
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -89,6 +95,100 @@ def pretrain_transform(preset: str, size: int, channels: int) -> v2.Compose:
                v2.RandomApply([v2.GaussianBlur(blur_k, sigma=(0.1, 2.0))], p=0.5),
                v2.RandomHorizontalFlip()]
     return v2.Compose(_prepare(channels) + ops + _finish(norm))
+
+
+DEVICE_PRESETS = ("moco_v1", "moco_v2", "small", "small_v2")  # the device finishes these presets' views
+CROP_SCALE, CROP_RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
+
+
+def device_recipe(preset: str, size: int, channels: int) -> ColourRecipe | None:
+    """The colour ops ``preset`` leaves to the device (data.device_augment), or None where the
+    host makes the whole view (digits presets): the same recipe as ``pretrain_transform``."""
+    if preset not in DEVICE_PRESETS:
+        return None
+    norm = normalize_for(channels, preset)
+    base = {"mean": tuple(norm.mean), "std": tuple(norm.std)}
+    if preset in ("moco_v1", "small"):
+        return ColourRecipe(**base, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, gray_first=True)
+    return ColourRecipe(**base, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
+                        blur_sigma=(0.1, 2.0), blur_kernel=max(3, (size // 10) | 1))
+
+
+def crop_params(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of one RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) draw."""
+    shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the size only
+    return tuple(v2.RandomResizedCrop.get_params(shape_only, list(CROP_SCALE), list(CROP_RATIO)))  # type: ignore
+
+
+class CropViews:
+    """Two views of one image, each a random resized crop and a random flip, uint8 [C, size, size].
+
+    The host half of a DEVICE_PRESETS augmentation (the device does colour, blur and
+    normalisation). Takes encoded bytes (``decodes``: datasets hand them over undecoded) or a
+    decoded image. A JPEG is decoded once for both views, at the smallest DCT scale
+    (1/2, 1/4, 1/8: PIL's ``draft``) that keeps both crops at least ``size`` pixels on each
+    side: the views are downscaled from the crops anyway, so a reduced decode changes them
+    only by resampling detail.
+    """
+
+    decodes = True
+
+    def __init__(self, size: int, channels: int, flip: bool = True) -> None:
+        self.size, self.channels, self.flip = size, channels, flip
+
+    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(img, (bytes, bytearray, memoryview)):
+            if sniff_format(bytes(img[:3])) == "jpg":
+                return self._from_jpeg(bytes(img))
+            img = decode_bytes(bytes(img))
+        img = v2.Compose(_prepare(self.channels))(img)
+        return self._view_of_tensor(img), self._view_of_tensor(img)
+
+    def _flips(self) -> bool:
+        return self.flip and bool(torch.rand(1) < 0.5)
+
+    def _view_of_tensor(self, img: torch.Tensor) -> torch.Tensor:
+        top, left, h, w = crop_params(*img.shape[-2:])
+        out = v2.functional.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        return (out.flip(-1) if self._flips() else out).as_subclass(torch.Tensor)
+
+    def _from_jpeg(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                boxes = [crop_params(height, width) for _ in range(2)]
+                shrink = min(min(h, w) for _t, _l, h, w in boxes) / self.size
+                mode = "L" if self.channels == 1 else "RGB"
+                if shrink >= 2:
+                    im.draft(mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
+                im = im.convert(mode)
+                sx, sy = im.width / width, im.height / height
+                views = [self._pil_view(im, (left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+                         for top, left, h, w in boxes]
+        except (OSError, ValueError, SyntaxError) as e:
+            raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        return views[0], views[1]
+
+    def _pil_view(self, im, box) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+        out = im.resize((self.size, self.size), Image.BILINEAR, box=box)
+        if self._flips():
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = torch.from_numpy(np.asarray(out).copy())
+        return arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return f"CropViews(size={self.size}, channels={self.channels}, flip={self.flip})"
+
+
+def views_transform(preset: str, size: int, channels: int):
+    """Pre-training's per-image transform: CropViews (uint8, the device finishes them) for
+    DEVICE_PRESETS, else TwoCrops of the whole host augmentation (float, normalised)."""
+    if preset in DEVICE_PRESETS:
+        return CropViews(size, channels)
+    return TwoCrops(pretrain_transform(preset, size, channels))
 
 
 def eval_transform(preset: str, size: int, channels: int) -> v2.Compose:
