@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader", default="auto", choices=("auto", "digits", "off"),
                    help="input pipeline rows: auto = benchmarks/loader_bench.py where present (minutes), "
                         "digits = the in-memory quickstart loader (seconds)")
+    p.add_argument("--pipelines", action="store_true",
+                   help="instead of the steps: host CPU per image of MoCo v2's two views, official pipeline vs "
+                        "moco_xla's vs decoding alone (one thread; <out>/pipelines.json; minutes, seconds with --quick)")
     return p.parse_args(argv)
 
 
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; pass a directory")
+        if args.pipelines:
+            return run_pipelines(args.quick, out)
         results = run(args)
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
@@ -204,4 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench.json in {out}")
     failed = [r for part in ("backends", "official") for r in results[part].values() if "error" in r]
     return 1 if failed else 0
+
+
+def run_pipelines(quick: bool, out: Path) -> int:
+    """``--pipelines``: the input-pipeline comparison alone, to <out>/pipelines.json."""
+    from . import pipelines
+    results = {"machine": machine(), "quick": quick, **pipelines.run(quick)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipelines.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(pipelines.table(results))
+    print(f"pipelines.json in {out}")
+    return 0
 

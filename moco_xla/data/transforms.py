@@ -162,7 +162,7 @@ class CropViews:
                 mode = "L" if self.channels == 1 else "RGB"
                 if shrink >= 2:
                     im.draft(mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
-                im = im.convert(mode)
+                im = im if im.mode == mode else im.convert(mode)  # a JPEG in this mode: decoded as is
                 sx, sy = im.width / width, im.height / height
                 views = [self._pil_view(im, (left * sx, top * sy, (left + w) * sx, (top + h) * sy))
                          for top, left, h, w in boxes]
@@ -176,8 +176,9 @@ class CropViews:
         out = im.resize((self.size, self.size), Image.BILINEAR, box=box)
         if self._flips():
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = torch.from_numpy(np.asarray(out).copy())
-        return arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1).contiguous()
+        arr = torch.from_numpy(np.array(out))
+        # [C, H, W] as a view of the HWC pixels: the batch's collate (torch.stack) makes the one copy
+        return arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1)
 
     def __repr__(self) -> str:
         return f"CropViews(size={self.size}, channels={self.channels}, flip={self.flip})"
