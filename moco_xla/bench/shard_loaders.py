@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import os
 import resource
@@ -21,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 WORKERS = (0, 1, 2)
@@ -29,12 +29,12 @@ IMAGE_SIZE, CROP, BATCH = 256, 112, 32
 
 
 def write_jpegs(root: Path, n: int, classes: int = 8, seed: int = 0) -> None:
-    """Smooth random colour images (JPEG-compressible like photos) in class folders."""
+    """Crops of scikit-learn's two photographs (pipelines.photo_jpegs), IMAGE_SIZE square, in class folders."""
     from PIL import Image
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+
+    from .pipelines import photo_jpegs
+    for i, data in enumerate(photo_jpegs(n, seed)):
+        img = Image.open(io.BytesIO(data)).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
         d = root / f"class_{i % classes:02d}"
         d.mkdir(parents=True, exist_ok=True)
         img.save(d / f"{i:06d}.jpg", quality=90)

@@ -115,9 +115,28 @@ def device_recipe(preset: str, size: int, channels: int) -> ColourRecipe | None:
 
 
 def crop_params(height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of one RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) draw."""
-    shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the size only
-    return tuple(v2.RandomResizedCrop.get_params(shape_only, list(CROP_SCALE), list(CROP_RATIO)))  # type: ignore
+    """(top, left, height, width) of one RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) draw.
+
+    torchvision's algorithm (up to 10 tries of a uniform area and a log-uniform aspect ratio
+    that fit, else the whole image clipped to the ratio range, centred), its uniforms taken
+    from torch's RNG in one call: the same distribution at a tenth of the host time.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for u_area, u_ratio, u_top, u_left in torch.rand(10, 4).tolist():
+        target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u_area)
+        ratio = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        h, w = height, int(round(height * CROP_RATIO[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 class CropViews:
