@@ -194,7 +194,7 @@ def shard_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
 def run(quick: bool = False) -> dict[str, Any]:
     """Every row, one thread; {'imagenet': {row: ms}, 'cifar': {...}, 'shards': {...}, summary}."""
     torch.set_num_threads(1)
-    n, rounds = (16, 1) if quick else (128, 3)
+    n, rounds = (8, 1) if quick else (128, 3)
     torch.manual_seed(0)
     random.seed(0)
     jpegs, cifar = photo_jpegs(n), cifar_images(n)
@@ -209,7 +209,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "moco_xla before (small_v2 preset)": (moco_xla_before(32, "small_v2"), cifar),
         "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(32), cifar),
     }, rounds)
-    shard = shard_rows(photo_jpegs(48 if quick else 288, seed=1), 1 if quick else 2)
+    shard = shard_rows(photo_jpegs(40 if quick else 288, seed=1), 1 if quick else 2)
     official, ours = imagenet["official (PIL, main_moco.py aug+)"], imagenet["moco_xla (CropViews, uint8 to the device)"]
     return {"images": {"imagenet": len(jpegs), "cifar": len(cifar)}, "rounds": rounds, "threads": 1,
             "view_size": SIZE, "imagenet_cpu_ms": imagenet, "cifar_cpu_ms": small, "shards_cpu_ms": shard,
