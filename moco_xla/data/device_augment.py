@@ -111,18 +111,6 @@ def _maybe_gray(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     return torch.where(_per_sample(on), grayscale(x).expand_as(x), x)
 
 
-def brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, torch.zeros_like(x), f)
-
-
-def contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f)
-
-
-def saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x), f)
-
-
 def hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue by ``shift`` (in turns, -0.5..0.5) through HSV, as torchvision's adjust_hue."""
     h, s, v = _rgb_to_hsv(x)
@@ -132,21 +120,30 @@ def hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """ColorJitter's four ops in each sample's own order (``order[i]`` a permutation of 0..3).
 
-    Static shapes: in every slot each cheap op runs on the whole batch with a neutral factor
-    for the samples whose slot holds another op; hue (the costly one, index 3) runs once,
+    Brightness, contrast and saturation are each a blend with a target (black, the mean
+    gray level, the gray image), so one slot of the order is one blend per sample with that
+    sample's target and factor (factor 1, a no-op, where the slot is not active). Static
+    shapes: every slot runs on the whole batch; hue (the costly op, index 3) runs once,
     between the slots before and after each sample's hue slot.
     """
     hue_slot = (order == 3).int().argmax(dim=1)
     for before in (True, False):
         for slot in range(4):
             active = hue_slot > slot if before else hue_slot < slot
-            op = torch.where(active, order[:, slot], torch.full_like(order[:, slot], -1))
-            x = brightness(x, torch.where(op == 0, factors[:, 0], 1.0))
-            x = contrast(x, torch.where(op == 1, factors[:, 1], 1.0))
-            x = saturation(x, torch.where(op == 2, factors[:, 2], 1.0))
+            x = _blend_slot(x, torch.where(active, order[:, slot], torch.full_like(order[:, slot], -1)), factors)
         if before:
             x = hue(x, factors[:, 3])
     return x
+
+
+def _blend_slot(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per sample: brightness (op 0), contrast (1), saturation (2) or nothing (-1, or 3: hue)."""
+    gray = grayscale(x)
+    target = torch.where(_per_sample(op == 1), gray.mean(dim=(1, 2, 3), keepdim=True),
+                         torch.where(_per_sample(op == 2), gray, torch.zeros_like(gray)))
+    cheap = (op >= 0) & (op <= 2)
+    ratio = torch.where(cheap, factors.gather(1, op.clamp(0, 2).unsqueeze(1)).squeeze(1), torch.ones_like(factors[:, 0]))
+    return _blend(x, target, ratio)
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,16 +173,16 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
     """Separable Gaussian blur, one sigma per sample (0: unchanged), reflect padding, as
-    torchvision's gaussian_blur with kernel size ``kernel``; shifted sums instead of a grouped
-    convolution (plain elementwise ops for XLA)."""
+    torchvision's gaussian_blur with kernel size ``kernel``: two depthwise convolutions, each
+    sample's channels a group with its own 1-D kernel."""
+    n, c, height, width = x.shape
     half = kernel // 2
     offsets = torch.arange(kernel, device=x.device, dtype=x.dtype) - half
     safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
     w = torch.exp(-0.5 * (offsets[None, :] / safe[:, None]) ** 2)
     w = w / w.sum(dim=1, keepdim=True)
     delta = (offsets == 0).to(x.dtype).expand_as(w)
-    w = torch.where((sigma > 0)[:, None], w, delta)  # [N, kernel]
-    padded = F.pad(x, (half, half, half, half), mode="reflect")
-    height, width = x.shape[-2:]
-    rows = sum(_per_sample(w[:, j]) * padded[..., j:j + height, :] for j in range(kernel))
-    return sum(_per_sample(w[:, j]) * rows[..., :, j:j + width] for j in range(kernel))
+    w = torch.where((sigma > 0)[:, None], w, delta).repeat_interleave(c, dim=0)  # [N * C, kernel]
+    padded = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, n * c, height + 2 * half, -1)
+    rows = F.conv2d(padded, w.view(n * c, 1, kernel, 1), groups=n * c)
+    return F.conv2d(rows, w.view(n * c, 1, 1, kernel), groups=n * c).view(n, c, height, width)

@@ -1,5 +1,12 @@
 """MoCo augmentations (torchvision.transforms.v2), two views per image.
 
+Pre-training splits the MoCo presets (DEVICE_PRESETS) between host and accelerator:
+``CropViews`` decodes each image once and makes both views' random resized crop and flip
+as uint8 (a quarter of float32's bytes to the device), and data.device_augment does the
+colour jitter, grayscale, blur and normalisation on the batch inside the step.
+``pretrain_transform`` is the same augmentation made whole on the host (float, normalised):
+the digits presets use it for pre-training, evaluation uses it where it wants augmented views.
+
 Presets, chosen by ``data.augment``:
 - moco_v1: RandomResizedCrop 224 scale (0.2, 1), RandomGrayscale 0.2, ColorJitter 0.4, flip
 - moco_v2: "aug+": crop, colour jitter p 0.8, grayscale p 0.2, Gaussian blur p 0.5, flip
