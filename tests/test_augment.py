@@ -196,3 +196,25 @@ def test_device_augment_compiles_once_on_xla(tmp_path):
     # for the test) reuse the graphs of step 2: nothing recompiles, nothing falls back to the host
     assert r["after"]["compiles"] == 0 and r["after"]["fallback_ops"] == 0, r
     assert r["dtype"] == "torch.float32" and r["finite"]
+
+
+@pytest.mark.filterwarnings("ignore:possible collapse")  # two epochs of a tiny model: not the point here
+def test_device_augmented_training_resumes_mid_epoch_exactly(tmp_path):
+    """moco_v2 on colour JPEGs (uint8 views, colour on the device): a run resumed from a
+    mid-epoch checkpoint ends bit-identical to the uninterrupted run, so the device draws
+    come back with the checkpoint's RNG."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from data_fixtures import write_image_folder
+    from reliability_fns import assert_same_training_state, final_checkpoint, run_inprocess
+
+    from moco_xla.checkpoint import load_checkpoint
+    write_image_folder(tmp_path / "data", classes=2, per_class=16, size=40, fmt="jpg")
+    args = ["--config", "tiny", "--backend", "cpu", "--cores", "1"] + [a for s in (
+        "data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.augment=moco_v2", "data.image_size=16",
+        "model.in_channels=3", "train.batch_size=8", "train.epochs=2", "checkpoint.every_steps=1",
+        "checkpoint.keep=10", "eval.knn_every=0", "moco.K=32") for a in ("--set", s)]
+    assert run_inprocess(args + ["--out", str(tmp_path / "straight")]) == 0
+    ckpt = tmp_path / "straight" / "checkpoints" / "ckpt-000000001.pt"
+    assert load_checkpoint(ckpt)["step_in_epoch"] > 0  # mid-epoch: the loader and the RNG resume inside it
+    assert run_inprocess(args + ["--out", str(tmp_path / "resumed"), "--resume", str(ckpt)]) == 0
+    assert_same_training_state(final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed"))

@@ -3,7 +3,8 @@
 ``check(cfg)`` validates the data section before any replica starts; ``build(cfg)``
 gives each replica a ``DataBundle``; the training loop asks for two loaders:
 - ``pretrain_loader``: batches of (view_q, view_k) with static shapes and the same
-  number of steps on every replica;
+  number of steps on every replica; for the MoCo presets the views are uint8 crops and
+  ``device_views(cfg)`` finishes them in the step (colour, blur, normalisation);
 - ``eval_loader``: fixed-size batches of (image, label, valid) covering a dataset
   exactly once across replicas (padding is marked invalid), for kNN and probes.
 
@@ -33,7 +34,7 @@ __all__ = ["DataBundle", "EpochLoader", "EvalLoader", "REGISTRY", "ShardSet", "b
 
 @dataclass
 class DataBundle:
-    pretrain: Dataset | ShardSet   # yields ((view_q, view_k), label)
+    pretrain: Dataset | ShardSet   # yields ((view_q, view_k), label); uint8 views where device_views finishes them
     bank: Dataset | ShardSet       # train set, eval transform: yields (image, label)
     test: Dataset | ShardSet       # test set, eval transform
     num_classes: int

@@ -4,9 +4,11 @@ The host crops, resizes and flips each view and ships it as uint8 (transforms.Cr
 inside the compiled step ``DeviceAugment`` does the rest of the recipe on the whole
 batch: colour jitter (random order of brightness, contrast, saturation, hue) with
 probability p, random grayscale, Gaussian blur with a random sigma, and normalisation.
-Every sample draws its own parameters on the device (``torch.rand`` on the batch's
-device: no host sync, the same shapes every step, so XLA compiles the graph once; the
-device RNG is part of the checkpoint). Each op is the torchvision.transforms.v2 op on
+Every sample draws its own parameters from an RNG the checkpoint keeps: on the
+device for XLA (``torch.rand`` on the batch's device: no host sync, the same shapes every
+step, so XLA compiles the graph once) and the CPU backend; from torch's CPU RNG for CUDA
+(whose generator the checkpoint does not hold), copied over with the batch, so a resumed
+run draws what an uninterrupted one would. Each op is the torchvision.transforms.v2 op on
 float images, written for a batch of per-sample factors; the spatial ops before it
 (crop, flip) commute with it as the recipe's order requires.
 """
@@ -78,7 +80,11 @@ class DeviceAugment:
         self.recipe = recipe
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return apply(self.recipe, images, draw_params(self.recipe, images.shape[0], images.device))
+        on_device = images.device.type in ("xla", "cpu")  # RNGs the checkpoint keeps (see the module)
+        params = draw_params(self.recipe, images.shape[0], images.device if on_device else "cpu")
+        if not on_device:
+            params = {k: v.to(images.device, non_blocking=True) for k, v in params.items()}
+        return apply(self.recipe, images, params)
 
     def __repr__(self) -> str:
         return f"DeviceAugment({self.recipe})"
