@@ -102,8 +102,9 @@ def test_pipelines_compares_the_official_host_pipeline_with_moco_xla(tmp_path):
     r = json.loads((tmp_path / "pipelines.json").read_text())
     rows = r["imagenet_cpu_ms"]
     assert set(rows) == {"official (PIL, main_moco.py aug+)", "moco_xla before (decode_bytes + v2 preset)",
-                         "moco_xla (CropViews, uint8 to the device)", "decode only (full scale)",
-                         "decode only (reduced DCT scale)"}
+                         "moco_xla (CropViews, uint8 to the device)", "decode only (PIL, full scale)",
+                         "decode only (torchvision.io, full scale)",
+                         "decode only (as CropViews: reduced DCT scale where the crops allow)"}
     assert all(ms > 0 for part in ("imagenet_cpu_ms", "cifar_cpu_ms", "shards_cpu_ms") for ms in r[part].values())
     assert len(r["shards_cpu_ms"]) == 4  # old and new transform, local and GCS-emulator shards
     assert r["official_over_moco_xla"] == pytest.approx(

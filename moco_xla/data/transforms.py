@@ -151,10 +151,11 @@ class CropViews:
 
     The host half of a DEVICE_PRESETS augmentation (the device does colour, blur and
     normalisation). Takes encoded bytes (``decodes``: datasets hand them over undecoded) or a
-    decoded image. A JPEG is decoded once for both views, at the smallest DCT scale
-    (1/2, 1/4, 1/8: PIL's ``draft``) that keeps both crops at least ``size`` pixels on each
-    side: the views are downscaled from the crops anyway, so a reduced decode changes them
-    only by resampling detail.
+    decoded image. An image is decoded once for both views (torchvision.io, libjpeg-turbo);
+    a JPEG whose two crops both keep at least twice ``size`` pixels on each side is decoded
+    at a reduced DCT scale (1/2, 1/4, 1/8: PIL's ``draft``) instead, since the views are
+    downscaled from the crops anyway. Crops are resized by torch's antialiased bilinear
+    uint8 kernel on the decoder's channels-last pixels (what RandomResizedCrop does).
     """
 
     decodes = True
@@ -164,50 +165,64 @@ class CropViews:
 
     def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(img, (bytes, bytearray, memoryview)):
-            if sniff_format(bytes(img[:3])) == "jpg":
-                return self._from_jpeg(bytes(img))
-            img = decode_bytes(bytes(img))
-        img = v2.Compose(_prepare(self.channels))(img)
-        return self._view_of_tensor(img), self._view_of_tensor(img)
+            return self._from_bytes(bytes(img))
+        img = v2.Compose(_prepare(self.channels))(img).as_subclass(torch.Tensor)
+        return self._views(img, [crop_params(*img.shape[-2:]) for _ in range(2)])
+
+    def _from_bytes(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        if sniff_format(data[:3]) != "jpg":
+            return self(decode_bytes(data, self.channels))
+        width, height = _jpeg_size(data)
+        boxes = [crop_params(height, width) for _ in range(2)]
+        shrink = min(min(h, w) for _t, _l, h, w in boxes) / self.size
+        if shrink >= 2:
+            return self._reduced_views(data, boxes, math.ceil(width / shrink), math.ceil(height / shrink))
+        return self._views(decode_bytes(data, self.channels), boxes)
+
+    def _views(self, img: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for top, left, h, w in boxes:
+            view = v2.functional.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+            out.append(view.flip(-1) if self._flips() else view)
+        return out[0], out[1]
 
     def _flips(self) -> bool:
         return self.flip and bool(torch.rand(1) < 0.5)
 
-    def _view_of_tensor(self, img: torch.Tensor) -> torch.Tensor:
-        top, left, h, w = crop_params(*img.shape[-2:])
-        out = v2.functional.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
-        return (out.flip(-1) if self._flips() else out).as_subclass(torch.Tensor)
-
-    def _from_jpeg(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduced_views(self, data: bytes, boxes: list, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views from one decode at the smallest DCT scale >= (width, height); each crop box
+        mapped to the reduced pixels exactly (PIL's antialiased bilinear resize of a float box)."""
+        import numpy as np
         from PIL import Image
+        mode = "L" if self.channels == 1 else "RGB"
         try:
             with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                boxes = [crop_params(height, width) for _ in range(2)]
-                shrink = min(min(h, w) for _t, _l, h, w in boxes) / self.size
-                mode = "L" if self.channels == 1 else "RGB"
-                if shrink >= 2:
-                    im.draft(mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
-                im = im if im.mode == mode else im.convert(mode)  # a JPEG in this mode: decoded as is
-                sx, sy = im.width / width, im.height / height
-                views = [self._pil_view(im, (left * sx, top * sy, (left + w) * sx, (top + h) * sy))
-                         for top, left, h, w in boxes]
+                full_w, full_h = im.size
+                im.draft(mode, (width, height))
+                im = im if im.mode == mode else im.convert(mode)
+                sx, sy = im.width / full_w, im.height / full_h
+                views = []
+                for top, left, h, w in boxes:
+                    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+                    view = im.resize((self.size, self.size), Image.BILINEAR, box=box)
+                    arr = torch.from_numpy(np.array(view.transpose(Image.FLIP_LEFT_RIGHT) if self._flips() else view))
+                    views.append(arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1))
         except (OSError, ValueError, SyntaxError) as e:
             raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         return views[0], views[1]
 
-    def _pil_view(self, im, box) -> torch.Tensor:
-        import numpy as np
-        from PIL import Image
-        out = im.resize((self.size, self.size), Image.BILINEAR, box=box)
-        if self._flips():
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = torch.from_numpy(np.array(out))
-        # [C, H, W] as a view of the HWC pixels: the batch's collate (torch.stack) makes the one copy
-        return arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1)
-
     def __repr__(self) -> str:
         return f"CropViews(size={self.size}, channels={self.channels}, flip={self.flip})"
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's header (nothing decoded)."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
 def views_transform(preset: str, size: int, channels: int):
