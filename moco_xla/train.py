@@ -204,6 +204,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
     loader = data.pretrain_loader(bundle.pretrain, batch, rt.rank, world, cfg.train.seed,
                                   cfg.data.workers, cfg.train.max_steps_per_epoch,
                                   pin_memory=rt.device.type == "cuda")
+    augment = data.device_views(cfg)  # the views' colour ops on the device (uint8 in), or nothing
     steps_per_epoch = len(loader)
     before_step = step_schedule(cfg, model, optimizer, steps_per_epoch)
     store = CheckpointStore(checkpoint_dir(cfg, out_dir), cfg.checkpoint.keep)
@@ -259,6 +260,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
         for step, (im_q, im_k) in enumerate(rt.device_loader(loader), start=start):
             if before_step is not None:  # MoCo v3: lr and momentum per step
                 lr = before_step(pos.global_step)
+            im_q, im_k = augment(im_q), augment(im_k)
             with rt.autocast(cfg.train.precision):
                 loss, stats = model(im_q, im_k)
             optimizer.zero_grad(set_to_none=True)

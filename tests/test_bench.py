@@ -94,3 +94,19 @@ def test_step_profiler_writes_a_torch_profiler_trace_on_cpu(tmp_path):
     assert len(traces) == 1 and traces[0].stat().st_size > 100
     assert json.loads(traces[0].read_text())["traceEvents"]
     assert peak_rss_bytes() > 0
+
+
+def test_pipelines_compares_the_official_host_pipeline_with_moco_xla(tmp_path):
+    """--pipelines: one JSON with every row measured side by side; moco_xla ships uint8 views."""
+    assert bench_main(["--pipelines", "--quick", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "pipelines.json").read_text())
+    rows = r["imagenet_cpu_ms"]
+    assert set(rows) == {"official (PIL, main_moco.py aug+)", "moco_xla before (decode_bytes + v2 preset)",
+                         "moco_xla (CropViews, uint8 to the device)", "decode only (PIL, full scale)",
+                         "decode only (torchvision.io, full scale)",
+                         "decode only (as CropViews: reduced DCT scale where the crops allow)"}
+    assert all(ms > 0 for part in ("imagenet_cpu_ms", "cifar_cpu_ms", "shards_cpu_ms") for ms in r[part].values())
+    assert len(r["shards_cpu_ms"]) == 4  # old and new transform, local and GCS-emulator shards
+    assert r["official_over_moco_xla"] == pytest.approx(
+        rows["official (PIL, main_moco.py aug+)"] / rows["moco_xla (CropViews, uint8 to the device)"])
+    assert r["bytes_to_device_per_image"]["moco_xla"] == 2 * 3 * 224 * 224  # uint8

@@ -3,7 +3,8 @@
 ``check(cfg)`` validates the data section before any replica starts; ``build(cfg)``
 gives each replica a ``DataBundle``; the training loop asks for two loaders:
 - ``pretrain_loader``: batches of (view_q, view_k) with static shapes and the same
-  number of steps on every replica;
+  number of steps on every replica; for the MoCo presets the views are uint8 crops and
+  ``device_views(cfg)`` finishes them in the step (colour, blur, normalisation);
 - ``eval_loader``: fixed-size batches of (image, label, valid) covering a dataset
   exactly once across replicas (padding is marked invalid), for kNN and probes.
 
@@ -24,15 +25,16 @@ from .badsamples import SkipCounter
 from .datasets import REGISTRY, build_raw, dataset_names, spec
 from .loaders import EpochLoader, EvalLoader, Transformed, eval_loader, gathered_order, pretrain_loader
 from .shardset import ShardSet, check_shard_root, is_shard_root
-from .transforms import TwoCrops, eval_transform, pretrain_transform
+from .device_augment import DeviceAugment, identity
+from .transforms import device_recipe, eval_transform, views_transform
 
 __all__ = ["DataBundle", "EpochLoader", "EvalLoader", "REGISTRY", "ShardSet", "build", "check",
-           "dataset_names", "eval_loader", "gathered_order", "pretrain_loader", "skipped_total"]
+           "dataset_names", "device_views", "eval_loader", "gathered_order", "pretrain_loader", "skipped_total"]
 
 
 @dataclass
 class DataBundle:
-    pretrain: Dataset | ShardSet   # yields ((view_q, view_k), label)
+    pretrain: Dataset | ShardSet   # yields ((view_q, view_k), label); uint8 views where device_views finishes them
     bank: Dataset | ShardSet       # train set, eval transform: yields (image, label)
     test: Dataset | ShardSet       # test set, eval transform
     num_classes: int
@@ -71,7 +73,7 @@ def build(cfg) -> DataBundle:
     """Datasets for the config's ``data`` section, with the model's channel count."""
     d, ch = cfg.data, cfg.model.in_channels
     skips = SkipCounter(d.on_bad_sample)
-    pre_t = TwoCrops(pretrain_transform(d.augment, d.image_size, ch))
+    pre_t = views_transform(d.augment, d.image_size, ch)
     eval_t = eval_transform(d.augment, d.image_size, ch)
     if d.root and is_shard_root(d.root):
         train_m, test_m = check_shard_root(d)
@@ -85,3 +87,11 @@ def build(cfg) -> DataBundle:
     n = len(raw.classes)
     return DataBundle(Transformed(raw.train, pre_t, n, skips), Transformed(raw.train, eval_t, n, skips),
                       Transformed(raw.test, eval_t, n, skips), n, raw.classes, skips)
+
+
+def device_views(cfg):
+    """What the training step applies to each view before the model: the colour half of the
+    augmentation on the device (uint8 views in, float normalised out) for presets whose views
+    the host only crops (transforms.DEVICE_PRESETS), else nothing (the host finished them)."""
+    recipe = device_recipe(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels)
+    return identity if recipe is None else DeviceAugment(recipe)

@@ -289,6 +289,12 @@ class FileImages(Dataset):
         path, label = self.samples[i]
         return decode_file(path), label
 
+    def encoded(self, i: int) -> tuple[bytes, int]:
+        """(the file's bytes, label): for transforms that decode themselves (transforms.CropViews)."""
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            return f.read(), label
+
     def describe(self, i: int) -> str:
         return self.samples[i][0]
 

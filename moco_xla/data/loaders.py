@@ -37,17 +37,18 @@ class Transformed(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):
+        # A transform that decodes (transforms.CropViews) gets the encoded bytes where the dataset has them.
+        read = getattr(self.base, "encoded", None) if getattr(self.transform, "decodes", False) else None
         for attempt in range(MAX_RETRIES):
             j = (i + attempt) % len(self.base)  # skip: the next sample stands in
             try:
-                img, label = self.base[j]
+                img, label = read(j) if read else self.base[j]
+                if 0 <= label < self.num_classes:
+                    return self.transform(img), label
             except (BadImage, OSError) as e:
                 self.skips.bad(self._describe(j), f"cannot read image ({e})")
                 continue
-            if not 0 <= label < self.num_classes:
-                self.skips.bad(self._describe(j), f"label {label} is outside 0..{self.num_classes - 1}")
-                continue
-            return self.transform(img), label
+            self.skips.bad(self._describe(j), f"label {label} is outside 0..{self.num_classes - 1}")
         raise UserError(f"{MAX_RETRIES} consecutive bad samples from {self._describe(i)}: check the data")
 
     def _describe(self, i: int) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 from itertools import chain, islice
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -57,14 +57,16 @@ def shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
-def decoded(items: Iterable[RawSample | None], channels: int, skips) -> Iterator[tuple | None]:
-    """(uint8 image, label) per item; ``None`` for items already bad or whose image will not decode."""
+def decoded(items: Iterable[RawSample | None], channels: int, skips, decode: Callable | None = None
+            ) -> Iterator[tuple | None]:
+    """(uint8 image, label) per item (``decode(bytes)`` instead of decode_bytes where given);
+    ``None`` for items already bad or whose image will not decode."""
     for s in items:
         if s is None:
             yield None
             continue
         try:
-            yield decode_bytes(s.data, channels), s.label
+            yield (decode(s.data) if decode else decode_bytes(s.data, channels)), s.label
         except BadImage as e:
             skips.bad(s.where, f"cannot decode image ({e})")
             yield None
@@ -146,6 +148,10 @@ class PretrainStream(IterableDataset):
         raw = chain.from_iterable(iter_shard(s.manifest, *p, s.skips) for p in self.plan(epoch, worker, workers))
         rng = random.Random(f"moco_xla-buffer/{self.seed}/{epoch}/{self.rank}/{worker}")
         order = islice(shuffled(raw, s.shuffle_buffer, rng), done * self.batch, None)
+        if getattr(s.transform, "decodes", False):  # transforms.CropViews: decodes and crops in one pass
+            items = decoded(order, s.channels, s.skips, decode=s.transform)
+            yield from substituted(items, f"{s.manifest.url} (replica {self.rank}, worker {worker})")
+            return
         items = decoded(order, s.channels, s.skips)
         for img, label in substituted(items, f"{s.manifest.url} (replica {self.rank}, worker {worker})"):
             yield s.transform(img), label

@@ -1,5 +1,12 @@
 """MoCo augmentations (torchvision.transforms.v2), two views per image.
 
+Pre-training splits the MoCo presets (DEVICE_PRESETS) between host and accelerator:
+``CropViews`` decodes each image once and makes both views' random resized crop and flip
+as uint8 (a quarter of float32's bytes to the device), and data.device_augment does the
+colour jitter, grayscale, blur and normalisation on the batch inside the step.
+``pretrain_transform`` is the same augmentation made whole on the host (float, normalised):
+the digits presets use it for pre-training, evaluation uses it where it wants augmented views.
+
 Presets, chosen by ``data.augment``:
 - moco_v1: RandomResizedCrop 224 scale (0.2, 1), RandomGrayscale 0.2, ColorJitter 0.4, flip
 - moco_v2: "aug+": crop, colour jitter p 0.8, grayscale p 0.2, Gaussian blur p 0.5, flip
@@ -11,9 +18,15 @@ Presets, chosen by ``data.augment``:
 """
 from __future__ import annotations
 
+import io
+import math
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from .device_augment import ColourRecipe
+from .images import BadImage, decode_bytes, sniff_format
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -89,6 +102,135 @@ def pretrain_transform(preset: str, size: int, channels: int) -> v2.Compose:
                v2.RandomApply([v2.GaussianBlur(blur_k, sigma=(0.1, 2.0))], p=0.5),
                v2.RandomHorizontalFlip()]
     return v2.Compose(_prepare(channels) + ops + _finish(norm))
+
+
+DEVICE_PRESETS = ("moco_v1", "moco_v2", "small", "small_v2")  # the device finishes these presets' views
+CROP_SCALE, CROP_RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
+
+
+def device_recipe(preset: str, size: int, channels: int) -> ColourRecipe | None:
+    """The colour ops ``preset`` leaves to the device (data.device_augment), or None where the
+    host makes the whole view (digits presets): the same recipe as ``pretrain_transform``."""
+    if preset not in DEVICE_PRESETS:
+        return None
+    norm = normalize_for(channels, preset)
+    base = {"mean": tuple(norm.mean), "std": tuple(norm.std)}
+    if preset in ("moco_v1", "small"):
+        return ColourRecipe(**base, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, gray_first=True)
+    return ColourRecipe(**base, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
+                        blur_sigma=(0.1, 2.0), blur_kernel=max(3, (size // 10) | 1))
+
+
+def crop_params(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of one RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) draw.
+
+    torchvision's algorithm (up to 10 tries of a uniform area and a log-uniform aspect ratio
+    that fit, else the whole image clipped to the ratio range, centred), its uniforms taken
+    from torch's RNG in one call: the same distribution at a tenth of the host time.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for u_area, u_ratio, u_top, u_left in torch.rand(10, 4).tolist():
+        target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u_area)
+        ratio = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        h, w = height, int(round(height * CROP_RATIO[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class CropViews:
+    """Two views of one image, each a random resized crop and a random flip, uint8 [C, size, size].
+
+    The host half of a DEVICE_PRESETS augmentation (the device does colour, blur and
+    normalisation). Takes encoded bytes (``decodes``: datasets hand them over undecoded) or a
+    decoded image. An image is decoded once for both views (torchvision.io, libjpeg-turbo);
+    a JPEG whose two crops both keep at least twice ``size`` pixels on each side is decoded
+    at a reduced DCT scale (1/2, 1/4, 1/8: PIL's ``draft``) instead, since the views are
+    downscaled from the crops anyway. Crops are resized by torch's antialiased bilinear
+    uint8 kernel on the decoder's channels-last pixels (what RandomResizedCrop does).
+    """
+
+    decodes = True
+
+    def __init__(self, size: int, channels: int, flip: bool = True) -> None:
+        self.size, self.channels, self.flip = size, channels, flip
+
+    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(img, (bytes, bytearray, memoryview)):
+            return self._from_bytes(bytes(img))
+        img = v2.Compose(_prepare(self.channels))(img).as_subclass(torch.Tensor)
+        return self._views(img, [crop_params(*img.shape[-2:]) for _ in range(2)])
+
+    def _from_bytes(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        if sniff_format(data[:3]) != "jpg":
+            return self(decode_bytes(data, self.channels))
+        width, height = _jpeg_size(data)
+        boxes = [crop_params(height, width) for _ in range(2)]
+        shrink = min(min(h, w) for _t, _l, h, w in boxes) / self.size
+        if shrink >= 2:
+            return self._reduced_views(data, boxes, math.ceil(width / shrink), math.ceil(height / shrink))
+        return self._views(decode_bytes(data, self.channels), boxes)
+
+    def _views(self, img: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for top, left, h, w in boxes:
+            view = v2.functional.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+            out.append(view.flip(-1) if self._flips() else view)
+        return out[0], out[1]
+
+    def _flips(self) -> bool:
+        return self.flip and bool(torch.rand(1) < 0.5)
+
+    def _reduced_views(self, data: bytes, boxes: list, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views from one decode at the smallest DCT scale >= (width, height); each crop box
+        mapped to the reduced pixels exactly (PIL's antialiased bilinear resize of a float box)."""
+        import numpy as np
+        from PIL import Image
+        mode = "L" if self.channels == 1 else "RGB"
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                full_w, full_h = im.size
+                im.draft(mode, (width, height))
+                im = im if im.mode == mode else im.convert(mode)
+                sx, sy = im.width / full_w, im.height / full_h
+                views = []
+                for top, left, h, w in boxes:
+                    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+                    view = im.resize((self.size, self.size), Image.BILINEAR, box=box)
+                    arr = torch.from_numpy(np.array(view.transpose(Image.FLIP_LEFT_RIGHT) if self._flips() else view))
+                    views.append(arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        return views[0], views[1]
+
+    def __repr__(self) -> str:
+        return f"CropViews(size={self.size}, channels={self.channels}, flip={self.flip})"
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's header (nothing decoded)."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def views_transform(preset: str, size: int, channels: int):
+    """Pre-training's per-image transform: CropViews (uint8, the device finishes them) for
+    DEVICE_PRESETS, else TwoCrops of the whole host augmentation (float, normalised)."""
+    if preset in DEVICE_PRESETS:
+        return CropViews(size, channels)
+    return TwoCrops(pretrain_transform(preset, size, channels))
 
 
 def eval_transform(preset: str, size: int, channels: int) -> v2.Compose:

@@ -1,0 +1,6 @@
+"""``python -m moco_xla.bench``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,241 @@
+"""Host CPU per image of MoCo v2's two views: the official pipeline, moco_xla's, and the decode limit.
+
+    nice -n 19 python -m moco_xla.bench --pipelines --out benchmarks/results   # pipelines.json
+
+Side by side in one process, one thread, interleaved rounds (the median counts), CPU time
+of this process (``time.process_time``: other load on a shared host stretches wall time,
+not it). Rows, on each input set:
+- official: facebookresearch/moco main_moco.py's aug+ as it builds it (PIL: ImageFolder's
+  loader, RandomResizedCrop 224 scale 0.2-1, ColorJitter 0.4/0.4/0.4/0.1 p 0.8,
+  RandomGrayscale 0.2, its GaussianBlur (PIL, sigma 0.1-2) p 0.5, flip, ToTensor,
+  Normalize, two crops);
+- moco_xla before: decode_bytes, then the torchvision.transforms.v2 preset on tensors, twice;
+- moco_xla: transforms.CropViews (the host half: uint8 views; the device does the colour);
+- decode: the JPEG decoded alone (the least any pipeline must do), with PIL, with
+  torchvision.io, and as CropViews decodes (at the DCT scale its two crops allow).
+Inputs are made offline from scikit-learn's two photographs: ImageNet-size JPEGs (random
+crops about 500x375, rescaled, quality 85-95) and CIFAR-size images (32x32 uint8, the
+``small_v2`` preset). The shard rows run the real pre-training loader (0 workers) over
+WebDataset shards of the same JPEGs, local and streamed from the GCS emulator.
+"""
+from __future__ import annotations
+
+import io
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+SIZE = 224
+
+
+def photo_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """ImageNet-like JPEGs: random crops (about 500x375) of the two sample photographs,
+    rescaled by 0.8-1.25, re-encoded at quality 85-95."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    photos = [Image.fromarray(a) for a in load_sample_images().images]  # 427x640 each
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        photo = photos[i % 2]
+        w, h = rng.randint(420, 640), rng.randint(320, 427)
+        left, top = rng.randint(0, 640 - w), rng.randint(0, 427 - h)
+        s = rng.uniform(0.8, 1.25)
+        img = photo.crop((left, top, left + w, top + h)).resize((round(w * s), round(h * s)), Image.BICUBIC)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=rng.randint(85, 95))
+        out.append(buf.getvalue())
+    return out
+
+
+def cifar_images(n: int, seed: int = 0) -> list[torch.Tensor]:
+    """32x32 uint8 images: random crops of the photographs, downscaled as CIFAR's were."""
+    from PIL import Image
+    jpegs = photo_jpegs(n, seed)
+    out = []
+    for data in jpegs:
+        img = Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous())
+    return out
+
+
+class OfficialGaussianBlur:
+    """moco/loader.py's GaussianBlur: PIL's filter with a uniform random sigma."""
+
+    def __init__(self, sigma=(0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, x):
+        from PIL import ImageFilter
+        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma[0], self.sigma[1])))
+
+
+def official_pipeline() -> Callable[[bytes], list]:
+    """main_moco.py's aug+ with TwoCropsTransform, on ImageFolder's PIL loader."""
+    from PIL import Image
+    from torchvision import transforms
+    normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    aug = transforms.Compose([
+        transforms.RandomResizedCrop(SIZE, scale=(0.2, 1.0)),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([OfficialGaussianBlur([0.1, 2.0])], p=0.5),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize,
+    ])
+
+    def run(data: bytes) -> list:
+        img = Image.open(io.BytesIO(data)).convert("RGB")  # torchvision's pil_loader
+        return [aug(img), aug(img)]
+    return run
+
+
+def moco_xla_before(size: int = SIZE, preset: str = "moco_v2") -> Callable:
+    from ..data.images import decode_bytes
+    from ..data.transforms import TwoCrops, pretrain_transform
+    views = TwoCrops(pretrain_transform(preset, size, 3))
+    return lambda data: views(decode_bytes(data, 3) if isinstance(data, bytes) else data)
+
+
+def moco_xla_now(size: int = SIZE) -> Callable:
+    from ..data.transforms import CropViews
+    return CropViews(size, 3)
+
+
+def decode_pil() -> Callable[[bytes], Any]:
+    """Decode only, with PIL (what ImageFolder's loader does)."""
+    from PIL import Image
+
+    def run(data: bytes):
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    return run
+
+
+def decode_torchvision() -> Callable[[bytes], Any]:
+    """Decode only, with torchvision.io (libjpeg-turbo), as moco_xla's loaders do."""
+    from ..data.images import decode_bytes
+    return lambda data: decode_bytes(data, 3)
+
+
+def decode_reduced(size: int = SIZE) -> Callable[[bytes], Any]:
+    """Decode only, as CropViews decodes: at the DCT scale its two crops allow (PIL draft)
+    where that is below full scale, else with torchvision.io."""
+    import math
+
+    from PIL import Image
+
+    from ..data.images import decode_bytes
+    from ..data.transforms import crop_params
+
+    def run(data: bytes):
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            shrink = min(min(h, w) for _t, _l, h, w in (crop_params(height, width) for _ in range(2))) / size
+            if shrink >= 2:
+                im.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+                return im.convert("RGB")
+        return decode_bytes(data, 3)
+    return run
+
+
+def cpu_ms_per_image(fn: Callable, items: list) -> float:
+    t0 = time.process_time()
+    for item in items:
+        fn(item)
+    return 1000 * (time.process_time() - t0) / len(items)
+
+
+def interleaved(rows: dict[str, tuple[Callable, list]], rounds: int) -> dict[str, float]:
+    """Median CPU ms per image of each row over ``rounds`` rounds (the order rotates)."""
+    names, times = list(rows), {name: [] for name in rows}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, items = rows[name]
+            times[name].append(cpu_ms_per_image(fn, items))
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+def shard_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
+    """CPU ms per image of the pre-training loader (0 workers, batch 32, 224 px, moco_v2) over
+    WebDataset shards, local and on the GCS emulator: the old and the new host transform."""
+    from .. import data, shards
+    from ..config import load_config
+    from ..data.emulator import gcs_emulator
+    from ..data.transforms import TwoCrops, pretrain_transform
+    out: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, gcs_emulator(["pipelines"]):
+        folder = Path(tmp) / "folder"
+        for i, b in enumerate(jpegs):
+            d = folder / f"class_{i % 4}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:05d}.jpg").write_bytes(b)
+        common = ["--dataset", "folder", "--root", str(folder), "--shard-size", "64", "--quiet",
+                  "--test-fraction", "0.1"]
+        roots = {"local shards": str(Path(tmp) / "shards"), "GCS emulator shards": "gs://pipelines/shards"}
+        for root in roots.values():
+            for split in ("train", "test"):
+                assert shards.main([*common, "--split", split, "--out", root]) == 0
+        for _ in range(rounds):
+            for where, root in roots.items():
+                cfg = load_config("tiny", ["data.dataset=folder", f"data.root={root}", "data.augment=moco_v2",
+                                           f"data.image_size={SIZE}", "model.in_channels=3", "data.shuffle_buffer=64"])
+                ds = data.build(cfg).pretrain
+                for label, transform in (("moco_xla before", TwoCrops(pretrain_transform("moco_v2", SIZE, 3))),
+                                         ("moco_xla", ds.transform)):
+                    ds.transform = transform
+                    loader = data.pretrain_loader(ds, 32, 0, 1, seed=0, workers=0)
+                    loader.set_epoch(0)
+                    t0, n = time.process_time(), 0
+                    for q, _k in loader:
+                        n += q.shape[0]
+                    out.setdefault(f"{label}, {where}", []).append(1000 * (time.process_time() - t0) / n)
+    return {k: float(np.median(v)) for k, v in out.items()}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Every row, one thread; {'imagenet': {row: ms}, 'cifar': {...}, 'shards': {...}, summary}."""
+    torch.set_num_threads(1)
+    n, rounds = (8, 1) if quick else (128, 3)
+    torch.manual_seed(0)
+    random.seed(0)
+    jpegs, cifar = photo_jpegs(n), cifar_images(n)
+    imagenet = interleaved({
+        "official (PIL, main_moco.py aug+)": (official_pipeline(), jpegs),
+        "moco_xla before (decode_bytes + v2 preset)": (moco_xla_before(), jpegs),
+        "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(), jpegs),
+        "decode only (PIL, full scale)": (decode_pil(), jpegs),
+        "decode only (torchvision.io, full scale)": (decode_torchvision(), jpegs),
+        "decode only (as CropViews: reduced DCT scale where the crops allow)": (decode_reduced(), jpegs),
+    }, rounds)
+    small = interleaved({
+        "moco_xla before (small_v2 preset)": (moco_xla_before(32, "small_v2"), cifar),
+        "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(32), cifar),
+    }, rounds)
+    shard = shard_rows(photo_jpegs(40 if quick else 288, seed=1), 1 if quick else 2)
+    official, ours = imagenet["official (PIL, main_moco.py aug+)"], imagenet["moco_xla (CropViews, uint8 to the device)"]
+    return {"images": {"imagenet": len(jpegs), "cifar": len(cifar)}, "rounds": rounds, "threads": 1,
+            "view_size": SIZE, "imagenet_cpu_ms": imagenet, "cifar_cpu_ms": small, "shards_cpu_ms": shard,
+            "official_over_moco_xla": official / ours,
+            "moco_xla_over_decode": ours / min(ms for name, ms in imagenet.items() if name.startswith("decode only")),
+            "bytes_to_device_per_image": {"moco_xla": 2 * 3 * SIZE * SIZE, "official": 2 * 3 * SIZE * SIZE * 4}}
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [f"host CPU ms per image (two {r['view_size']}-px views), 1 thread, median of {r['rounds']} rounds"]
+    for part, title in (("imagenet_cpu_ms", f"ImageNet-size JPEGs ({r['images']['imagenet']})"),
+                        ("cifar_cpu_ms", f"CIFAR-size 32x32 ({r['images']['cifar']}), 32-px views"),
+                        ("shards_cpu_ms", "pre-training loader over WebDataset shards, 0 workers")):
+        lines.append(title)
+        lines += [f"  {name:<68} {ms:7.2f}" for name, ms in r[part].items()]
+    lines.append(f"official / moco_xla: {r['official_over_moco_xla']:.2f}x (goal >= 2.0); "
+                 f"moco_xla / the cheapest decode only: {r['moco_xla_over_decode']:.2f}x (goal <= 1.5)")
+    return "\n".join(lines)
