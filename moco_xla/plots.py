@@ -14,23 +14,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from .eval.rows import SEMISUP_ROWS
 from .report import PLOTS_DIR, read_metrics, read_summary
 
 SIZE, DPI = (6.4, 4.0), 100  # 640 x 400 pixels
-
-# The few-label study's rows, in the order they are reported.
-SEMISUP_ROWS = {
-    "moco_probe": "MoCo linear probe (frozen)",
-    "moco_finetune": "MoCo fine-tuned",
-    "moco_distill": "MoCo fine-tuned + distilled",
-    "moco_labelprop": "MoCo label propagation + distilled",
-    "supervised_scratch": "supervised from scratch",
-    "scratch_distill": "from scratch + distilled",
-    "pixel_labelprop": "raw-pixel label propagation + distilled",
-    "pixel_logistic": "raw-pixel logistic regression",
-    "random_probe": "random-init encoder probe",
-}
-
 
 def plot_run(out_dir: str | os.PathLike) -> list[Path]:
     """Redraw every plot the run's records support; returns the files written."""

@@ -10,7 +10,6 @@ mid-epoch included; SIGTERM and NaN/inf losses are agreed on across replicas by
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -24,11 +23,12 @@ from . import data
 from .checkpoint import CheckpointStore, Position, checkpoint_dir, load_checkpoint, restore, save_checkpoint
 from .config import Config, validate_world
 from .errors import NonFiniteLoss, Preempted, UserError
-from .knn import knn_accuracy
+from .eval.knn import knn_accuracy
 from .models import build_encoder, to_channels_last
 from .moco import MoCo
 from .moco_v3 import MoCoV3, build_moco_v3, momentum_at
-from .optim import build_optimizer as build_train_optimizer, lr_at_step
+from .optim import build_optimizer as build_train_optimizer
+from .schedule import lr_at_epoch, lr_at_step, set_lr
 from .profiling import GraphWatch, StepProfiler
 from .report import MetricsWriter, write_summary
 from .runtime import Runtime
@@ -83,23 +83,6 @@ def compile_encoders(cfg: Config, rt: Runtime, model: torch.nn.Module) -> None:
                         "already one compiled graph (valid there: train.compile=false)")
     model.encoder_q.compile(backend=cfg.train.compile_backend)
     model.encoder_k.compile(backend=cfg.train.compile_backend)
-
-
-def lr_at(cfg: Config, epoch: int) -> float:
-    """Learning rate for ``epoch`` (0-based): linear warm-up, then cosine or step decay."""
-    t = cfg.train
-    if epoch < t.warmup_epochs:
-        return t.lr * (epoch + 1) / (t.warmup_epochs + 1)
-    if t.schedule == "cosine":
-        return t.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / t.epochs))
-    if t.schedule == "step":
-        return t.lr * 0.1 ** sum(epoch >= s for s in t.lr_steps)
-    return t.lr
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 class CollapseDetector:
@@ -246,7 +229,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
     restore_rng()  # last thing before the first step
     for epoch in range(pos.epoch, cfg.train.epochs):
         start = pos.step
-        lr = lr_at(cfg, epoch)
+        lr = lr_at_epoch(cfg.train, epoch)
         set_lr(optimizer, lr)
         loader.set_epoch(epoch, start)
         model.train()

@@ -21,7 +21,7 @@ STEP_FUNCTIONS = {
     "shuffle.py": {"shared_permutation", "shuffle_gather", "unshuffle_gather", "shuffle_all_to_all",
                    "unshuffle_all_to_all", "shuffled_keys"},
     "models.py": {"forward"},
-    "knn.py": {"knn_predict", "embed", "knn_accuracy"},
+    "eval/knn.py": {"knn_predict", "embed", "knn_accuracy"},
     "train.py": {"observe"},  # StopGuard.observe: every step
 }
 TENSOR_NAMES = {"loss", "stats", "acc", "sums", "im_q", "im_k", "logits", "keys", "k", "q"}

@@ -9,7 +9,8 @@ from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from eval_fns import pretrained_run
-from moco_xla.plots import SEMISUP_ROWS, plot_run
+from moco_xla.eval.rows import SEMISUP_ROWS
+from moco_xla.plots import plot_run
 from moco_xla.report import MetricsWriter, read_metrics, read_summary, write_summary
 
 PNG = b"\x89PNG\r\n\x1a\n"
