@@ -26,6 +26,7 @@ from typing import Any
 
 from . import checkpoint as ckpt
 from . import cli, data
+from .data import storage
 from .config import Config, load_config, save_config, validate_world
 from .errors import UserError
 from .profiling import GRAPH_CHECK_ENV, GRAPH_CHECKS, PROFILE_ENV, graph_check_mode
@@ -115,7 +116,7 @@ def plan_resume(cfg: Config, arg: str | None, out: Path, out_given: bool = True)
         raise UserError("--resume auto needs --out (or checkpoint.dir) naming the run to continue; "
                         "the default --out is a new directory every time")
     directory = ckpt.checkpoint_dir(cfg, out)
-    ckpt.check_storage(directory)
+    storage.check_writable(directory)
     if arg is None:
         existing = ckpt.latest_checkpoint(directory)
         if existing:

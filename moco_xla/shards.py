@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> list[Manifest]:
             raise UserError(f"--dataset {args.dataset} needs --root: a local directory ({s.layout})")
         s.check(d)
     if storage.is_remote(args.out):
-        storage.check_bucket(args.out)
+        storage.check_bucket(args.out, "--out")
     raw: RawData = build_raw(d)
     meta = {"dataset": s.name, "classes": raw.classes, "channels": s.channels, "source": args.root,
             "subset": args.emnist_split if s.name == "emnist" else None}

@@ -91,7 +91,7 @@ def test_semisup_bar_chart(tmp_path):
     rows = {k: 60.0 + 7 * i for i, k in enumerate(SEMISUP_ROWS)}
     write_summary(tmp_path, {"semisup": {"100": {"labels": 100, "rows": rows},
                                          "50": {"labels": 50, "rows": {k: v - 5 for k, v in rows.items()}}}})
-    made = plot_run(tmp_path)
+    made = plot_run(tmp_path / "plots", read_metrics(tmp_path), read_summary(tmp_path))
     assert made == [tmp_path / "plots" / "semisup.png"]
     with Image.open(made[0]) as im:
         height = im.size[1]
