@@ -126,7 +126,7 @@ class DistillConfig:
 
 @dataclass
 class LabelPropConfig:
-    """Label propagation (labelprop.py) over the distillation's images, on MoCo's features and on raw
+    """Label propagation (eval/labelprop.py) over the distillation's images, on MoCo's features and on raw
     pixels; a student (the distillation's, its settings) learns the propagated labels. k neighbours
     per image with weights sim^gamma, ``iterations`` steps of F <- alpha S F + (1 - alpha) Y.
 

@@ -1,4 +1,4 @@
-"""Label propagation (moco_xla/labelprop.py): the closed form it iterates to, a toy problem where the
+"""Label propagation (moco_xla/eval/labelprop.py): the closed form it iterates to, a toy problem where the
 unlabelled points carry the answer, and the study's propagation on 2 gloo replicas (the XLA replicas
 run it in test_xla_replicas.py)."""
 from __future__ import annotations

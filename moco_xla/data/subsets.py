@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -114,55 +114,83 @@ def read_labels_file(path: str, train_ds, classes: int, root: str | None = None
     number 0..classes-1. Blank lines and lines starting with # are skipped; a first line
     ``index,label`` or ``path,label`` is a header.
     """
+    find = _ImageFinder(train_ds, root)
+    seen: dict[int, int] = {}  # train index -> line number, in the file's order
+    labels = []
+    for line_no, key, label in _label_rows(path):
+        where = f"--labels-file {path} line {line_no}"
+        index = find(key, where)
+        y = _class_number(label, classes, where)
+        if index in seen:
+            raise UserError(f"{where}: image {key} is listed twice (also on line {seen[index]}); "
+                            f"one label per image")
+        seen[index] = line_no
+        labels.append(y)
+    if not labels:
+        raise UserError(f"--labels-file {path} has no labelled images; format: {LABELS_FILE_FORMAT}")
+    _check_every_class(path, labels, classes)
+    return torch.tensor(list(seen)), torch.tensor(labels)
+
+
+def _label_rows(path: str) -> Iterator[tuple[int, str, str]]:
+    """(line number, image key, label) of every data line: comments, blank lines and a header skipped."""
     import csv
     try:
         text = open(path, newline="", encoding="utf-8").read()
     except OSError as e:
         raise UserError(f"--labels-file {path}: cannot read it ({e.strerror or e})") from None
-    n = len(train_ds)
-    by_path: dict[str, int] | None = None
-    seen: dict[int, int] = {}
-    indices, labels = [], []
+    first = True
     for line_no, row in enumerate(csv.reader(text.splitlines()), 1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
         row = [c.strip() for c in row]
-        where = f"--labels-file {path} line {line_no}"
         if len(row) != 2:
-            raise UserError(f"{where}: expected 2 fields, got {len(row)}; format: {LABELS_FILE_FORMAT}")
+            raise UserError(f"--labels-file {path} line {line_no}: expected 2 fields, got {len(row)}; "
+                            f"format: {LABELS_FILE_FORMAT}")
         key, label = row
-        if not indices and not seen and label.lower() == "label" and key.lower() in ("index", "path"):
-            continue  # header
+        header = first and label.lower() == "label" and key.lower() in ("index", "path")
+        first = False
+        if not header:
+            yield line_no, key, label
+
+
+class _ImageFinder:
+    """A labels file's image key (an index, or a path of a folder dataset) as an index into the train set."""
+
+    def __init__(self, train_ds, root: str | None) -> None:
+        self.train_ds, self.root, self.n = train_ds, root, len(train_ds)
+        self.by_path: dict[str, int] | None = None
+
+    def __call__(self, key: str, where: str) -> int:
         if key.lstrip("-").isdigit():
             index = int(key)
-            if not 0 <= index < n:
-                raise UserError(f"{where}: index {index} is not in the train set (valid: 0..{n - 1})")
-        else:
-            if by_path is None:
-                by_path = _train_paths(train_ds, where)
-            index = by_path.get(_resolve(key, root), -1)
-            if index < 0:
-                raise UserError(f"{where}: {key} is not an image of the train set")
-        try:
-            y = int(label)
-        except ValueError:
-            raise UserError(f"{where}: label {label!r} is not a class number (valid: 0..{classes - 1})") from None
-        if not 0 <= y < classes:
-            raise UserError(f"{where}: label {y} is out of range (valid: 0..{classes - 1})")
-        if index in seen:
-            raise UserError(f"{where}: image {key} is listed twice (also on line {seen[index]}); "
-                            f"one label per image")
-        seen[index] = line_no
-        indices.append(index)
-        labels.append(y)
-    if not indices:
-        raise UserError(f"--labels-file {path} has no labelled images; format: {LABELS_FILE_FORMAT}")
+            if not 0 <= index < self.n:
+                raise UserError(f"{where}: index {index} is not in the train set (valid: 0..{self.n - 1})")
+            return index
+        if self.by_path is None:
+            self.by_path = _train_paths(self.train_ds, where)
+        index = self.by_path.get(_resolve(key, self.root), -1)
+        if index < 0:
+            raise UserError(f"{where}: {key} is not an image of the train set")
+        return index
+
+
+def _class_number(label: str, classes: int, where: str) -> int:
+    try:
+        y = int(label)
+    except ValueError:
+        raise UserError(f"{where}: label {label!r} is not a class number (valid: 0..{classes - 1})") from None
+    if not 0 <= y < classes:
+        raise UserError(f"{where}: label {y} is out of range (valid: 0..{classes - 1})")
+    return y
+
+
+def _check_every_class(path: str, labels: list[int], classes: int) -> None:
     counts = torch.bincount(torch.tensor(labels), minlength=classes)
     missing = (counts == 0).nonzero().flatten().tolist()
     if missing:
         raise UserError(f"--labels-file {path} labels no image of class {', '.join(map(str, missing[:10]))}"
                         f"{' ...' if len(missing) > 10 else ''}; every one of the {classes} classes needs one")
-    return torch.tensor(indices), torch.tensor(labels)
 
 
 def _resolve(p: str, root: str | None) -> str:
