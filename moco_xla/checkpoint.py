@@ -12,8 +12,8 @@ Layout of a checkpoint directory (``<out>/checkpoints`` or ``checkpoint.dir``)::
     ckpt-000000120.json  its metadata (config, position); written after the .pt: the commit mark
     latest               the name of the newest committed checkpoint; written last
 
-Locally every file is written under a temporary name and renamed (atomic on POSIX); on GCS an
-object appears only once its upload completes. A crash at any moment therefore leaves either
+Files go through data/storage.py (local or gs://): locally every file is written under a temporary
+name and renamed (atomic on POSIX); on GCS an object appears only once its upload completes. A crash at any moment therefore leaves either
 the previous ``latest`` or the new one, never a broken one. Only the master replica writes.
 """
 from __future__ import annotations
@@ -22,17 +22,15 @@ import dataclasses
 import io
 import json
 import os
-import socket
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import torch
 
 from .config import Config
+from .data.storage import exists, filesystem, is_remote, join, read_bytes, write_bytes
 from .errors import UserError
 from .runtime import Runtime
 
@@ -44,57 +42,9 @@ RESUME_MUTABLE = ("name", "train.epochs", "train.lr", "train.log_every", "train.
                   "train.compile", "train.compile_backend", "model.channels_last",
                   "train.precision", "data.root", "data.workers", "data.on_bad_sample", "eval.",
                   "checkpoint.")
-GCS_TIMEOUT_S = float(os.environ.get("MOCO_XLA_GCS_TIMEOUT", "20"))
 
 
-# ----------------------------------------------------------------------------- storage
-
-def _fs(path: str):
-    """(filesystem, path inside it) for a local path or a gs:// URL (gcsfs, created per process)."""
-    import fsspec
-    if path.startswith("gs://"):
-        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # else every op stalls
-    return fsspec.core.url_to_fs(path)
-
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def join(directory: str, name: str) -> str:
-    return f"{str(directory).rstrip('/')}/{name}"
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` so that readers see the old file or the whole new one, never a part."""
-    if is_remote(path):
-        fs, p = _fs(path)
-        fs.pipe_file(p, data)  # a GCS object becomes visible only when its upload completes
-        return
-    path_ = Path(path)
-    path_.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path_.with_name(f".{path_.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path_)
-    fd = os.open(path_.parent, os.O_RDONLY)  # make the rename itself durable (power loss)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_bytes(path: str) -> bytes:
-    fs, p = _fs(path)
-    return fs.cat_file(p)
-
-
-def exists(path: str) -> bool:
-    fs, p = _fs(path)
-    return fs.exists(p)
-
+# ----------------------------------------------------------------------------- layout
 
 def checkpoint_dir(cfg: Config, out_dir: str | os.PathLike) -> str:
     return cfg.checkpoint.dir or str(Path(out_dir) / "checkpoints")
@@ -106,7 +56,7 @@ def checkpoint_name(global_step: int) -> str:
 
 def _committed(directory: str) -> list[str]:
     """Names of committed checkpoints (a .pt with its .json), oldest first."""
-    fs, p = _fs(directory)
+    fs, p = filesystem(directory)
     if not fs.exists(p):
         return []
     names = {Path(str(f)).name for f in fs.ls(p, detail=False)}
@@ -140,15 +90,15 @@ class CheckpointStore:
         """Commit one checkpoint: the .pt, then its .json, then ``latest``; prune old ones."""
         name = checkpoint_name(meta["global_step"])
         path = join(self.dir, name)
-        write_atomic(path, payload_bytes)
-        write_atomic(path[: -len(SUFFIX)] + ".json", json.dumps(meta, indent=1).encode())
-        write_atomic(join(self.dir, LATEST), name.encode())
+        write_bytes(path, payload_bytes)
+        write_bytes(path[: -len(SUFFIX)] + ".json", json.dumps(meta, indent=1).encode())
+        write_bytes(join(self.dir, LATEST), name.encode())
         self.prune(name)
         return path
 
     def prune(self, newest: str) -> None:
         """Delete all but the newest ``keep`` checkpoints and temporary files of dead writers."""
-        fs, p = _fs(self.dir)
+        fs, p = filesystem(self.dir)
         names = _committed(self.dir)
         keep = set(names[-self.keep:]) | {newest}
         for n in names:
@@ -218,7 +168,7 @@ def find_checkpoint(arg: str, flag: str = "--ckpt",
     ``flag`` and ``valid`` name the option and what it accepts in the one-line errors.
     """
     try:
-        fs, p = _fs(arg)
+        fs, p = filesystem(arg)
         is_dir = fs.isdir(p)
         found = is_dir or fs.exists(p)
     except (OSError, ValueError, ImportError) as e:
@@ -258,66 +208,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def _norm(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
-
-
-# ----------------------------------------------------------------------------- storage checks
-
-def check_storage(directory: str, what: str = "checkpoint.dir") -> None:
-    """Fail fast (before replicas start) on a checkpoint directory that cannot be written."""
-    if is_remote(directory):
-        _check_bucket(directory, what)
-        return
-    d = Path(directory)
-    probe = d
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise UserError(f"{what} {directory}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"{what} {directory} is not writable ({probe} denies writing)")
-
-
-def _check_bucket(url: str, what: str) -> None:
-    """A reachable endpoint and an existing bucket, answered in seconds, not after gcsfs's retries."""
-    parsed = urlparse(url)
-    if parsed.scheme != "gs":
-        raise UserError(f"{what} {url}: only local paths and gs:// URLs are supported")
-    if not parsed.netloc:
-        raise UserError(f"{what} {url} names no bucket; use gs://BUCKET/PREFIX")
-    host, port = _gcs_endpoint()
-    try:
-        socket.create_connection((host, port), timeout=min(GCS_TIMEOUT_S, 10)).close()
-    except OSError as e:
-        raise UserError(f"{what} {url} is unreachable: cannot connect to the storage endpoint "
-                        f"{host}:{port} ({e.strerror or e})") from None
-    result: dict[str, Any] = {}
-
-    def probe() -> None:
-        try:
-            fs, _ = _fs(url)
-            result["ok"] = fs.exists(parsed.netloc)
-        except Exception as e:  # auth or HTTP errors: reported below, one line
-            result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(GCS_TIMEOUT_S)
-    if t.is_alive():
-        raise UserError(f"{what} {url} is unreachable: no answer from {host}:{port} in "
-                        f"{GCS_TIMEOUT_S:.0f} s")
-    if "error" in result:
-        raise UserError(f"{what} {url} is not accessible ({result['error']})")
-    if not result.get("ok"):
-        raise UserError(f"{what} {url}: bucket {parsed.netloc!r} does not exist or is not accessible "
-                        f"with these credentials")
-
-
-def _gcs_endpoint() -> tuple[str, int]:
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-    if emulator:
-        u = urlparse(emulator if "://" in emulator else f"http://{emulator}")
-        return u.hostname or "localhost", u.port or (443 if u.scheme == "https" else 80)
-    return "storage.googleapis.com", 443
 
 
 # ----------------------------------------------------------------------------- training state

@@ -106,19 +106,8 @@ class DistillConfig:
     the labelled ones. The teacher sees the clean image (or the student's crop, SimCLRv2); the
     targets are its top class (or its softened predictions: KL at ``temperature``, times T^2).
 
-    Chosen on held-out training digits (eval.semisup.holdout=400, 100 labels of draw 10, never the
-    test set; the 40-epoch quickstart checkpoint): the MoCo teacher scored 94.50 % on those 400
-    images, its student 94.75 at T 1 (label weight 1 or 0 alike), 94.50 at T 2; the from-scratch
-    teacher 92.75, its student 94.25. lr and scratch_lr are the fine-tuning and from-scratch lrs
-    of the study (not tuned again for distillation). Then, on the same held-out protocol (draws 10
-    and 11, a 100-epoch digits_affine pre-training), the teacher on the clean image and hard
-    pseudo-labels (Noisy Student) beat the shared crop with soft targets: MoCo teacher 95.25 / 95.75,
-    student 95.75 / 96.25 (clean, hard) against 94.75 / 96.00 (crop, soft); clean with soft 95.00.
-    A noisier student (student_augment pretrain: the checkpoint's MoCo augmentation) was as good or
-    better on every held-out comparison: K 1024, 512 and 256 students 96.00/96.25, 97.00/97.25 and
-    97.00/96.50 against 95.75/96.25, 97.00/97.00 and 96.50/96.00 on fine-tuning's crops; the
-    from-scratch student 94.75/94.25 against 94.25/91.50. More rounds (the student as the next
-    teacher) and 1,000 steps changed nothing (95.75/96.25 and 95.50/96.25, K 1024).
+    The defaults were chosen on held-out training digits, never the test set: the evidence is in
+    docs/fewlabels.md.
     """
     steps: int = 500                 # student SGD steps (cosine); every step: a batch of all + labelled
     batch_size: int = 64             # global batch drawn from all training images (labelled or not)
@@ -137,21 +126,12 @@ class DistillConfig:
 
 @dataclass
 class LabelPropConfig:
-    """Label propagation (labelprop.py) over the distillation's images, on MoCo's features and on raw
+    """Label propagation (eval/labelprop.py) over the distillation's images, on MoCo's features and on raw
     pixels; a student (the distillation's, its settings) learns the propagated labels. k neighbours
     per image with weights sim^gamma, ``iterations`` steps of F <- alpha S F + (1 - alpha) Y.
 
-    Chosen on held-out training digits (eval.semisup.holdout=400, 100 labels, draws 10 and 11, the
-    digits_fewlabels checkpoint; never the test set). Propagated labels correct on the pool's unlabelled
-    images, then the student on the 400 held-out ones: MoCo k 10 98.94 / 98.55, students 97.75 / 98.25
-    (k 5: 98.81 / 98.41, 96.75 / 98.00; k 20 and 50 and alpha 0.99 propagated worse: 98.02 / 98.41 at k
-    20); pixels k 5 98.28 / 97.49, students 97.75 / 97.25 (k 10: 96.96 / 97.36, 97.75 / 97.25). Those
-    students saw the MoCo augmentation; on fine-tuning's crops (student_augment crop) they scored MoCo
-    99.25 / 98.25 (crop chosen: with labels this clean the milder noise wins, unlike for the fine-tuned
-    teacher's student), pixels 98.25 / 96.50 (pretrain kept). A third draw (12), checked afterwards:
-    MoCo 97.50 crop / 97.75 pretrain, pixels 98.50 / 98.50. pixel_weight (draws 10-14): MoCo's features
-    joined with the pixels at 0.5 propagated 98.34 % correct on average against 97.78 (never lower on a
-    draw; 0.4 / 0.6 98.28 / 98.36), students 98.35 against 97.95 (min 98.00 against 96.00).
+    The defaults were chosen on held-out training digits, never the test set: the evidence is in
+    docs/fewlabels.md.
     """
     k: int = 10                      # neighbours per image on MoCo's (L2-normalised backbone) features
     pixel_k: int = 5                 # neighbours per image on raw pixels (the baseline without pre-training)
@@ -162,18 +142,14 @@ class LabelPropConfig:
                                      # crop (fine-tuning's view) or pretrain (the checkpoint's MoCo augmentation)
     pixel_student_augment: str = "pretrain"  # the same for the raw-pixel row's student
     pixel_weight: float = 0.0        # MoCo's graph: cosine = (1 - w) x features' + w x raw pixels' (0: the
-                                     # features alone; digits_fewlabels sets 0.5, chosen on held-out digits)
+                                     # features alone; digits_fewlabels sets 0.5)
 
 
 @dataclass
 class SemisupConfig:
     """Few labels: probe, fine-tune and a from-scratch baseline on the same N labelled images.
 
-    The learning rates were chosen on held-out *training* digits (100 labels from other draws,
-    validated on the remaining 1,157 images; never on the test set): probe_lr 1-10 scored
-    within 0.6 points of each other, lincls's 30 (eval.probe.lr) 0.3-0.8 points lower;
-    finetune_lr 0.01 beat 0.05 by 1.4-2.2 points and 0.003 by 0.6; from scratch, lr 0.02,
-    0.05 and 0.1 were within 0.8 points.
+    The learning rates were chosen on held-out training digits, never the test set (docs/fewlabels.md).
     """
     labels: int = 100                # labelled train images, balanced over classes
     seed: int = 0                    # which images are drawn

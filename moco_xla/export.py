@@ -22,16 +22,16 @@ import argparse
 import pickle
 import re
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import cli
 from .checkpoint import find_checkpoint
 from .config import Config
-from .errors import RunStopped, UserError
-from .probe import load_encoder
+from .errors import UserError
+from .eval.encoder import load_encoder
 from .vit import is_vit, vit_dims
 
 FORMATS = ("torchvision", "timm", "detectron2")
@@ -158,8 +158,7 @@ def export(cfg: Config, backbone: torch.nn.Module, fmt: str) -> tuple[Any, str]:
 
 
 def write(obj: Any, out: Path, fmt: str) -> None:
-    if out.exists() and out.is_dir():
-        raise UserError(f"--out {out} is a directory; pass a file name")
+    cli.out_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "detectron2":
         with open(out, "wb") as f:
@@ -169,7 +168,7 @@ def write(obj: Any, out: Path, fmt: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moco_xla.export", description=__doc__.splitlines()[0])
+    p = cli.parser("python -m moco_xla.export", __doc__)
     p.add_argument("--ckpt", required=True, help="a ckpt-*.pt file, a checkpoint directory or a run directory")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="the file to write")
@@ -178,18 +177,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    try:
-        ckpt = find_checkpoint(args.ckpt)
-        cfg, backbone = load_encoder(ckpt)
-        obj, how = export(cfg, backbone, args.format)
-        write(obj, Path(args.out), args.format)
-    except RunStopped as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+    argv = cli.argv_or_sys(argv)
+    return cli.run(lambda: export_checkpoint(parse_args(argv)), argv)
+
+
+def export_checkpoint(args: argparse.Namespace) -> int:
+    ckpt = find_checkpoint(args.ckpt)
+    cfg, backbone = load_encoder(ckpt)
+    obj, how = export(cfg, backbone, args.format)
+    write(obj, Path(args.out), args.format)
     d2 = args.format == "detectron2"
     tensors = len(obj["model"]) if d2 else len(obj)
     print(f"wrote {args.out}: {cfg.model.arch} backbone of {ckpt}, {tensors} tensors, {args.format} layout")

@@ -18,39 +18,24 @@ Exit codes: 0 done, 2 bad input, 3 NaN/inf loss, 75 preempted (see errors.py).
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from . import cli, data
+from .data import storage
 from .config import Config, load_config, save_config, validate_world
-from .errors import Preempted, RunStopped, UserError
+from .errors import UserError
 from .profiling import GRAPH_CHECK_ENV, GRAPH_CHECKS, PROFILE_ENV, graph_check_mode
-from .runtime import BACKENDS, available_replicas, hosts, make_runtime, replicas, resolve_backend, xla_installed
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (and a did-you-mean for mistyped flags)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if message.startswith("unrecognized arguments:"):
-            flags = [o for a in self._actions for o in a.option_strings]
-            for word in message.split(":", 1)[1].split():
-                guess = difflib.get_close_matches(word.split("=")[0], flags, n=1)
-                if word.startswith("-") and guess:
-                    message += f"; did you mean {guess[0]}?"
-                    break
-        raise UserError(f"{message} (see python -m moco_xla.launch --help)")
+from .runtime import BACKENDS, make_runtime, replicas
+from .runtime.plan import plan_replicas
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m moco_xla.launch", description=__doc__.split("\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m moco_xla.launch", __doc__)
     p.add_argument("--cores", type=int, default=None,
                    help="replicas: TPU cores (all or 1), GPUs, or CPU processes (default: all devices; CPU 1)")
     p.add_argument("--config", default=None, help="config name in configs/ or a YAML path (default: digits)")
@@ -71,60 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def replica_count(backend: str, cores: int | None) -> int:
-    """Validate ``--cores`` against what the backend can run on this host; UserError if not.
-
-    XLA: PJRT runs one replica per device or a single one. What a TPU VM exposes: v2-8 and
-    v3-8 8 devices (2 cores per chip), v4-8 and v5p-8 4 (one megacore per chip), v5e-8 and
-    v6e-8 8, v5e-1 1. Omitting ``--cores`` takes them all. On XLA:CPU (``PJRT_DEVICE=CPU``)
-    ``--cores N`` rehearses an N-core run on N XLA:CPU devices (``CPU_NUM_DEVICES=N``).
-    """
-    if cores is not None and cores < 1:
-        raise UserError(f"--cores must be >= 1, got {cores}")
-    if backend == "xla":
-        return _xla_cores(cores)
-    if backend == "cuda":
-        have = available_replicas("cuda")
-        if have == 0:
-            raise UserError("--backend cuda found no CUDA GPU; valid here: cpu" +
-                            (", xla" if xla_installed() else ""))
-        cores = have if cores is None else cores
-        if cores > have:
-            raise UserError(f"--cores {cores} exceeds the {have} visible CUDA GPU(s)")
-        return cores
-    return 1 if cores is None else cores
-
-
-def _xla_cores(cores: int | None) -> int:
-    if not xla_installed():
-        raise UserError("--backend xla needs torch_xla (pip install torch_xla); valid here: cuda, cpu")
-    xla_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
-    if xla_cpu and cores and "CPU_NUM_DEVICES" not in os.environ:
-        return cores  # a rehearsal of a `cores`-core TPU run on as many XLA:CPU devices
-    have = available_replicas("xla")
-    if have == 0:
-        raise UserError("--backend xla found no TPU; set PJRT_DEVICE=CPU for XLA:CPU "
-                        "(CPU_NUM_DEVICES=N for N replicas) or use --backend cpu")
-    cores = have if cores is None else cores
-    if cores not in (1, have):
-        where = "CPU_NUM_DEVICES" if xla_cpu else "PJRT"
-        raise UserError(f"--cores {cores} is not available on XLA: {where} exposes {have} device(s) on "
-                        f"this host; use --cores {have} or --cores 1 (or omit --cores to take all)")
-    return cores
-
-
-def world_size(backend: str, cores: int) -> int:
-    """Replicas of the whole job: this host's ``cores`` times the hosts of a TPU pod slice.
-
-    UserError for ``--cores 1`` on a pod slice (every worker must run all its cores).
-    """
-    n_hosts = hosts(backend)
-    if n_hosts > 1 and cores == 1:
-        raise UserError(f"--cores 1 on a TPU pod slice of {n_hosts} hosts: every worker runs all its "
-                        f"cores; omit --cores")
-    return cores * n_hosts
-
-
 def check_hosts(cfg: Config, n_hosts: int, out: Path) -> None:
     """Several hosts must share their checkpoints: a local directory on each would let host 0
     resume while the others start over (and then hang in the first collective)."""
@@ -136,7 +67,7 @@ def check_hosts(cfg: Config, n_hosts: int, out: Path) -> None:
 
 
 def default_out(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / cli.run_name(cfg.name)
 
 
 def run_replica(backend: str, rank: int, world: int, local_rank: int, cfg: Config, out: str,
@@ -185,7 +116,7 @@ def plan_resume(cfg: Config, arg: str | None, out: Path, out_given: bool = True)
         raise UserError("--resume auto needs --out (or checkpoint.dir) naming the run to continue; "
                         "the default --out is a new directory every time")
     directory = ckpt.checkpoint_dir(cfg, out)
-    ckpt.check_storage(directory)
+    storage.check_writable(directory)
     if arg is None:
         existing = ckpt.latest_checkpoint(directory)
         if existing:
@@ -207,53 +138,28 @@ def plan_resume(cfg: Config, arg: str | None, out: Path, out_given: bool = True)
     return path
 
 
-def check_data(cfg: Config) -> None:
-    """The data section (names, roots, buckets), before any replica starts."""
-    from . import data
-    check = getattr(data, "check", None)
-    if check is not None:
-        check(cfg)
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
-    try:
-        args = parse_args(argv)
-        cfg = load_config(args.config, args.overrides)
-        backend = resolve_backend(args.backend)
-        from .runtime.dist import env_rank
-        env = env_rank()
-        if env is not None:
-            if backend == "xla":
-                raise UserError("torchrun drives the cpu/cuda backends; on TPUs use --cores (xmp.spawn)")
-            if args.cores is not None and args.cores != env[1]:
-                raise UserError(f"--cores {args.cores} disagrees with torchrun's WORLD_SIZE={env[1]}")
-            world = cores = env[1]
-        else:
-            cores = replica_count(backend, args.cores)
-            world = world_size(backend, cores)
-        validate_world(cfg, world)
-        check_backend(cfg, backend)
-        set_diagnostics(args.profile, args.graph_check)
-        check_data(cfg)
-        out = Path(args.out) if args.out else default_out(cfg)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file; pass a directory")
-        check_hosts(cfg, world // cores, out)
-        resume = plan_resume(cfg, args.resume, out, out_given=args.out is not None)
-        if env is None or env[0] == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-        print(f"moco_xla: {cfg.name} on {backend} x{world} -> {out}", flush=True)
-        start(backend, cores, cfg, str(out), resume)
-    except RunStopped as e:
-        if debug:
-            traceback.print_exc()
-        kind = "preempted" if isinstance(e, Preempted) else "error"
-        print(f"{kind}: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    if env is None or env[0] == 0:
+    argv = cli.argv_or_sys(argv)
+    return cli.run(lambda: launch(parse_args(argv)), argv)
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Check everything a user can get wrong, then train; the summary when this process reports."""
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_replicas(args.backend, args.cores)
+    validate_world(cfg, plan.world)
+    check_backend(cfg, plan.backend)
+    set_diagnostics(args.profile, args.graph_check)
+    data.check(cfg)
+    out = cli.out_dir(Path(args.out) if args.out else default_out(cfg))
+    check_hosts(cfg, plan.hosts, out)
+    resume = plan_resume(cfg, args.resume, out, out_given=args.out is not None)
+    if plan.reports:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    print(f"moco_xla: {cfg.name} on {plan.backend} x{plan.world} -> {out}", flush=True)
+    start(plan.backend, plan.cores, cfg, str(out), resume)
+    if plan.reports:
         print_summary(out)
     return 0
 
@@ -272,6 +178,7 @@ def print_summary(out: Path) -> None:
                                    f"warm-up, {graph.get('fallback_ops')} fallback ops"))
     print("\n".join(f"  {k:<14} {v:.2f}" if isinstance(v, float) else f"  {k:<14} {v}" for k, v in rows))
     print(f"  results in {out}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

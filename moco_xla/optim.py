@@ -1,9 +1,9 @@
 """Optimizer helpers shared by pre-training, evaluation and the benchmark."""
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .schedule import peak_lr
 
 
 def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
@@ -108,29 +108,3 @@ def build_optimizer(train_cfg, params: list[torch.nn.Parameter]) -> torch.optim.
         raise ValueError(f"unknown optimizer {t.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     prime_state(opt)
     return opt
-
-
-def peak_lr(train_cfg) -> float:
-    """``train.lr``, or with ``train.scale_lr`` the base lr times batch/256 (main_moco.py's rule)."""
-    t = train_cfg
-    return t.lr * t.batch_size / 256 if t.scale_lr else t.lr
-
-
-def lr_at_step(train_cfg, global_step: int, steps_per_epoch: int) -> float:
-    """Per-step learning rate (MoCo v3): linear warm-up over ``warmup_epochs``, then cosine (or
-    step / constant) over the remaining steps.
-
-    Warm-up step s of W runs at lr * (s + 1) / (W + 1) (main_moco.py's starts at 0): no step is
-    wasted at lr 0, and on XLA no step runs with the constant 0 baked into its graph. The peak is
-    the first step after warm-up, and cosine ends one step before 0 for the same reason.
-    """
-    t, lr = train_cfg, peak_lr(train_cfg)
-    total = t.epochs * steps_per_epoch
-    warm = min(t.warmup_epochs * steps_per_epoch, total - 1)
-    if global_step < warm:
-        return lr * (global_step + 1) / (warm + 1)
-    if t.schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * (global_step - warm) / (total - warm)))
-    if t.schedule == "step":
-        return lr * 0.1 ** sum(global_step >= s * steps_per_epoch for s in t.lr_steps)
-    return lr

@@ -14,41 +14,26 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .report import PLOTS_DIR, read_metrics, read_summary
+from .eval.rows import SEMISUP_ROWS
 
 SIZE, DPI = (6.4, 4.0), 100  # 640 x 400 pixels
 
-# The few-label study's rows, in the order they are reported.
-SEMISUP_ROWS = {
-    "moco_probe": "MoCo linear probe (frozen)",
-    "moco_finetune": "MoCo fine-tuned",
-    "moco_distill": "MoCo fine-tuned + distilled",
-    "moco_labelprop": "MoCo label propagation + distilled",
-    "supervised_scratch": "supervised from scratch",
-    "scratch_distill": "from scratch + distilled",
-    "pixel_labelprop": "raw-pixel label propagation + distilled",
-    "pixel_logistic": "raw-pixel logistic regression",
-    "random_probe": "random-init encoder probe",
-}
-
-
-def plot_run(out_dir: str | os.PathLike) -> list[Path]:
-    """Redraw every plot the run's records support; returns the files written."""
-    out = Path(out_dir)
-    records = read_metrics(out)
-    summary = read_summary(out)
+def plot_run(plots_dir: str | os.PathLike, records: list[dict[str, Any]], summary: dict[str, Any]) -> list[Path]:
+    """Redraw into ``plots_dir`` every plot a run's records (metrics.jsonl) and summary support; returns the
+    files written."""
+    out = Path(plots_dir)
     epochs = _last_per_epoch([r for r in records if r.get("type") == "epoch"])
     steps = [r for r in records if r.get("type") == "step"]
     linear = _last_per_epoch([r for r in records if r.get("type") == "linear"])
     made = [
-        loss_plot(epochs, steps, summary.get("uniform_loss"), out / PLOTS_DIR / "loss.png"),
+        loss_plot(epochs, steps, summary.get("uniform_loss"), out / "loss.png"),
         series_plot(epochs, "knn_top1", "kNN top-1 (%)", "kNN accuracy on the test set",
-                    out / PLOTS_DIR / "knn.png"),
-        series_plot(epochs, "lr", "learning rate", "learning rate", out / PLOTS_DIR / "lr.png"),
+                    out / "knn.png"),
+        series_plot(epochs, "lr", "learning rate", "learning rate", out / "lr.png"),
         series_plot(epochs, "images_per_s", "images / s", "throughput (all replicas)",
-                    out / PLOTS_DIR / "throughput.png"),
-        linear_plot(linear, out / PLOTS_DIR / "linear.png"),
-        semisup_plot(summary.get("semisup") or {}, out / PLOTS_DIR / "semisup.png"),
+                    out / "throughput.png"),
+        linear_plot(linear, out / "linear.png"),
+        semisup_plot(summary.get("semisup") or {}, out / "semisup.png"),
     ]
     return [p for p in made if p is not None]
 

@@ -56,7 +56,7 @@ class MetricsWriter:
         if self.plots:
             try:
                 from .plots import plot_run
-                plot_run(self.out)
+                plot_run(self.out / PLOTS_DIR, read_metrics(self.out), read_summary(self.out))
             except Exception as e:  # a plot must never cost a finished run its exit code
                 warnings.warn(f"could not draw plots in {self.out / PLOTS_DIR}: {e}", RuntimeWarning)
 

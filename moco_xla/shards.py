@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import cli
 from .config import DataConfig
 from .data import storage
 from .data.datasets import REGISTRY, FileImages, RawData, build_raw, spec
@@ -122,8 +122,7 @@ def write_split(ds: Dataset, out: str, split: str, meta: dict, shard_size: int, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moco_xla.shards", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m moco_xla.shards", __doc__)
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(REGISTRY)}")
     p.add_argument("--root", default=None, help="the dataset's local directory (as for training)")
     p.add_argument("--out", required=True, help="output directory or gs://bucket/prefix")
@@ -156,7 +155,7 @@ def run(args: argparse.Namespace) -> list[Manifest]:
             raise UserError(f"--dataset {args.dataset} needs --root: a local directory ({s.layout})")
         s.check(d)
     if storage.is_remote(args.out):
-        storage.check_bucket(args.out)
+        storage.check_bucket(args.out, "--out")
     raw: RawData = build_raw(d)
     meta = {"dataset": s.name, "classes": raw.classes, "channels": s.channels, "source": args.root,
             "subset": args.emnist_split if s.name == "emnist" else None}
@@ -173,15 +172,13 @@ def run(args: argparse.Namespace) -> list[Manifest]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    argv = cli.argv_or_sys(argv)
+
+    def write_shards() -> int:
+        run(parse_args(argv))
+        return 0
+
+    return cli.run(write_shards, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The per-replica MoCo training loop (read it like pytorch/xla's test_train_mp_imagenet.py).
 
-Every replica runs ``train(cfg, rt, out_dir)`` with its own Runtime. The loop
+Every replica runs ``train(cfg, rt, out_dir)`` with its own Runtime: ``setup`` builds the model,
+optimizer and loader once, then each epoch is ``train_one_epoch`` (the steps; ``after_step`` keeps
+the log, stop and mid-epoch checkpoint bookkeeping) and ``end_epoch`` (means, checkpoint,
+``evaluate``: the kNN monitor, collapse check); ``finish`` writes the summary. The loop
 never reads a device tensor per step: loss and accuracy accumulate on the
 device and reach the host only through step closures at log intervals.
 Checkpoints (checkpoint.py) hold everything needed to continue bit-identically,
@@ -10,10 +13,9 @@ mid-epoch included; SIGTERM and NaN/inf losses are agreed on across replicas by
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,12 +25,14 @@ from tqdm import tqdm
 from . import data
 from .checkpoint import CheckpointStore, Position, checkpoint_dir, load_checkpoint, restore, save_checkpoint
 from .config import Config, validate_world
-from .errors import NonFiniteLoss, Preempted, UserError
-from .knn import knn_accuracy
+from .errors import Preempted, UserError
+from .eval.knn import knn_accuracy
+from .guards import CollapseDetector, StopGuard
 from .models import build_encoder, to_channels_last
 from .moco import MoCo
 from .moco_v3 import MoCoV3, build_moco_v3, momentum_at
-from .optim import build_optimizer as build_train_optimizer, lr_at_step
+from .optim import build_optimizer as build_train_optimizer
+from .schedule import lr_at_epoch, lr_at_step, set_lr
 from .profiling import GraphWatch, StepProfiler
 from .report import MetricsWriter, write_summary
 from .runtime import Runtime
@@ -85,101 +89,43 @@ def compile_encoders(cfg: Config, rt: Runtime, model: torch.nn.Module) -> None:
     model.encoder_k.compile(backend=cfg.train.compile_backend)
 
 
-def lr_at(cfg: Config, epoch: int) -> float:
-    """Learning rate for ``epoch`` (0-based): linear warm-up, then cosine or step decay."""
-    t = cfg.train
-    if epoch < t.warmup_epochs:
-        return t.lr * (epoch + 1) / (t.warmup_epochs + 1)
-    if t.schedule == "cosine":
-        return t.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / t.epochs))
-    if t.schedule == "step":
-        return t.lr * 0.1 ** sum(epoch >= s for s in t.lr_steps)
-    return t.lr
+@dataclass
+class Session:
+    """One replica's training: what ``setup`` builds once and every epoch uses."""
+
+    cfg: Config
+    rt: Runtime
+    out_dir: Path
+    bundle: data.DataBundle
+    model: MoCo | MoCoV3
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    loader: Any
+    augment: Callable[[torch.Tensor], torch.Tensor]  # the views' colour ops on the device, or identity
+    steps_per_epoch: int
+    before_step: Callable[[int], float] | None   # MoCo v3: lr and momentum per step
+    store: CheckpointStore
+    pos: Position
+    carried_sums: torch.Tensor                   # a resumed epoch's loss/acc sums so far
+    writer: MetricsWriter
+    collapse: CollapseDetector
+    guard: StopGuard
+    watch: GraphWatch
+    profiler: StepProfiler
+    resume: str | None
+    resumed_at: int                              # the global step this session started at
+    wall_before: float                           # training time of the sessions before this one
+    session_start: float = field(default_factory=time.time)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+@dataclass
+class EpochRun:
+    """What an epoch's steps leave for its end: device sums, the last lr, where and when it started."""
 
-
-class CollapseDetector:
-    """Warns when the loss sits at ln(K+1) per view, the loss of uniform logits, after warm-up.
-
-    A collapsed MoCo run looks healthy in every other respect: the loss is finite
-    and steady. Users of other MoCo code find out days later from a kNN number.
-    """
-
-    def __init__(self, cfg: Config, uniform_loss: float) -> None:
-        self.uniform = uniform_loss
-        self.after = max(2, cfg.train.warmup_epochs + 1)
-        self.enabled = cfg.train.collapse_warn
-        self.v3 = cfg.moco.version == 3
-        self.views = 2 if cfg.moco.symmetric or self.v3 else 1
-
-    def check(self, epoch: int, mean_loss: float) -> bool:
-        collapsed = epoch + 1 >= self.after and mean_loss > 0.98 * self.uniform
-        if collapsed and self.enabled:
-            warnings.warn(
-                f"possible collapse at epoch {epoch + 1}: loss {mean_loss / self.views:.3f} per view is at "
-                f"{'2T ln(batch)' if self.v3 else 'ln(K+1)'} = {self.uniform / self.views:.3f}, the value of "
-                f"uniform logits; the features "
-                f"are likely no better than random. Lower train.lr, raise model.bn_splits, or check BN.",
-                RuntimeWarning, stacklevel=2)
-        return collapsed
-
-
-class StopGuard:
-    """Decides, identically on every replica, when training must stop: SIGTERM or a non-finite loss.
-
-    Per step it only updates device tensors (a step counter and the first step whose loss
-    was NaN/inf): no host read. At log intervals ``poll`` all_gathers [stop requested, first
-    bad step] and reads the gather of the *previous* interval, long finished by then, so XLA
-    never stalls on it; every replica reads the same values and stops at the same step.
-    ``agree`` decides synchronously, before any checkpoint is written.
-    """
-
-    NEVER = 2 ** 31 - 1
-
-    def __init__(self, rt: Runtime, global_step: int, steps_per_epoch: int,
-                 stop_requested: Callable[[], bool]) -> None:
-        self.rt, self.steps_per_epoch, self.stop_requested = rt, steps_per_epoch, stop_requested
-        self.step = torch.tensor(global_step, dtype=torch.int32, device=rt.device)
-        self.never = torch.tensor(self.NEVER, dtype=torch.int32, device=rt.device)
-        self.first_bad = self.never.clone()
-        self.pending: torch.Tensor | None = None
-        self.last_checkpoint: str | None = None
-
-    def observe(self, loss: torch.Tensor) -> None:
-        self.step += 1
-        bad_here = torch.where(torch.isfinite(loss.detach()), self.never, self.step)
-        self.first_bad = torch.minimum(self.first_bad, bad_here)
-
-    def poll(self) -> bool:
-        """At a log interval: True once the replicas agreed to stop. Raises NonFiniteLoss."""
-        previous, self.pending = self.pending, self._gather()
-        return previous is not None and self._decide(previous)
-
-    def agree(self) -> bool:
-        """Synchronous decision (epoch end, before a checkpoint). Raises NonFiniteLoss."""
-        self.pending = None
-        return self._decide(self._gather())
-
-    def _gather(self) -> torch.Tensor:
-        self.rt.mark_step()  # keep the step's graph the one every step runs; this one is tiny
-        flag = torch.tensor([int(self.stop_requested())], dtype=torch.int32, device=self.rt.device)
-        return self.rt.all_gather(torch.cat([flag, self.first_bad.view(1)]).view(1, 2))
-
-    def _decide(self, status: torch.Tensor) -> bool:
-        status = status.cpu()  # the host read: once per log interval
-        bad = int(status[:, 1].min())
-        if bad != self.NEVER:
-            epoch, step = (bad - 1) // self.steps_per_epoch + 1, (bad - 1) % self.steps_per_epoch + 1
-            last = self.last_checkpoint or "none yet"
-            raise NonFiniteLoss(
-                f"loss became NaN/inf at global step {bad} (epoch {epoch}, step {step}/"
-                f"{self.steps_per_epoch}); no checkpoint was written after it, the last good one is "
-                f"{last}. Lower train.lr (or check the data) and rerun with --resume auto")
-        return bool(status[:, 0].max() > 0)
+    sums: torch.Tensor
+    lr: float
+    start: int
+    t0: float
 
 
 def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = None,
@@ -191,23 +137,32 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
     step, write a checkpoint and raise Preempted. A NaN/inf loss raises NonFiniteLoss
     before anything broken is saved.
     """
-    out_dir = Path(out_dir)
+    s = setup(cfg, rt, Path(out_dir), resume, stop_requested)
+    for epoch in range(s.pos.epoch, cfg.train.epochs):
+        run = train_one_epoch(s, epoch)
+        end_epoch(s, epoch, run)
+    if s.pos.knn_epoch < s.pos.epoch == cfg.train.epochs and resume and s.pos.global_step == s.resumed_at:
+        # resumed from the final checkpoint, written before its kNN: the kNN is what is left
+        s.writer.write({"type": "epoch", "epoch": s.pos.epoch, "step": s.pos.global_step,
+                        "loss": s.pos.final_loss, "knn_top1": evaluate(s, s.pos.epoch - 1)})
+    return finish(s)
+
+
+def setup(cfg: Config, rt: Runtime, out_dir: Path, resume: str | None,
+          stop_requested: Callable[[], bool]) -> Session:
+    """Data, model, optimizer, loader and bookkeeping of this replica; the resumed position restored."""
     world = rt.world_size
     validate_world(cfg, world)  # again here: on a pod slice the launcher saw one host of several
-    batch = cfg.train.batch_size // world
     bundle = data.build(cfg)
     model = build_model(cfg, rt)
     optimizer = build_optimizer(cfg, model)
     compile_encoders(cfg, rt, model)
     scaler = rt.grad_scaler(cfg.train.precision)
     rt.manual_seed(cfg.train.seed * 1000 + rt.rank)  # replicas draw different augmentations
-    loader = data.pretrain_loader(bundle.pretrain, batch, rt.rank, world, cfg.train.seed,
+    loader = data.pretrain_loader(bundle.pretrain, cfg.train.batch_size // world, rt.rank, world, cfg.train.seed,
                                   cfg.data.workers, cfg.train.max_steps_per_epoch,
                                   pin_memory=rt.device.type == "cuda")
-    augment = data.device_views(cfg)  # the views' colour ops on the device (uint8 in), or nothing
     steps_per_epoch = len(loader)
-    before_step = step_schedule(cfg, model, optimizer, steps_per_epoch)
-    store = CheckpointStore(checkpoint_dir(cfg, out_dir), cfg.checkpoint.keep)
     pos, carried_sums, restore_rng = Position(), torch.zeros(2), lambda: None
     if resume:
         pos, carried_sums, restore_rng = restore(load_checkpoint(resume), rt, model, optimizer, scaler)
@@ -217,123 +172,149 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
                        f"(global step {pos.global_step})")
     if rt.is_master:
         trim_metrics(out_dir, pos.global_step)
-    writer = MetricsWriter(out_dir, enabled=rt.is_master, purge_step=pos.global_step + 1 if resume else None)
-    collapse = CollapseDetector(cfg, model.uniform_loss())
     guard = StopGuard(rt, pos.global_step, steps_per_epoch, stop_requested)
     guard.last_checkpoint = resume
-    watch, profiler = GraphWatch(rt), StepProfiler(rt)  # XLA graph hygiene; --profile DIR traces
-    session_start, wall_before = time.time(), pos.wall_s
-
-    def checkpoint(lr: float, sums: torch.Tensor) -> str:
-        pos.wall_s = wall_before + time.time() - session_start
-        with watch.region("checkpoint"):
-            rt.sync_batchnorm_stats(model)  # a resumed run gives every replica these statistics
-            guard.last_checkpoint = save_checkpoint(rt, store, cfg, model, optimizer, scaler, pos, lr, sums)
-        return guard.last_checkpoint
-
-    def monitor_knn(epoch: int) -> float:
-        """kNN on the query backbone; every replica first takes rank 0's BN statistics, so N
-        replicas score exactly what one would."""
-        # fork_rng: evaluating (its DataLoaders draw seeds) must not shift training's RNG stream
-        with watch.region("knn"), torch.random.fork_rng(devices=[]):
-            rt.sync_batchnorm_stats(model)
-            pos.knn_top1 = float(knn_accuracy(
-                rt, model.encoder_q.backbone, bundle.bank, bundle.test, bundle.num_classes,
-                cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers))
-        pos.knn_epoch = epoch + 1
-        return pos.knn_top1
-
-    _resumed_at = pos.global_step
+    session = Session(
+        cfg, rt, out_dir, bundle, model, optimizer, scaler, loader,
+        data.device_views(cfg),  # the views' colour ops on the device (uint8 in), or nothing
+        steps_per_epoch,
+        step_schedule(cfg, model, optimizer, steps_per_epoch),
+        CheckpointStore(checkpoint_dir(cfg, out_dir), cfg.checkpoint.keep), pos, carried_sums,
+        MetricsWriter(out_dir, enabled=rt.is_master, purge_step=pos.global_step + 1 if resume else None),
+        CollapseDetector(cfg, model.uniform_loss()), guard,
+        GraphWatch(rt), StepProfiler(rt),  # XLA graph hygiene; --profile DIR traces
+        resume, pos.global_step, pos.wall_s)
     restore_rng()  # last thing before the first step
-    for epoch in range(pos.epoch, cfg.train.epochs):
-        start = pos.step
-        lr = lr_at(cfg, epoch)
-        set_lr(optimizer, lr)
-        loader.set_epoch(epoch, start)
-        model.train()
-        bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not rt.is_master, leave=False, dynamic_ncols=True)
-        # loss, acc sums; copied from the host so no epoch adds a zeros graph of its own (XLA)
-        sums = (carried_sums if start else torch.zeros(2)).to(rt.device)
-        stop, t0 = False, time.time()
-        watch.enter("train")
-        for step, (im_q, im_k) in enumerate(rt.device_loader(loader), start=start):
-            if before_step is not None:  # MoCo v3: lr and momentum per step
-                lr = before_step(pos.global_step)
-            im_q, im_k = augment(im_q), augment(im_k)
-            with rt.autocast(cfg.train.precision):
-                loss, stats = model(im_q, im_k)
-            optimizer.zero_grad(set_to_none=True)
-            rt.backward_step(loss, optimizer, scaler)  # all-reduced gradients, then the step
-            sums += torch.stack([stats["loss"], stats["acc"]]).float()
-            guard.observe(stats["loss"])
-            pos.step, pos.global_step = step + 1, pos.global_step + 1
-            bar.update(1)
-            mid_epoch = pos.step < steps_per_epoch  # the epoch end decides synchronously below
-            logging = pos.step % cfg.train.log_every == 0
-            polling = pos.global_step % cfg.train.stop_every == 0  # independent of logging
-            if logging:
-                rt.add_step_closure(_log_step, (writer, bar, epoch, pos.global_step, lr, stats["loss"],
-                                                stats["acc"], (pos.step - start) * cfg.train.batch_size, t0))
-            if polling:
-                stop = mid_epoch and guard.poll()
-            every = cfg.checkpoint.every_steps
-            saving = mid_epoch and (stop or bool(every and pos.global_step % every == 0))
-            watch.step(log=logging, poll=polling, checkpoint=saving)  # this step's window ends here
-            if saving:
-                stop = guard.agree() or stop
-                path = checkpoint(lr, sums)
-                if stop:
-                    bar.close()
-                    _preempted(path, pos, steps_per_epoch)
-            profiler.step()
-        rt.mark_step()
-        watch.enter("epoch_end")
-        bar.close()
-        stop = guard.agree()
-        epoch_log: dict[str, Any] = {}
-        means = rt.all_reduce(sums, op="mean")  # one collective per epoch
-        rt.add_step_closure(_read_epoch, (epoch_log, means, steps_per_epoch))
-        rt.mark_step()
-        wall = time.time() - t0
-        pos.images_per_s = (pos.step - start) * cfg.train.batch_size / max(wall, 1e-9)
-        record = {"type": "epoch", "epoch": epoch + 1, "step": pos.global_step, "lr": lr,
-                  "images_per_s": pos.images_per_s, "epoch_s": wall, **epoch_log}
-        pos.epoch, pos.step, pos.final_loss = epoch + 1, 0, epoch_log["loss"]
-        last = epoch + 1 == cfg.train.epochs
-        every = cfg.checkpoint.every
-        if stop or (every and ((epoch + 1) % every == 0 or last)):
-            # before the kNN: a resumed run never repeats it, nor loses the epoch to it
-            path = checkpoint(lr, torch.zeros(2))
-            if stop and not last:
-                writer.write(record)
-                _preempted(path, pos, steps_per_epoch)
-        if _knn_due(cfg, epoch):
-            record["knn_top1"] = monitor_knn(epoch)
-        record["collapse"] = collapse.check(epoch, epoch_log["loss"])
-        writer.write(record)
-        if rt.is_master:
-            knn = f"  knn {pos.knn_top1:.2f}%" if "knn_top1" in record else ""
-            tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_log['loss']:.4f}  "
-                       f"acc {epoch_log['acc']:.1f}%  lr {lr:.4g}  {pos.images_per_s:.0f} img/s{knn}")
+    return session
 
-    if pos.knn_epoch < pos.epoch == cfg.train.epochs and resume and pos.global_step == _resumed_at:
-        # resumed from the final checkpoint, written before its kNN: the kNN is what is left
-        writer.write({"type": "epoch", "epoch": pos.epoch, "step": pos.global_step, "loss": pos.final_loss,
-                      "knn_top1": monitor_knn(pos.epoch - 1)})
-    profiler.stop()
-    watch.enter("finish")
-    pos.wall_s = wall_before + time.time() - session_start
+
+def train_one_epoch(s: Session, epoch: int) -> EpochRun:
+    """The epoch's remaining steps; loss and accuracy summed on the device, read by closures only."""
+    cfg, rt, pos, model, optimizer = s.cfg, s.rt, s.pos, s.model, s.optimizer
+    start = pos.step
+    lr = lr_at_epoch(cfg.train, epoch)
+    set_lr(optimizer, lr)
+    s.loader.set_epoch(epoch, start)
+    model.train()
+    bar = tqdm(total=s.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+               disable=not rt.is_master, leave=False, dynamic_ncols=True)
+    # loss, acc sums; copied from the host so no epoch adds a zeros graph of its own (XLA)
+    sums = (s.carried_sums if start else torch.zeros(2)).to(rt.device)
+    t0 = time.time()
+    s.watch.enter("train")
+    for step, (im_q, im_k) in enumerate(rt.device_loader(s.loader), start=start):
+        if s.before_step is not None:  # MoCo v3: lr and momentum per step
+            lr = s.before_step(pos.global_step)
+        im_q, im_k = s.augment(im_q), s.augment(im_k)
+        with rt.autocast(cfg.train.precision):
+            loss, stats = model(im_q, im_k)
+        optimizer.zero_grad(set_to_none=True)
+        rt.backward_step(loss, optimizer, s.scaler)  # all-reduced gradients, then the step
+        sums += torch.stack([stats["loss"], stats["acc"]]).float()
+        s.guard.observe(stats["loss"])
+        pos.step, pos.global_step = step + 1, pos.global_step + 1
+        bar.update(1)
+        after_step(s, epoch, EpochRun(sums, lr, start, t0), stats, bar)
+        s.profiler.step()
+    rt.mark_step()
+    s.watch.enter("epoch_end")
+    bar.close()
+    return EpochRun(sums, lr, start, t0)
+
+
+def after_step(s: Session, epoch: int, run: EpochRun, stats: dict[str, torch.Tensor], bar: tqdm) -> None:
+    """A step's bookkeeping: the log closure, the stop poll and a mid-epoch checkpoint (then Preempted on a
+    stop). Only at their intervals; nothing here reads the device."""
+    cfg, pos = s.cfg, s.pos
+    mid_epoch = pos.step < s.steps_per_epoch  # the epoch end decides synchronously
+    logging = pos.step % cfg.train.log_every == 0
+    polling = pos.global_step % cfg.train.stop_every == 0  # independent of logging
+    if logging:
+        s.rt.add_step_closure(_log_step, (s.writer, bar, epoch, pos.global_step, run.lr, stats["loss"],
+                                          stats["acc"], (pos.step - run.start) * cfg.train.batch_size, run.t0))
+    stop = mid_epoch and polling and s.guard.poll()
+    every = cfg.checkpoint.every_steps
+    saving = mid_epoch and (stop or bool(every and pos.global_step % every == 0))
+    s.watch.step(log=logging, poll=polling, checkpoint=saving)  # this step's window ends here
+    if saving:
+        stop = s.guard.agree() or stop
+        path = save(s, run.lr, run.sums)
+        if stop:
+            bar.close()
+            _preempted(path, pos, s.steps_per_epoch)
+
+
+def end_epoch(s: Session, epoch: int, run: EpochRun) -> None:
+    """The epoch's means (one collective, one host read), its checkpoint, kNN, collapse check and record."""
+    cfg, rt, pos = s.cfg, s.rt, s.pos
+    stop = s.guard.agree()
+    epoch_log: dict[str, Any] = {}
+    means = rt.all_reduce(run.sums, op="mean")  # one collective per epoch
+    rt.add_step_closure(_read_epoch, (epoch_log, means, s.steps_per_epoch))
+    rt.mark_step()
+    wall = time.time() - run.t0
+    pos.images_per_s = (pos.step - run.start) * cfg.train.batch_size / max(wall, 1e-9)
+    record = {"type": "epoch", "epoch": epoch + 1, "step": pos.global_step, "lr": run.lr,
+              "images_per_s": pos.images_per_s, "epoch_s": wall, **epoch_log}
+    pos.epoch, pos.step, pos.final_loss = epoch + 1, 0, epoch_log["loss"]
+    last = epoch + 1 == cfg.train.epochs
+    every = cfg.checkpoint.every
+    if stop or (every and ((epoch + 1) % every == 0 or last)):
+        # before the kNN: a resumed run never repeats it, nor loses the epoch to it
+        path = save(s, run.lr, torch.zeros(2))
+        if stop and not last:
+            s.writer.write(record)
+            _preempted(path, pos, s.steps_per_epoch)
+    if _knn_due(cfg, epoch):
+        record["knn_top1"] = evaluate(s, epoch)
+    record["collapse"] = s.collapse.check(epoch, epoch_log["loss"])
+    s.writer.write(record)
+    if rt.is_master:
+        knn = f"  knn {pos.knn_top1:.2f}%" if "knn_top1" in record else ""
+        tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_log['loss']:.4f}  "
+                   f"acc {epoch_log['acc']:.1f}%  lr {run.lr:.4g}  {pos.images_per_s:.0f} img/s{knn}")
+
+
+def evaluate(s: Session, epoch: int) -> float:
+    """kNN on the query backbone; every replica first takes rank 0's BN statistics, so N replicas score
+    exactly what one would."""
+    cfg, rt, pos = s.cfg, s.rt, s.pos
+    # fork_rng: evaluating (its DataLoaders draw seeds) must not shift training's RNG stream
+    with s.watch.region("knn"), torch.random.fork_rng(devices=[]):
+        rt.sync_batchnorm_stats(s.model)
+        pos.knn_top1 = float(knn_accuracy(
+            rt, s.model.encoder_q.backbone, s.bundle.bank, s.bundle.test, s.bundle.num_classes,
+            cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers))
+    pos.knn_epoch = epoch + 1
+    return pos.knn_top1
+
+
+def save(s: Session, lr: float, sums: torch.Tensor) -> str:
+    """A checkpoint of this position (every replica takes part; the master writes)."""
+    s.pos.wall_s = s.wall_before + time.time() - s.session_start
+    with s.watch.region("checkpoint"):
+        s.rt.sync_batchnorm_stats(s.model)  # a resumed run gives every replica these statistics
+        s.guard.last_checkpoint = save_checkpoint(s.rt, s.store, s.cfg, s.model, s.optimizer, s.scaler, s.pos,
+                                                  lr, sums)
+    return s.guard.last_checkpoint
+
+
+def finish(s: Session) -> dict[str, Any]:
+    """The run's summary (identical on every replica), written by the master."""
+    cfg, rt, pos = s.cfg, s.rt, s.pos
+    s.profiler.stop()
+    s.watch.enter("finish")
+    pos.wall_s = s.wall_before + time.time() - s.session_start
     summary = {
         "config": cfg.name, "knn_top1": pos.knn_top1, "epochs": cfg.train.epochs, "steps": pos.global_step,
-        "wall_s": pos.wall_s, "images_per_s": pos.images_per_s, "world_size": world,
-        "backend": rt.name, "final_loss": pos.final_loss, "uniform_loss": model.uniform_loss(),
-        "skipped_samples": data.skipped_total(rt, bundle),  # data.on_bad_sample=skip, all replicas
-        "precision": rt.resolve_precision(cfg.train.precision), "xla_graph": watch.report(),
+        "wall_s": pos.wall_s, "images_per_s": pos.images_per_s, "world_size": rt.world_size,
+        "backend": rt.name, "final_loss": pos.final_loss, "uniform_loss": s.model.uniform_loss(),
+        "skipped_samples": data.skipped_total(rt, s.bundle),  # data.on_bad_sample=skip, all replicas
+        "precision": rt.resolve_precision(cfg.train.precision), "xla_graph": s.watch.report(),
     }
     if rt.is_master:
-        write_summary(out_dir, summary)
-    writer.close()
+        write_summary(s.out_dir, summary)
+    s.writer.close()
     return summary
 
 

@@ -55,7 +55,7 @@ def clusters(n: int, classes: int, dim: int, seed: int, spread: float = 0.05) ->
 
 def knn_on_points(rt, bank: tuple, test: tuple, classes: int, k: int, batch: int) -> dict:
     """kNN accuracy and the gathered bank on this replica (identity network: the points are features)."""
-    from moco_xla.knn import embed, knn_accuracy
+    from moco_xla.eval.knn import embed, knn_accuracy
     net = nn.Identity()
     bank_ds, test_ds = Points(*bank), Points(*test)
     acc = knn_accuracy(rt, net, bank_ds, test_ds, classes, k=k, t=0.1, batch=batch)
@@ -65,7 +65,8 @@ def knn_on_points(rt, bank: tuple, test: tuple, classes: int, k: int, batch: int
 
 def probe_on_points(rt, train: tuple, test: tuple, classes: int, epochs: int, batch: int) -> dict:
     """A linear probe on this replica's share of the points; returns its accuracy and weights."""
-    from moco_xla.probe import SGDSpec, extract, head_accuracy, train_probe
+    from moco_xla.schedule import SGDSpec
+    from moco_xla.eval.probe import extract, head_accuracy, train_probe
     net = nn.Identity()
     tr = extract(rt, net, Points(*train), 16)
     te = extract(rt, net, Points(*test), 16)
@@ -96,7 +97,7 @@ def random_init_knn(config: str, sets: list[str]) -> float:
     """kNN top-1 of ``config``'s query encoder as initialised (no training): the floor pre-training must beat."""
     from moco_xla import data
     from moco_xla.config import load_config
-    from moco_xla.knn import knn_accuracy
+    from moco_xla.eval.knn import knn_accuracy
     from moco_xla.runtime import make_runtime
     from moco_xla.train import build_model
     cfg = load_config(config, sets)
@@ -121,7 +122,9 @@ def xla_compiles(ckpt: str, out: str) -> dict:
     (a learning rate that changes, a new index batch). Run it in a fresh process (PJRT_DEVICE=CPU).
     """
     import torch_xla.debug.metrics as met
-    from moco_xla.eval import Job, eval_config, run_knn, run_linear, run_semisup
+    from moco_xla.eval.command import Job, eval_config, run_knn
+    from moco_xla.eval.lincls import run_linear
+    from moco_xla.eval.fewlabels import run_semisup
     from moco_xla.report import MetricsWriter
     from moco_xla.runtime import make_runtime
 
@@ -152,17 +155,18 @@ def study_propagation(rt) -> dict:
     """The study's propagated_labels on raw pixels of the tiny digits (20 labels), on ``rt``'s replicas; and on
     a seeded conv layer's features joined with the pixels (eval.semisup.labelprop.pixel_weight 0.5)."""
     from moco_xla import data
-    from moco_xla import eval as moco_eval
+    from moco_xla.eval.fewlabels_split import propagated_labels, semisup_split
+    from moco_xla.data.subsets import train_labels
     from moco_xla.config import load_config
-    from moco_xla.labelprop import graph_features
+    from moco_xla.eval.labelprop import graph_features
     cfg = load_config("tiny", ["eval.semisup.labels=20", "eval.batch_size=64"])
     bundle = data.build(cfg)
-    split = moco_eval.semisup_split(cfg, bundle)
-    labels = moco_eval.propagated_labels(rt, nn.Flatten(), bundle.bank, split, 10, 5, cfg)
+    split = semisup_split(cfg, bundle)
+    labels = propagated_labels(rt, nn.Flatten(), bundle.bank, split, 10, 5, cfg)
     torch.manual_seed(0)  # the same conv layer on every replica
     conv = nn.Sequential(nn.Conv2d(cfg.model.in_channels, 4, 3, stride=2), nn.Flatten())
-    joined = moco_eval.propagated_labels(rt, graph_features(conv, 0.5), bundle.bank, split, 10, 5, cfg)
-    truth = moco_eval.train_labels(bundle.bank)[split.pool]
+    joined = propagated_labels(rt, graph_features(conv, 0.5), bundle.bank, split, 10, 5, cfg)
+    truth = train_labels(bundle.bank)[split.pool]
     return {"labels": labels, "accuracy": float((labels == truth).float().mean() * 100), "joined": joined,
             "joined_accuracy": float((joined == truth).float().mean() * 100),
             "seeds_kept": bool(torch.equal(labels[torch.searchsorted(split.pool, split.picked)], split.labels))}

@@ -68,7 +68,7 @@ CASES = [
     ("out-is-file", ["--out", "{file}"], "is a file", "main", {}),
     ("checkpoint-dir-under-file", ["--set", "checkpoint.dir={file}/ckpts"], "is a file, not a directory", "main", {}),
     ("bucket-missing", ["--set", "checkpoint.dir={gs}no-such-bucket/run"],
-     "bucket 'no-such-bucket' does not exist", "main", {}),
+     "bucket gs://no-such-bucket does not exist", "main", {}),
     ("bucket-no-name", ["--set", "checkpoint.dir=gs:///run"], "names no bucket", "main", {}),
     ("endpoint-unreachable", ["--set", "checkpoint.dir=gs://ckpt/run"], "is unreachable", "main",
      {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:{closed_port}"}),

@@ -12,7 +12,8 @@ from moco_xla.checkpoint import (CheckpointStore, Position, check_compatible, ch
 from moco_xla.config import load_config
 from moco_xla.errors import NonFiniteLoss, UserError
 from moco_xla.runtime import make_runtime
-from moco_xla.train import StopGuard, build_model, build_optimizer
+from moco_xla.guards import StopGuard
+from moco_xla.train import build_model, build_optimizer
 
 
 def _payload(step: int) -> tuple[bytes, dict]:

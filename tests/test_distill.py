@@ -9,11 +9,15 @@ import torch.nn as nn
 from conftest import run_gloo
 from eval_fns import Points, run_eval, tiny_checkpoint
 from moco_xla import data
-from moco_xla import eval as moco_eval
+from moco_xla.eval import command as moco_eval
+from moco_xla.eval.rows import SEMISUP_ROWS
+from moco_xla.eval.fewlabels_split import distill_views, propagated_views, semisup_split, student_images, summary_key
+from moco_xla.data.subsets import train_labels
 from moco_xla.config import load_config
 from moco_xla.data.transforms import CleanAndAugmented
 from moco_xla.errors import UserError
-from moco_xla.probe import Relabelled, distill_loss, read_labels_file
+from moco_xla.data.subsets import Relabelled, read_labels_file
+from moco_xla.eval.distill import distill_loss
 from moco_xla.report import read_metrics, read_summary
 from moco_xla.runtime import make_runtime
 
@@ -66,8 +70,10 @@ def finetune_then_distill(rt, seed: int, labelled_per_class: int = 3, steps: int
 
     Both through the study's trainers, on ``rt``'s replicas (each its share of every batch).
     """
-    from moco_xla.probe import (DistillSpec, Relabelled, SGDSpec, distill, image_accuracy, image_batches, paired,
-                                train_classifier)
+    from moco_xla.eval.distill import DistillSpec, distill, paired
+    from moco_xla.data.subsets import Relabelled
+    from moco_xla.schedule import SGDSpec
+    from moco_xla.eval.fit import image_accuracy, image_batches, train_classifier
     x, y = two_clusters(400, seed)
     test = Points(*two_clusters(400, seed + 100))
     g = torch.Generator().manual_seed(seed)
@@ -128,7 +134,8 @@ def test_noisy_student_hard_targets_from_clean_images_improve_on_the_teacher():
 
 
 def test_two_views_give_the_teacher_the_clean_image_and_the_student_the_crop():
-    from moco_xla.probe import image_batches, paired
+    from moco_xla.eval.fit import image_batches
+    from moco_xla.eval.distill import paired
     x, y = two_clusters(40, 0)
     rt = make_runtime("local")
     views = Jittered(x, y, CleanAndAugmented(nn.Identity(), jitter))
@@ -147,7 +154,8 @@ def test_clean_and_augmented_views_of_the_digits_come_from_one_read_of_each_imag
     """The study's distillation pool: the clean view is the bank's own (eval-transformed) image, the
     other a random crop of that same image, and each sample is read and decoded once for both."""
     from moco_xla.data.loaders import Transformed
-    from moco_xla.probe import clean_and_augmented, train_transform
+    from moco_xla.data.subsets import clean_and_augmented
+    from moco_xla.data.transforms import train_transform
 
     reads: list[int] = []
 
@@ -174,14 +182,15 @@ def test_the_student_is_noised_as_configured_and_the_teacher_sees_the_clean_imag
     (here digits_affine's warps), on the pool and on the labelled images alike."""
     from torchvision.transforms import v2
 
-    from moco_xla.probe import train_transform, with_transform
+    from moco_xla.data.transforms import train_transform
+    from moco_xla.data.subsets import with_transform
     cfg = load_config("tiny", ["data.augment=digits_affine", "eval.semisup.labels=20",
                                f"eval.semisup.distill.student_augment={student_augment}"])
     bundle = data.build(cfg)
-    split = moco_eval.semisup_split(cfg, bundle)
+    split = semisup_split(cfg, bundle)
     images = with_transform(bundle.bank, train_transform("digits_affine", 16, 1))
-    noised = moco_eval.student_images(cfg, bundle.bank, images, student_augment)
-    pool, labelled = moco_eval.distill_views(cfg, bundle.bank, noised, split)
+    noised = student_images(cfg, bundle.bank, images, student_augment)
+    pool, labelled = distill_views(cfg, bundle.bank, noised, split)
     pair = pool.dataset.transform
     assert isinstance(pair, CleanAndAugmented) and pair.clean is bundle.bank.transform
     assert labelled.ds.transform is pair.augment and len(pool) == len(split.pool) and len(labelled) == 20
@@ -192,8 +201,8 @@ def test_the_student_is_noised_as_configured_and_the_teacher_sees_the_clean_imag
     assert torch.equal(clean, bundle.bank[int(split.pool[3])][0]) and noised.shape == clean.shape
     crop_cfg = load_config("tiny", ["eval.semisup.labels=20", "eval.semisup.distill.teacher_view=crop",
                                     "eval.semisup.distill.student_augment=crop"])
-    shared, _ = moco_eval.distill_views(crop_cfg, bundle.bank,
-                                        moco_eval.student_images(crop_cfg, bundle.bank, images, "crop"), split)
+    shared, _ = distill_views(crop_cfg, bundle.bank,
+                                        student_images(crop_cfg, bundle.bank, images, "crop"), split)
     assert shared.dataset is images  # the teacher sees the student's crop (SimCLRv2)
 
 
@@ -202,16 +211,17 @@ def test_label_propagation_students_are_noised_as_their_setting_says():
     the propagated labels) and the labelled images through fine-tuning's crops or the MoCo augmentation."""
     from torchvision.transforms import v2
 
-    from moco_xla.probe import train_transform, with_transform
+    from moco_xla.data.transforms import train_transform
+    from moco_xla.data.subsets import with_transform
     cfg = load_config("tiny", ["data.augment=digits_affine", "eval.semisup.labels=20"])
     assert (cfg.eval.semisup.labelprop.student_augment, cfg.eval.semisup.labelprop.pixel_student_augment) == (
         "crop", "pretrain")  # the held-out protocol's choices
     bundle = data.build(cfg)
-    split = moco_eval.semisup_split(cfg, bundle)
+    split = semisup_split(cfg, bundle)
     images = with_transform(bundle.bank, train_transform("digits_affine", 16, 1))
     propagated = torch.arange(len(split.pool)) % 10
     for augment in ("crop", "pretrain"):
-        pool, labelled = moco_eval.propagated_views(cfg, bundle.bank, images, split, propagated, augment)
+        pool, labelled = propagated_views(cfg, bundle.bank, images, split, propagated, augment)
         assert pool.ds is labelled.ds and len(pool) == len(split.pool) and len(labelled) == 20
         assert (pool.ds is images) == (augment == "crop")
         warps = any(isinstance(t, v2.RandomAffine) for t in pool.ds.transform.transforms)
@@ -247,7 +257,7 @@ def _write(path, lines: list[str]):
 
 
 def _two_per_class(train) -> list[str]:
-    labels = moco_eval.train_labels(train)
+    labels = train_labels(train)
     return [f"{int(i)},{c}" for c in range(10) for i in (labels == c).nonzero().flatten()[:2]]
 
 
@@ -273,7 +283,7 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
     assert study["labelprop"]["pixel_weight"] == 0.5
     assert set(study["labelprop"]) == {"k", "pixel_k", "alpha", "gamma", "iterations", "student_augment",
                                       "pixel_student_augment", "pixel_weight"}
-    assert set(study["rows"]) == set(moco_eval.SEMISUP_ROWS) and len(moco_eval.SEMISUP_ROWS) == 9
+    assert set(study["rows"]) == set(SEMISUP_ROWS) and len(SEMISUP_ROWS) == 9
     assert all(0.0 <= v <= 100.0 for v in study["rows"].values())
     assert study["labels_file"] == str(labels.resolve()) and study["scored_on"] == "test"
     d = study["distill"]
@@ -343,11 +353,11 @@ def test_labels_file_paths_and_its_labels_are_used(tmp_path):
 def test_holdout_keeps_scored_images_out_of_labels_and_distillation():
     cfg = load_config("tiny", ["eval.semisup.holdout=300", "eval.semisup.labels=50", "eval.semisup.seed=3"])
     bundle = data.build(cfg)
-    split = moco_eval.semisup_split(cfg, bundle)
+    split = semisup_split(cfg, bundle)
     held = set(split.test.indices)
     assert len(held) == 300 and split.scored_on.startswith("holdout")
     assert not held & set(split.picked.tolist()) and not held & set(split.pool.tolist())
     assert set(split.picked.tolist()) <= set(split.pool.tolist()) and len(split.pool) == 1257 - 300
-    assert moco_eval.summary_key(cfg) == "semisup_holdout"
-    plain = moco_eval.semisup_split(load_config("tiny", ["eval.semisup.labels=50", "eval.semisup.seed=3"]), bundle)
+    assert summary_key(cfg) == "semisup_holdout"
+    plain = semisup_split(load_config("tiny", ["eval.semisup.labels=50", "eval.semisup.seed=3"]), bundle)
     assert torch.equal(plain.picked, split.picked) and plain.test is bundle.test and len(plain.pool) == 1257

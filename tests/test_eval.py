@@ -11,10 +11,13 @@ import torch
 
 from conftest import run_gloo
 from eval_fns import ROOT, clusters, pretrained_run, probe_on_points, run_eval, tiny_checkpoint
-from moco_xla import eval as moco_eval
+from moco_xla.eval import command as moco_eval
+from moco_xla.eval.rows import SEMISUP_ROWS, selected_rows
 from moco_xla.config import SemisupConfig, load_config
 from moco_xla.errors import UserError
-from moco_xla.probe import SGDSpec, balanced_subset, load_encoder
+from moco_xla.schedule import SGDSpec
+from moco_xla.data.subsets import balanced_subset
+from moco_xla.eval.encoder import load_encoder
 from moco_xla.report import read_metrics, read_summary
 from moco_xla.runtime import make_runtime
 
@@ -91,12 +94,15 @@ def test_load_encoder_round_trip_and_errors(tiny_ckpt, tmp_path):
 
 def test_selected_rows_keep_the_table_order_and_bring_each_students_teacher():
     """eval.semisup.rows: a distilled row needs the fine-tuned row that trains its teacher."""
-    assert moco_eval.selected_rows("all") == list(moco_eval.SEMISUP_ROWS)
-    assert moco_eval.selected_rows(" scratch_distill, moco_probe,moco_distill") == [
+    def keys(text):
+        return [row.key for row in selected_rows(text)]
+
+    assert keys("all") == list(SEMISUP_ROWS)
+    assert keys(" scratch_distill, moco_probe,moco_distill") == [
         "moco_probe", "moco_finetune", "moco_distill", "supervised_scratch", "scratch_distill"]
-    assert moco_eval.selected_rows("pixel_labelprop,moco_labelprop") == ["moco_labelprop", "pixel_labelprop"]
+    assert keys("pixel_labelprop,moco_labelprop") == ["moco_labelprop", "pixel_labelprop"]
     with pytest.raises(UserError, match="has no row; valid: all"):
-        moco_eval.selected_rows(" , ")
+        selected_rows(" , ")
 
 
 def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path, capsys):
@@ -160,7 +166,7 @@ def test_xla_one_replica_compiles_once(tiny_ckpt, tmp_path):
     assert counts["linear1"] > 0 and counts["semisup2"] > 0
     assert counts["linear3"] == 0 and counts["semisup4"] == 0, counts
     results = report["results"]
-    assert set(results["semisup4"]["semisup"]["20"]["rows"]) == set(moco_eval.SEMISUP_ROWS)
+    assert set(results["semisup4"]["semisup"]["20"]["rows"]) == set(SEMISUP_ROWS)
     assert 0 < results["linear3"]["linear_top1"] <= 100 and 0 < results["knn"]["knn_top1"] <= 100
 
 
@@ -187,7 +193,7 @@ def test_semisup_digits(run_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     study = read_summary(tmp_path)["semisup"]["50"]
     rows = study["rows"]
-    assert set(rows) == set(moco_eval.SEMISUP_ROWS)
+    assert set(rows) == set(SEMISUP_ROWS)
     assert study["labels"] == 50 and study["per_class"] == 5 and study["best"] == max(rows, key=rows.get)
     d = SemisupConfig()
     assert study["lr"] == {"probe": d.probe_lr, "finetune": d.finetune_lr, "scratch": d.lr}
@@ -196,6 +202,6 @@ def test_semisup_digits(run_dir, tmp_path):
     assert {k: record[k] for k in rows} == rows
     assert rows["moco_probe"] > rows["random_probe"] + 15.0, rows
     assert rows["moco_probe"] > rows["pixel_logistic"] + 2.5, rows
-    for title in moco_eval.SEMISUP_ROWS.values():
+    for title in SEMISUP_ROWS.values():
         assert title in p.stdout
     assert (tmp_path / "plots" / "semisup.png").read_bytes()[:8] == PNG

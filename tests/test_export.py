@@ -13,7 +13,7 @@ import torchvision
 from moco_xla.checkpoint import CheckpointStore, find_checkpoint
 from moco_xla.config import load_config
 from moco_xla.export import main as export_main
-from moco_xla.probe import load_encoder
+from moco_xla.eval.encoder import load_encoder
 from moco_xla.runtime import make_runtime
 from moco_xla.train import build_model
 
@@ -159,7 +159,7 @@ def test_vit_224_layouts_are_torchvisions_and_timms(config, tv_build, timm_name,
     """At full size (on the meta device: shapes, no memory): every exported key has the target's name and
     shape, and only the classifier is left over."""
     from moco_xla.export import to_timm, to_torchvision
-    from moco_xla.probe import build_eval_backbone
+    from moco_xla.eval.encoder import build_eval_backbone
     cfg = load_config(config)
     with torch.device("meta"):
         sd = build_eval_backbone(cfg)[0].state_dict()

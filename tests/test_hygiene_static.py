@@ -21,8 +21,8 @@ STEP_FUNCTIONS = {
     "shuffle.py": {"shared_permutation", "shuffle_gather", "unshuffle_gather", "shuffle_all_to_all",
                    "unshuffle_all_to_all", "shuffled_keys"},
     "models.py": {"forward"},
-    "knn.py": {"knn_predict", "embed", "knn_accuracy"},
-    "train.py": {"observe"},  # StopGuard.observe: every step
+    "eval/knn.py": {"knn_predict", "embed", "knn_accuracy"},
+    "guards.py": {"observe"},  # StopGuard.observe: every step
 }
 TENSOR_NAMES = {"loss", "stats", "acc", "sums", "im_q", "im_k", "logits", "keys", "k", "q"}
 
@@ -84,12 +84,12 @@ def test_step_functions_read_nothing_back():
 
 def test_scan_catches_a_reintroduced_item():
     source = (ROOT / "train.py").read_text()
-    anchor = "\n            bar.update(1)\n"
+    anchor = "\n        bar.update(1)\n"
     assert anchor in source
-    broken = source.replace(anchor, anchor + "            print(f'loss {loss.item():.3f}')\n", 1)
+    broken = source.replace(anchor, anchor + "        print(f'loss {loss.item():.3f}')\n", 1)
     found = scan_train_loop(broken)
     assert any(".item()" in p for p in found) and any("print" in p for p in found), found
-    broken = source.replace(anchor, anchor + "            lv = float(stats['loss'])\n", 1)
+    broken = source.replace(anchor, anchor + "        lv = float(stats['loss'])\n", 1)
     assert any("float(...)" in p for p in scan_train_loop(broken))
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import run_gloo
 from eval_fns import Points, clusters, knn_on_points
-from moco_xla.knn import knn_accuracy, knn_predict
+from moco_xla.eval.knn import knn_accuracy, knn_predict
 from moco_xla.runtime import make_runtime
 
 

@@ -1,4 +1,4 @@
-"""Label propagation (moco_xla/labelprop.py): the closed form it iterates to, a toy problem where the
+"""Label propagation (moco_xla/eval/labelprop.py): the closed form it iterates to, a toy problem where the
 unlabelled points carry the answer, and the study's propagation on 2 gloo replicas (the XLA replicas
 run it in test_xla_replicas.py)."""
 from __future__ import annotations
@@ -10,8 +10,11 @@ from sklearn.datasets import make_moons
 
 from conftest import run_gloo
 from eval_fns import Points, study_propagation
-from moco_xla.labelprop import graph_features, knn_graph, propagate, symmetric_product
-from moco_xla.probe import DistillSpec, Relabelled, SGDSpec, distill, image_accuracy, image_batches, paired
+from moco_xla.eval.labelprop import graph_features, knn_graph, propagate, symmetric_product
+from moco_xla.eval.distill import DistillSpec, distill, paired
+from moco_xla.data.subsets import Relabelled
+from moco_xla.schedule import SGDSpec
+from moco_xla.eval.fit import image_accuracy, image_batches
 from moco_xla.runtime import make_runtime
 
 

@@ -13,7 +13,8 @@ import mocov3_fns
 from moco_xla.config import load_config
 from moco_xla.errors import UserError
 from moco_xla.moco_v3 import MoCoV3, SyncBatchNorm1d, momentum_at
-from moco_xla.optim import LARS, lr_at_step, peak_lr
+from moco_xla.optim import LARS
+from moco_xla.schedule import lr_at_step, peak_lr
 from moco_xla.runtime import make_runtime
 from moco_xla.train import build_model, build_optimizer, step_schedule
 from moco_xla.vit import MoCoViT, sincos_position_embedding

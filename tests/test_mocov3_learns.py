@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from eval_fns import random_init_knn
-from moco_xla import eval as moco_eval
+from moco_xla.eval import command as moco_eval
 from moco_xla.launch import main as launch_main
 
 COMMON = ["data.workers=0", "eval.knn_every=0", "checkpoint.every=1", "checkpoint.keep=1", "train.log_every=5",

@@ -9,7 +9,7 @@ import torch.nn as nn
 from moco_xla import launch
 from moco_xla.config import load_config, validate_world
 from moco_xla.errors import UserError
-from moco_xla.runtime import Runtime
+from moco_xla.runtime import Runtime, plan
 
 
 class _TwoReplicas(Runtime):
@@ -33,14 +33,14 @@ def test_sync_module_keeps_the_shape_of_0dim_buffers():
 
 
 def test_pod_slice_world_size_is_all_hosts_cores(monkeypatch):
-    monkeypatch.setattr(launch, "hosts", lambda backend: 4)  # a v4-32: 4 TPU VMs of 4 devices
-    assert launch.world_size("xla", 4) == 16
+    monkeypatch.setattr(plan, "hosts", lambda backend: 4)  # a v4-32: 4 TPU VMs of 4 devices
+    assert plan.world_size("xla", 4) == 16
     with pytest.raises(UserError, match="--cores 1 on a TPU pod slice of 4 hosts"):
-        launch.world_size("xla", 1)
+        plan.world_size("xla", 1)
     cfg = load_config("tiny", ["train.batch_size=40", "moco.K=240", "model.bn_splits=1"])  # 4 divides it, 16 does not
     validate_world(cfg, 4)
     with pytest.raises(UserError, match="must be divisible by the 16 replicas"):
-        validate_world(cfg, launch.world_size("xla", 4))
+        validate_world(cfg, plan.world_size("xla", 4))
 
 
 def test_several_hosts_need_a_shared_checkpoint_dir(tmp_path):

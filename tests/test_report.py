@@ -9,7 +9,8 @@ from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from eval_fns import pretrained_run
-from moco_xla.plots import SEMISUP_ROWS, plot_run
+from moco_xla.eval.rows import SEMISUP_ROWS
+from moco_xla.plots import plot_run
 from moco_xla.report import MetricsWriter, read_metrics, read_summary, write_summary
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -90,7 +91,7 @@ def test_semisup_bar_chart(tmp_path):
     rows = {k: 60.0 + 7 * i for i, k in enumerate(SEMISUP_ROWS)}
     write_summary(tmp_path, {"semisup": {"100": {"labels": 100, "rows": rows},
                                          "50": {"labels": 50, "rows": {k: v - 5 for k, v in rows.items()}}}})
-    made = plot_run(tmp_path)
+    made = plot_run(tmp_path / "plots", read_metrics(tmp_path), read_summary(tmp_path))
     assert made == [tmp_path / "plots" / "semisup.png"]
     with Image.open(made[0]) as im:
         height = im.size[1]

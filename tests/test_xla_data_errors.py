@@ -24,7 +24,7 @@ from data_fixtures import write_image_folder
 from moco_xla import data
 from moco_xla.config import load_config
 from moco_xla.errors import UserError
-from moco_xla.knn import knn_accuracy
+from moco_xla.eval.knn import knn_accuracy
 from moco_xla.models import build_encoder
 from moco_xla.runtime import make_runtime
 

@@ -127,7 +127,7 @@ def test_knn_monitor_compiles_once_and_reads_nothing_per_batch(xla):
 def test_linear_probe_loops_recompile_free_across_epochs(xla):
     p = xla["probe"]
     if p.get("skipped"):
-        pytest.fail(f"moco_xla.probe API changed: {p['skipped']}")
+        pytest.fail(f"moco_xla.eval.probe API changed: {p['skipped']}")
     assert p["epochs"] >= 3
     # Epoch 2 compiles one graph once (probe.fit's first step of an epoch differs from the
     # others: a fresh zeros loss sum, the previous step's sum folded into the next graph);
@@ -281,7 +281,7 @@ class _Images:
 
 def _knn(rt):
     import torch.nn as nn
-    from moco_xla.knn import knn_accuracy
+    from moco_xla.eval.knn import knn_accuracy
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten()).to(rt.device)
     bank, test = _Images(40, 1), _Images(30, 2)
@@ -299,7 +299,8 @@ def _knn(rt):
 def _probe(rt):
     import torch.nn as nn
     try:
-        from moco_xla.probe import SGDSpec, extract, head_accuracy, train_probe
+        from moco_xla.schedule import SGDSpec
+        from moco_xla.eval.probe import extract, head_accuracy, train_probe
     except ImportError as e:
         return {"skipped": str(e)}
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),

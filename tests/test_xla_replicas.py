@@ -107,7 +107,7 @@ def run_init_q(cfg) -> list[torch.Tensor]:
 
 def test_knn_on_4_replicas_equals_one_replica(replicas, tiny_cfg):
     from moco_xla import data
-    from moco_xla.knn import embed, knn_accuracy
+    from moco_xla.eval.knn import embed, knn_accuracy
     from moco_xla.models import build_encoder
     from moco_xla.runtime import make_runtime
     res = [r["knn"] for r in replicas]

@@ -97,7 +97,7 @@ def train_steps(rt, cfg, steps: int) -> dict:
 def knn(rt, cfg) -> dict:
     """The kNN monitor on replicas whose BN statistics drifted apart, before and after syncing them."""
     from moco_xla import data
-    from moco_xla.knn import embed, knn_accuracy
+    from moco_xla.eval.knn import embed, knn_accuracy
     from moco_xla.models import build_encoder
     rt.manual_seed(0)
     with rt.cpu_rng():  # the same init on every replica

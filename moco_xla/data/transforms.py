@@ -261,3 +261,20 @@ class CleanAndAugmented:
 
     def __call__(self, img):
         return self.clean(img), self.augment(img)
+
+
+# ----------------------------------------------------------------------------- supervised (evaluation)
+
+def train_transform(preset: str, size: int, channels: int) -> v2.Compose:
+    """The supervised augmentation (lincls, fine-tuning, from-scratch): crops, flips where they keep the class."""
+    gray = [v2.Grayscale(num_output_channels=channels)] if channels == 1 else []
+    if preset.startswith("digits"):  # no flips: a flipped digit is another digit; the same crops for every
+        # digits preset, so rows on checkpoints pre-trained with other digit augmentations stay comparable
+        ops = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True)]
+    elif preset.startswith("small"):  # CIFAR: pad-and-crop plus flip
+        ops = [v2.Resize(size, antialias=True), v2.RandomCrop(size, padding=max(1, size // 8)),
+               v2.RandomHorizontalFlip()]
+    else:  # ImageNet lincls
+        ops = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *gray, *ops,
+                       normalize_for(channels, preset)])

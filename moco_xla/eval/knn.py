@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import eval_loader, gathered_order
-from .runtime import Runtime
+from ..data import eval_loader, gathered_order
+from ..runtime import Runtime
 
 
 def knn_predict(feature: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, classes: int,

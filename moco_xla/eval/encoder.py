@@ -1,0 +1,81 @@
+"""The encoder under evaluation: a checkpoint's query backbone, read once per command.
+
+``Encoders`` reads the checkpoint once and hands every row of a study its own deep copy, on the
+device and in eval mode, beside the same architecture freshly initialised with the config's seed
+(the baselines without pre-training). Both are built from the one config the command runs with,
+so the pre-trained and random rows cannot disagree about the model.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import load_checkpoint
+from ..config import Config, from_dict
+from ..errors import UserError
+from ..models import build_backbone
+from ..runtime import Runtime
+from ..vit import build_vit, is_vit
+
+BACKBONE_PREFIX = "encoder_q.backbone."
+
+
+def build_eval_backbone(cfg: Config) -> tuple[nn.Module, int]:
+    """The config's backbone with plain BN (Split/Sync BN only matter while pre-training)."""
+    m = cfg.model
+    if is_vit(m.arch):  # MoCo v3's ViTs (no BN in the backbone)
+        return build_vit(m.arch, cfg.data.image_size, m.patch_size, m.in_channels, m.width, m.stop_grad_conv1)
+    return build_backbone(m.arch, m.in_channels, m.small_stem, m.width, nn.BatchNorm2d)
+
+
+def load_encoder(ckpt_path: str) -> tuple[Config, nn.Module]:
+    """(config it was trained with, query backbone on the CPU) of a checkpoint, local or gs://."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = from_dict(ckpt["config"])
+    backbone, _ = build_eval_backbone(cfg)
+    load_backbone(backbone, ckpt["model"], ckpt_path)
+    return cfg, backbone
+
+
+def load_backbone(backbone: nn.Module, model_state: dict, source: str) -> None:
+    """Copy ``encoder_q.backbone.*`` of a MoCo state dict into ``backbone``; UserError on mismatch."""
+    state = {k[len(BACKBONE_PREFIX):]: v for k, v in model_state.items() if k.startswith(BACKBONE_PREFIX)}
+    if not state:
+        raise UserError(f"checkpoint {source} holds no {BACKBONE_PREFIX}* weights: not a MoCo encoder")
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"checkpoint {source} does not fit the configured model ({first}); "
+                        f"leave model.* as the checkpoint has it") from None
+
+
+class Encoders:
+    """The checkpoint's backbone (read on first use, once) and a seeded random one, copied per use."""
+
+    def __init__(self, cfg: Config, ckpt: str) -> None:
+        self.cfg, self.ckpt = cfg, ckpt
+        self._pretrained: nn.Module | None = None
+        self._random: nn.Module | None = None
+        self.dim = build_eval_backbone(cfg)[1]
+
+    def pretrained(self, rt: Runtime) -> nn.Module:
+        """A fresh copy of the pre-trained backbone on ``rt``'s device, in eval mode."""
+        if self._pretrained is None:
+            self._pretrained = self._build()
+            load_backbone(self._pretrained, load_checkpoint(self.ckpt)["model"], self.ckpt)
+        return copy.deepcopy(self._pretrained).to(rt.device).eval()
+
+    def random(self, rt: Runtime) -> nn.Module:
+        """A fresh copy of the backbone initialised with train.seed (identical on every replica)."""
+        if self._random is None:
+            torch.manual_seed(self.cfg.train.seed)
+            self._random = self._build()
+        net = copy.deepcopy(self._random).to(rt.device)
+        rt.sync_module(net)
+        return net
+
+    def _build(self) -> nn.Module:
+        return build_eval_backbone(self.cfg)[0]

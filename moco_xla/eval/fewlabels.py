@@ -1,0 +1,191 @@
+"""The few-label study (``eval semisup``): N labelled images, every row of rows.py, one test set.
+
+One pass over the selected rows in the catalogue's order: each row starts from its own copy of the
+checkpoint's encoder or of the seeded random one (read and built once per study), is trained by
+the function of its kind below, and leaves one device scalar, its top-1. Teachers are kept for
+the distilled rows after them. The scalars are read once, at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .. import data
+from ..config import Config, DistillConfig, LabelPropConfig
+from ..data.subsets import Relabelled, with_transform
+from ..data.transforms import train_transform
+from ..report import MetricsWriter
+from ..runtime import Runtime
+from ..schedule import SGDSpec
+from .distill import DistillSpec, distill, paired
+from .encoder import Encoders
+from .fewlabels_split import (SemisupSplit, distill_batch, distill_views, label_batch, propagated_labels,
+                              propagated_views, semisup_batch, semisup_split, student_images, summary_key)
+from .fit import image_accuracy, image_batches, train_classifier
+from .labelprop import graph_features
+from .probe import extract, head_accuracy, pixel_logistic, train_probe
+from .rows import Row, row_lr, row_steps, selected_rows
+
+
+@dataclass
+class Study:
+    """What every row of one study shares: the replicas, the images, the global batches, the progress."""
+
+    rt: Runtime
+    cfg: Config
+    classes: int
+    split: SemisupSplit
+    bank: Dataset          # the train split, eval transform
+    images: Dataset        # what the trained rows see: random crops when eval.semisup.augment
+    batch: int             # the labelled rows' global batch
+    all_batch: int         # distillation's batch of images from the whole pool
+    label_batch: int       # distillation's batch of labelled images
+    tick: Callable[..., None] = lambda *_: None  # called once per optimisation step (the progress bar)
+
+    @property
+    def labelled(self) -> Relabelled:
+        return Relabelled(self.bank, self.split.picked, self.split.labels)
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.train.seed
+
+    @property
+    def workers(self) -> int:
+        return self.cfg.data.workers
+
+    def accuracy(self, model: nn.Module) -> torch.Tensor:
+        return image_accuracy(self.rt, model, self.split.test, self.cfg.eval.batch_size, self.workers)
+
+
+def prepare(cfg: Config, rt: Runtime, bundle: data.DataBundle) -> Study:
+    s = cfg.eval.semisup
+    split = semisup_split(cfg, bundle)
+    images = bundle.bank
+    if s.augment:
+        images = with_transform(bundle.bank, train_transform(cfg.data.augment, cfg.data.image_size,
+                                                             cfg.model.in_channels))
+    batch = semisup_batch(cfg, rt.world_size)
+    return Study(rt, cfg, bundle.num_classes, split, bundle.bank, images, batch,
+                 distill_batch(cfg, rt.world_size, len(split.pool)),
+                 label_batch(s.distill.label_batch_size, batch, rt.world_size))
+
+
+# ----------------------------------------------------------------------------- one function per row kind
+
+def probe_row(st: Study, net: nn.Module, lr: float, steps: int, normalize: bool) -> torch.Tensor:
+    """A linear probe on the frozen ``net``'s features of the labelled images."""
+    e, rt = st.cfg.eval, st.rt
+    train = extract(rt, net, st.labelled, e.batch_size, st.workers, normalize)
+    head = train_probe(rt, train, st.classes, SGDSpec(lr), steps, 1, st.batch, st.seed, st.tick)
+    return head_accuracy(rt, head, extract(rt, net, st.split.test, e.batch_size, st.workers, normalize))
+
+
+def finetune_row(st: Study, net: nn.Module, dim: int, lr: float, steps: int, weight_decay: float
+                 ) -> tuple[nn.Module, torch.Tensor]:
+    """``net`` + a head trained end to end on the labelled images (fine-tuning, or from scratch)."""
+    shown = Relabelled(st.images, st.split.picked, st.split.labels)
+    batches = image_batches(st.rt, shown, st.batch // st.rt.world_size, st.seed, st.workers)
+    sgd = SGDSpec(lr, 0.9, weight_decay, "cosine")
+    model = train_classifier(st.rt, net, dim, st.classes, batches, steps, sgd, st.seed, st.tick)
+    return model, st.accuracy(model)
+
+
+def student_row(st: Study, teacher: nn.Module | None, pool: Dataset, labelled: Dataset, net: nn.Module, dim: int,
+                lr: float, d: DistillConfig, weight_decay: float) -> torch.Tensor:
+    """``net`` + a head learning the ``teacher``'s predictions on ``pool`` (or the labels ``pool`` carries
+    when there is no teacher) and the ``labelled`` images' labels."""
+    rt, per = st.rt, st.rt.world_size
+    everything = image_batches(rt, pool, st.all_batch // per, st.seed + 1, st.workers)
+    batches = paired(everything, image_batches(rt, labelled, st.label_batch // per, st.seed + 2, st.workers))
+    sgd = SGDSpec(lr, 0.9, weight_decay, "cosine")
+    model = distill(rt, teacher, net, dim, st.classes, batches, d.steps, sgd,
+                    DistillSpec(d.temperature, d.label_weight, d.targets), st.seed, st.tick)
+    return st.accuracy(model)
+
+
+def distill_row(st: Study, teacher: nn.Module, net: nn.Module, dim: int, lr: float, d: DistillConfig,
+                weight_decay: float) -> torch.Tensor:
+    """A student of a trained row, noised as eval.semisup.distill.student_augment says."""
+    noised = student_images(st.cfg, st.bank, st.images, d.student_augment)
+    pool, labelled = distill_views(st.cfg, st.bank, noised, st.split)
+    return student_row(st, teacher, pool, labelled, net, dim, lr, d, weight_decay)
+
+
+def labelprop_row(st: Study, graph: nn.Module, k: int, augment: str, net: nn.Module, dim: int, lr: float,
+                  d: DistillConfig, weight_decay: float) -> torch.Tensor:
+    """Label propagation on ``graph``'s features of the pool, then a student (noised as ``augment`` says)
+    learns the propagated labels."""
+    propagated = propagated_labels(st.rt, graph, st.bank, st.split, st.classes, k, st.cfg)
+    pool, labelled = propagated_views(st.cfg, st.bank, st.images, st.split, propagated, augment)
+    return student_row(st, None, pool, labelled, net, dim, lr, d, weight_decay)
+
+
+def logistic_row(st: Study, c: float) -> torch.Tensor:
+    """Logistic regression on the labelled images' raw pixels (scikit-learn, on the host)."""
+    return pixel_logistic(st.rt, st.labelled, st.split.test, c, st.cfg.eval.batch_size, st.workers)
+
+
+def run_row(row: Row, st: Study, encoders: Encoders, trained: dict[str, nn.Module]) -> torch.Tensor:
+    """The row's top-1 (device scalar); a fine-tuned row's model is kept in ``trained`` for its students."""
+    s = st.cfg.eval.semisup
+    if row.kind == "logistic":
+        return logistic_row(st, s.pixel_c)
+    net = encoders.pretrained(st.rt) if row.start == "moco" else encoders.random(st.rt)
+    lr, dim = row_lr(row, s), encoders.dim
+    if row.kind == "probe":
+        return probe_row(st, net, lr, s.steps, st.cfg.eval.probe.normalize)
+    if row.kind == "finetune":
+        trained[row.key], accuracy = finetune_row(st, net, dim, lr, s.steps, s.weight_decay)
+        return accuracy
+    if row.kind == "distill":
+        return distill_row(st, trained[row.teacher], net, dim, lr, s.distill, s.weight_decay)
+    graph, k, augment = graph_for(row, s.labelprop, encoders, st.rt)
+    return labelprop_row(st, graph, k, augment, net, dim, lr, s.distill, s.weight_decay)
+
+
+def graph_for(row: Row, lp: LabelPropConfig, encoders: Encoders, rt: Runtime) -> tuple[nn.Module, int, str]:
+    """(features the graph is built on, its k, the student's augmentation) of a label-propagation row."""
+    if row.graph == "moco":
+        return graph_features(encoders.pretrained(rt), lp.pixel_weight), lp.k, lp.student_augment
+    return nn.Flatten(), lp.pixel_k, lp.pixel_student_augment
+
+
+# ----------------------------------------------------------------------------- the study
+
+def run_semisup(job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
+    """Every selected row on the same labelled images; the rows' top-1 in summary.json and metrics.jsonl."""
+    cfg, s = job.cfg, job.cfg.eval.semisup
+    rows = selected_rows(s.rows)
+    st = prepare(cfg, rt, data.build(cfg))
+    bar = tqdm(total=sum(row_steps(row, s) for row in rows), desc=f"{len(st.split.picked)} labels",
+               disable=not rt.is_master, dynamic_ncols=True)
+    st.tick = lambda *_: bar.update(1)
+    encoders, trained, results = Encoders(cfg, job.ckpt), {}, {}
+    for row in rows:
+        rt.manual_seed(cfg.train.seed)  # a row's randomness comes from the seed, not from the rows before it
+        results[row.key] = run_row(row, st, encoders, trained)
+    rt.mark_step()
+    bar.close()
+    values = {k: float(v) for k, v in results.items()}  # the study's one host read
+    n = len(st.split.picked)
+    writer.write({"type": "semisup", "labels": n, "scored_on": st.split.scored_on, **values}, step=n)
+    return {summary_key(cfg): {str(n): study_summary(cfg, st, values, job.ckpt)}}
+
+
+def study_summary(cfg: Config, st: Study, values: dict[str, float], ckpt: str) -> dict[str, Any]:
+    s, d, n = cfg.eval.semisup, cfg.eval.semisup.distill, len(st.split.picked)
+    return {
+        "labels": n, "per_class": n / st.classes, "rows": values, "best": max(values, key=values.get),
+        "steps": s.steps, "augment": s.augment, "seed": s.seed, "labels_file": s.labels_file,
+        "ckpt": ckpt, "lr": {"probe": s.probe_lr, "finetune": s.finetune_lr, "scratch": s.lr},
+        "distill": {**dataclasses.asdict(d), "batch_size": st.all_batch, "label_batch_size": st.label_batch,
+                    "unlabelled_pool": len(st.split.pool)},
+        "labelprop": dataclasses.asdict(s.labelprop),
+        "scored_on": st.split.scored_on, "test_images": len(st.split.test)}
