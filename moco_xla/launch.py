@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cores", type=int, default=None,
                    help="replicas: TPU cores (all or 1), GPUs, or CPU processes (default: all devices; CPU 1)")
-    p.add_argument("--config", default=None, help="config name in configs/ or a YAML path (default: digits)")
+    p.add_argument("--config", default=None, help="config name (one of the packaged moco_xla/configs/) or a YAML path (default: digits)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: TPU, then CUDA, then CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.03 (repeatable)")
