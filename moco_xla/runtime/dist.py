@@ -183,7 +183,7 @@ class GradientBuckets:
 
 
 class DistRuntime(Runtime):
-    """One process of a torch.distributed job (``cuda``: NCCL, ``cpu``: gloo)."""
+    """One process of a torch.distributed job (``cuda``: NCCL, ``cpu``: gloo; TorchTpuRuntime: tpu_dist)."""
 
     def __init__(self, backend: str, rank: int, world_size: int, local_rank: int, *,
                  device: torch.device | None = None, process_group: str | None = None) -> None:
