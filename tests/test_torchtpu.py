@@ -4,7 +4,6 @@ generation and the pod launch plan in plain Python, the rank layout of a host's 
 torch_tpu is never imported here (with no libtpu it ends the process; with no TPU it hangs)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -110,9 +109,10 @@ def record_rank(backend, rank, world, local_rank, out):
     Path(out, f"{local_rank}.txt").write_text(f"{backend} {rank} {world} {local_rank}")
 
 
-def test_a_hosts_processes_take_their_block_of_ranks(tmp_path):
+def test_a_hosts_processes_take_their_block_of_ranks(tmp_path, monkeypatch):
     """Worker 1 of a 2-host job of 2 processes each runs ranks 2 and 3 of 4 (local ranks 0, 1)."""
-    os.environ.pop("MASTER_PORT", None)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # set here, so removed after the test
+    monkeypatch.setenv("MASTER_PORT", str(replicas.free_port()))
     replicas._spawn_dist("cpu", 2, record_rank, (str(tmp_path),), world=4, first_rank=2)
     got = sorted(p.read_text() for p in tmp_path.glob("*.txt"))
     assert got == ["cpu 2 4 0", "cpu 3 4 1"]
