@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import os
 import types
 import typing
@@ -18,7 +19,9 @@ import yaml
 
 from .errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The named configs ship inside the package (moco_xla/configs/), so `--config NAME` works from any
+# working directory and from a wheel; files on disk are a regular install's, hence a Path.
+CONFIG_DIR = Path(str(importlib.resources.files("moco_xla").joinpath("configs")))
 DEFAULT_CONFIG = "digits"
 
 
@@ -221,13 +224,20 @@ CHOICES = {
 
 
 def config_path(name_or_path: str | None) -> Path:
-    """A config name (``digits``) or a path to a YAML file."""
+    """A config name (``digits``: the packaged moco_xla/configs/digits.yaml) or a path to a YAML file.
+
+    A path that does not exist but reads ``configs/NAME.yaml`` (how commands written for the
+    source tree name the packaged configs) resolves to the packaged config NAME.
+    """
     name_or_path = name_or_path or DEFAULT_CONFIG
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise UserError(f"config file {p} does not exist")
-        return p
+        if p.is_file():
+            return p
+        packaged = CONFIG_DIR / p.name
+        if p.parent.name == "configs" and packaged.is_file():
+            return packaged
+        raise UserError(f"config file {p} does not exist")
     p = CONFIG_DIR / f"{name_or_path}.yaml"
     if not p.is_file():
         names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
@@ -245,7 +255,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     if raw is None or raw == {}:
         names = ", ".join(f.name for f in dataclasses.fields(Config) if f.name != "name")
         raise UserError(f"config {path} is empty; it needs at least one of the sections {names} "
-                        f"(see configs/digits.yaml)")
+                        f"(see moco_xla/configs/digits.yaml)")
     if not isinstance(raw, dict):
         raise UserError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
     raw.setdefault("name", path.stem)

@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser("python -m moco_xla.launch", __doc__)
     p.add_argument("--cores", type=int, default=None,
                    help="replicas: TPU cores (all or 1), GPUs, or CPU processes (default: all devices; CPU 1)")
-    p.add_argument("--config", default=None, help="config name in configs/ or a YAML path (default: digits)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: TPU, then CUDA, then CPU")
+    p.add_argument("--config", default=None, help="config name (one of the packaged moco_xla/configs/) or a YAML path (default: digits)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: TPU (torchtpu if torch_tpu is installed, else xla), then CUDA, then CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.03 (repeatable)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<config>-<time>)")
@@ -104,6 +104,8 @@ def check_backend(cfg: Config, backend: str) -> None:
     """Config values that only some backends support."""
     if backend == "xla" and cfg.train.precision == "fp16":
         raise UserError("train.precision=fp16 is not supported on XLA; valid there: auto, bf16, fp32")
+    if backend == "torchtpu" and cfg.train.precision == "fp16":
+        raise UserError("train.precision=fp16 is not supported on TorchTPU; valid there: auto, bf16, fp32")
     if backend == "cpu" and cfg.train.precision == "fp16":
         raise UserError("train.precision=fp16 needs --backend cuda; valid on cpu: auto, bf16, fp32")
 

@@ -85,8 +85,9 @@ def compile_encoders(cfg: Config, rt: Runtime, model: torch.nn.Module) -> None:
     if rt.name == "xla":
         raise UserError("train.compile=true is for the cuda and cpu backends; on XLA the step is "
                         "already one compiled graph (valid there: train.compile=false)")
-    model.encoder_q.compile(backend=cfg.train.compile_backend)
-    model.encoder_k.compile(backend=cfg.train.compile_backend)
+    backend = rt.compile_backend(cfg.train.compile_backend)  # TorchTPU: "tpu"
+    model.encoder_q.compile(backend=backend)
+    model.encoder_k.compile(backend=backend)
 
 
 @dataclass

@@ -125,7 +125,12 @@ def test_table_has_enough_cases():
     assert sum(c[3] == "cli" for c in CASES) >= 5
 
 
-@pytest.mark.parametrize("name,argv,expected,how,extra_env", CASES, ids=[c[0] for c in CASES])
+NEEDS_XLA = {"xla-cores"}  # cases that run torch_xla (skipped where it is not installed)
+
+
+@pytest.mark.parametrize("name,argv,expected,how,extra_env",
+                         [pytest.param(*c, marks=pytest.mark.needs_xla) if c[0] in NEEDS_XLA else c for c in CASES],
+                         ids=[c[0] for c in CASES])
 def test_bad_input(name, argv, expected, how, extra_env, places, tmp_path, capsys, monkeypatch):
     argv = _argv(argv, places, tmp_path)
     for key, value in extra_env.items():

@@ -75,6 +75,7 @@ def test_installs_tpu_extra_on_python_311_and_enters_launcher():
     runs = " ".join(a for w, a in ins if w == "RUN")
     assert "torch_xla[tpu]==" in runs, "libtpu comes with the [tpu] extra"
     assert "--requirement requirements.txt" in runs or "-r requirements.txt" in runs
+    assert '".[xla]"' in runs, "the package installs through its [xla] extra"
     entry = [a for w, a in ins if w == "ENTRYPOINT"]
     assert entry and shlex.split(entry[-1].strip("[]").replace(",", " ")) == ["python", "-m", "moco_xla.launch"]
 
@@ -89,7 +90,7 @@ def test_build_context_has_what_the_image_copies():
                 if line.strip() and not line.startswith("#")]
     copies = [shlex.split(a)[:-1] for w, a in _instructions() if w == "COPY"]
     sources = [s for c in copies for s in c if not s.startswith("--")]
-    for needed in ("pyproject.toml", "requirements.txt", "moco_xla", "configs"):
+    for needed in ("pyproject.toml", "README.md", "requirements.txt", "moco_xla"):
         assert needed in sources, f"the image does not COPY {needed}"
     for src in sources:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
@@ -102,7 +103,7 @@ def test_image_layout_finds_configs(tmp_path):
     """The image's /app layout (only the copied paths) resolves configs by name and loads them."""
     app = tmp_path / "app"
     app.mkdir()
-    for src in ("pyproject.toml", "requirements.txt", "moco_xla", "configs"):
+    for src in ("pyproject.toml", "README.md", "requirements.txt", "moco_xla"):
         if (ROOT / src).is_dir():
             shutil.copytree(ROOT / src, app / src, ignore=shutil.ignore_patterns("__pycache__"))
         else:

@@ -153,6 +153,7 @@ def test_linear_cli_two_gloo_replicas_with_augmentation(tiny_ckpt, tmp_path):
     assert (tmp_path / "plots" / "linear.png").read_bytes()[:8] == PNG
 
 
+@pytest.mark.needs_xla
 def test_xla_one_replica_compiles_once(tiny_ckpt, tmp_path):
     """knn, linear and semisup on XLA:CPU; longer runs add no compilation (no per-step recompiles)."""
     code = ("import json, sys; sys.path.insert(0, 'tests'); from eval_fns import xla_compiles; "

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 SUMMARY_KEYS = {"knn_top1", "epochs", "steps", "wall_s", "images_per_s", "world_size", "backend"}
@@ -49,6 +51,7 @@ def test_torchrun_two_processes(tmp_path):
     check_run(out, 2, "cpu")
 
 
+@pytest.mark.needs_xla
 def test_xla_backend_one_replica(tmp_path):
     out = tmp_path / "run"
     p = run([sys.executable, "-m", "moco_xla.launch", "--backend", "xla", "--cores", "1",
@@ -58,11 +61,15 @@ def test_xla_backend_one_replica(tmp_path):
     assert summary["final_loss"] is not None and summary["final_loss"] > 0
 
 
+@pytest.mark.needs_xla
 def test_wrong_cores_is_a_one_line_error():
     p = run([sys.executable, "-m", "moco_xla.launch", "--backend", "xla", "--cores", "8", "--config", "tiny"],
             env_extra={"CPU_NUM_DEVICES": "2"})
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "CPU_NUM_DEVICES exposes 2 device(s)" in p.stderr
+
+
+def test_cuda_without_gpu_is_a_one_line_error():
     p = run([sys.executable, "-m", "moco_xla.launch", "--backend", "cuda", "--cores", "2", "--config", "tiny"],
             env_extra={"CUDA_VISIBLE_DEVICES": ""})
     assert p.returncode == 2 and "no CUDA GPU" in p.stderr

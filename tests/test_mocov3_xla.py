@@ -11,6 +11,8 @@ import torch
 import mocov3_fns
 from xla_replicas import run_replicas
 
+pytestmark = pytest.mark.needs_xla  # XLA:CPU replicas: skipped where torch_xla is not installed
+
 N, STEPS = 4, 6
 RUNS = [("mocov3_digits", mocov3_fns.TINY + ["train.epochs=2", "train.warmup_epochs=1"]),
         ("mocov3_vit_digits", ["model.width=16", "moco.mlp_dim=32", "model.dim=8", "train.batch_size=16",

@@ -52,6 +52,7 @@ def test_several_hosts_need_a_shared_checkpoint_dir(tmp_path):
     launch.check_hosts(load_config("tiny", ["checkpoint.dir=gs://bucket/run"]), 4, tmp_path)
 
 
+@pytest.mark.needs_xla
 def test_rehearsal_refuses_a_torch_xla_it_was_not_verified_on(monkeypatch):
     import torch_xla
     from moco_xla.runtime import rehearsal

@@ -13,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.needs_xla  # an XLA:CPU replica: skipped where torch_xla is not installed
 
 SCRIPT = r"""
 import json, sys

@@ -9,12 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from data_fixtures import write_image_folder
 from reliability_fns import assert_same_training_state, final_checkpoint, step_records, wait_for_steps
 from xla_replicas import ROOT, xla_env
 
 from moco_xla.checkpoint import latest_checkpoint, load_checkpoint
 from moco_xla.errors import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.needs_xla  # XLA:CPU replicas: skipped where torch_xla is not installed
 
 LAUNCH = [sys.executable, "-m", "moco_xla.launch", "--backend", "xla", "--cores", "4"]
 TINY = ["--config", "tiny", "--set", "train.precision=fp32", "--set", "eval.knn_every=0",

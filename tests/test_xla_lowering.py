@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.needs_xla  # XLA:CPU replicas: skipped where torch_xla is not installed
+
 ROOT = Path(__file__).resolve().parent.parent
 XLA_ENV = {"PJRT_DEVICE": "CPU", "XLA_ALWAYS_ALLREDUCE": "1",
            "XLA_FLAGS": "--xla_backend_optimization_level=0",  # compile faster; same graphs

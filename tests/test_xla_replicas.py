@@ -15,6 +15,8 @@ import dist_fns
 import xla_fns
 from xla_replicas import run_replicas
 
+pytestmark = pytest.mark.needs_xla  # XLA:CPU replicas: skipped where torch_xla is not installed
+
 N = 4
 
 

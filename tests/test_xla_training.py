@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.needs_xla  # XLA:CPU replicas: skipped where torch_xla is not installed
+
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS, STEPS, LOG_EVERY = 3, 9, 3
 

@@ -176,7 +176,7 @@ parse_run_flag() {
 check_run() {
   check_name
   check_zone
-  [[ -n $CONFIG ]] || die "--config is required: a name in configs/ (e.g. cifar10) or a .yaml path inside the repo"
+  [[ -n $CONFIG ]] || die "--config is required: a name in moco_xla/configs/ (e.g. cifar10) or a .yaml path inside the repo"
   RUN_NAME=${RUN_NAME:-$CONFIG}
   [[ $RUN_NAME =~ ^[A-Za-z0-9][-_.A-Za-z0-9]*$ ]] || die "--run '$RUN_NAME' may hold only letters, digits, '-', '_', '.'"
   [[ -n $CKPT ]] || die "--ckpt gs://BUCKET/PATH is required: checkpoints must outlive a preempted VM"

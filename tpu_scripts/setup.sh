@@ -6,8 +6,8 @@
 #   tpu_scripts/setup.sh --name moco --zone us-central2-b --image us-docker.pkg.dev/P/R/moco_xla:TAG
 #
 # Default: uploads `git archive HEAD` of this checkout (commit first: uncommitted edits are not sent)
-# to ~/moco_xla on every worker, then pip installs torch_xla[tpu] (libtpu from PyPI) with the pins
-# of requirements.txt and the package itself (editable, so configs/ is found).
+# to ~/moco_xla on every worker, then pip installs the package with its [xla] extra (editable):
+# torch_xla[tpu] (libtpu from PyPI) with the pins of pyproject.toml, and the dependencies.
 # --git URL  clone URL (at --ref, default main) on every worker instead of uploading
 # --image    pull this image on every worker instead (build it from the Dockerfile and push it to
 #            Artifact Registry first; see docs/deploy.md)
@@ -43,8 +43,7 @@ if [[ -n $IMAGE ]]; then
   exit 0
 fi
 
-install="python3 -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu"
-install+=" $(quote "torch_xla[tpu]==$(pinned torch_xla)") -r requirements.txt && python3 -m pip install -q --no-deps -e ."
+install="python3 -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu -e $(quote ".[xla]")"
 if [[ -n $GIT_URL ]]; then
   fetch="rm -rf $REMOTE_DIR && git clone -q --branch $(quote "$REF") $(quote "$GIT_URL") $REMOTE_DIR"
 else

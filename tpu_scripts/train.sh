@@ -5,9 +5,9 @@
 #   tpu_scripts/train.sh --name moco --zone us-central2-b --config cifar10 \
 #       --ckpt gs://BUCKET/cifar10 [--set data.root=gs://BUCKET/shards/cifar10] [--dry-run]
 #
-# --config   a config in configs/ (name, or a .yaml path inside the repo)
+# --config   a config in moco_xla/configs/ (name, or a .yaml path inside the repo)
 # --ckpt     gs:// directory for checkpoints (checkpoint.dir): they survive preemption and teardown
-# --set      a config override KEY=VALUE, repeatable (see configs/README.md)
+# --set      a config override KEY=VALUE, repeatable (see moco_xla/configs/README.md)
 # --run      run name (default: the config name): outputs and train.log in ~/moco_xla_runs/RUN
 # --image    run in this Docker image (pulled by setup.sh --image) instead of the pip install
 # --resume   auto (latest checkpoint in --ckpt) or a checkpoint path; resume.sh passes auto

@@ -185,6 +185,15 @@ class Runtime:
         """A GradScaler for fp16 on CUDA; None otherwise (bf16 and fp32 need none)."""
         return None
 
+    def precise_matmul(self) -> contextlib.AbstractContextManager:
+        """fp32 matmuls inside the block at the backend's highest precision (TPUs default to one
+        bf16 pass): for the few products that must be exact, e.g. contrastive logits, kNN scores."""
+        return contextlib.nullcontext()
+
+    def compile_backend(self, requested: str) -> str:
+        """The torch.compile backend for ``train.compile_backend`` here (TorchTPU: its own)."""
+        return requested
+
     # -- performance introspection (see profiling.py) ----------------------------
     def counters(self) -> dict[str, int]:
         """Cumulative graph counters: compiles, executions, fallback_ops, transfers_from_device.
@@ -288,8 +297,8 @@ _RNG_LOCK = threading.Lock()  # process-wide: guards swapping a replica's CPU RN
 # train.precision per backend. auto: bf16 on XLA (the MXU's native type, no loss scaling),
 # bf16 or fp16 on CUDA (see DistRuntime), fp32 on CPU (bf16 there is opt-in).
 PRECISIONS = {"xla": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16"), "cpu": ("fp32", "bf16"),
-              "local": ("fp32", "bf16")}
-AUTO_PRECISION = {"xla": "bf16", "cuda": "bf16", "cpu": "fp32", "local": "fp32"}
+              "local": ("fp32", "bf16"), "torchtpu": ("fp32", "bf16")}
+AUTO_PRECISION = {"xla": "bf16", "cuda": "bf16", "cpu": "fp32", "local": "fp32", "torchtpu": "bf16"}
 
 
 def resolve_precision(backend: str, precision: str) -> str:

@@ -20,6 +20,7 @@ from .base import _CPU_RNG_BYTES, Runtime, _check_op
 # larger ones after it keep the number of collectives (and their latency) low.
 FIRST_BUCKET_BYTES = 1 << 20
 BUCKET_BYTES = 25 << 20
+PROCESS_GROUPS = {"cuda": "nccl", "cpu": "gloo", "torchtpu": "tpu_dist"}
 
 
 class _Bucket:
@@ -182,22 +183,24 @@ class GradientBuckets:
 
 
 class DistRuntime(Runtime):
-    """One process of a torch.distributed job (``cuda``: NCCL, ``cpu``: gloo)."""
+    """One process of a torch.distributed job (``cuda``: NCCL, ``cpu``: gloo; TorchTpuRuntime: tpu_dist)."""
 
-    def __init__(self, backend: str, rank: int, world_size: int, local_rank: int) -> None:
-        if backend == "cuda":
+    def __init__(self, backend: str, rank: int, world_size: int, local_rank: int, *,
+                 device: torch.device | None = None, process_group: str | None = None) -> None:
+        """``device`` and ``process_group`` default to the backend's (cuda: this GPU and NCCL,
+        cpu: the CPU and gloo); TorchTpuRuntime passes "tpu" and "tpu_dist"."""
+        if device is None and backend == "cuda":
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
             torch.backends.cudnn.benchmark = True  # static shapes: autotune each convolution once
-        else:
-            device = torch.device("cpu")
+        device = device or torch.device("cpu")
         super().__init__(device, rank, world_size)
         self.name = backend
+        self.process_group = process_group or PROCESS_GROUPS[backend]
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group(
-                "nccl" if backend == "cuda" else "gloo",
-                rank=rank, world_size=world_size, timeout=timedelta(minutes=30),
-                device_id=device if backend == "cuda" else None,
+                self.process_group, rank=rank, world_size=world_size, timeout=timedelta(minutes=30),
+                device_id=device if self.process_group == "nccl" else None,
             )
         self._multi = world_size > 1
         # one GradientBuckets per optimizer that backward_step has seen (dropped with it)

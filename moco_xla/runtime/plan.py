@@ -54,6 +54,9 @@ def replica_count(backend: str, cores: int | None) -> int:
         raise UserError(f"--cores must be >= 1, got {cores}")
     if backend == "xla":
         return _xla_cores(cores)
+    if backend == "torchtpu":
+        from . import detect, torchtpu
+        return torchtpu.replica_count(cores, detect.scan())
     if backend == "cuda":
         have = available_replicas("cuda")
         if have == 0:

@@ -72,6 +72,9 @@ def start(backend: str, cores: int, body: Body, args: tuple = ()) -> None:
     if backend == "xla":
         _spawn_xla(body, args, cores)
         return
+    if backend == "torchtpu":
+        _spawn_torchtpu(cores, body, args)
+        return
     if cores == 1:
         with _sigterm(_stop_here):
             body(backend, 0, 1, 0, *args)
@@ -170,12 +173,25 @@ class _Watchdog:
 
 # ----------------------------------------------------------------------------- torch.distributed
 
-def _spawn_dist(backend: str, cores: int, body: Body, args: tuple) -> None:
+def _spawn_torchtpu(cores: int, body: Body, args: tuple) -> None:
+    """TorchTPU: its launch environment first (one chip per process; every host of a pod slice
+    runs the same launch), then one process per chip as for gloo and NCCL."""
+    from .torchtpu import launch_plan, set_launch_env
+    plan = launch_plan(cores)
+    set_launch_env(plan)
+    _spawn_dist("torchtpu", cores, body, args, world=plan.world_size, first_rank=plan.first_rank)
+
+
+def _spawn_dist(backend: str, cores: int, body: Body, args: tuple,
+                world: int | None = None, first_rank: int = 0) -> None:
+    """``cores`` processes on this host, ranks ``first_rank``.. of a job of ``world`` (default: cores)."""
     import torch.multiprocessing as mp
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    world = world or cores
     with _sigterm(_forward_to_replicas), tempfile.TemporaryDirectory(prefix="moco_xla_") as reports:
-        ctx = mp.spawn(_dist_replica, args=(backend, cores, body, args, reports), nprocs=cores, join=False)
+        ctx = mp.spawn(_dist_replica, args=(backend, world, body, args, reports, first_rank), nprocs=cores,
+                       join=False)
         try:
             while not ctx.join(grace_period=REPLICA_GRACE_S):
                 pass
@@ -187,12 +203,14 @@ def _spawn_dist(backend: str, cores: int, body: Body, args: tuple) -> None:
                            getattr(e, "error_index", "?")) from None
 
 
-def _dist_replica(rank: int, backend: str, world: int, body: Body, args: tuple, reports: str) -> None:
+def _dist_replica(local_rank: int, backend: str, world: int, body: Body, args: tuple, reports: str,
+                  first_rank: int = 0) -> None:
     install_stop_handler()
     if backend == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # replicas share this host's cores
+    rank = first_rank + local_rank
     try:
-        body(backend, rank, world, rank, *args)
+        body(backend, rank, world, local_rank, *args)
     except RunStopped as e:
         report_stop(reports, rank, e)
 
