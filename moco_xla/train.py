@@ -29,6 +29,7 @@ from .models import build_encoder, to_channels_last
 from .moco import MoCo
 from .moco_v3 import MoCoV3, build_moco_v3, momentum_at
 from .optim import build_optimizer as build_train_optimizer, lr_at_step
+from .pixel_knn import PixelReference
 from .profiling import GraphWatch, StepProfiler
 from .report import MetricsWriter, write_summary
 from .runtime import Runtime
@@ -222,6 +223,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
     guard.last_checkpoint = resume
     watch, profiler = GraphWatch(rt), StepProfiler(rt)  # XLA graph hygiene; --profile DIR traces
     session_start, wall_before = time.time(), pos.wall_s
+    pixels = PixelReference(rt, bundle, cfg.eval, cfg.data.workers)  # the raw-pixel kNN, once per run
 
     def checkpoint(lr: float, sums: torch.Tensor) -> str:
         pos.wall_s = wall_before + time.time() - session_start
@@ -239,6 +241,7 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
             pos.knn_top1 = float(knn_accuracy(
                 rt, model.encoder_q.backbone, bundle.bank, bundle.test, bundle.num_classes,
                 cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers))
+            pixels.measure()
         pos.knn_epoch = epoch + 1
         return pos.knn_top1
 
@@ -307,23 +310,24 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
                 writer.write(record)
                 _preempted(path, pos, steps_per_epoch)
         if _knn_due(cfg, epoch):
-            record["knn_top1"] = monitor_knn(epoch)
+            record["knn_top1"], record["pixel_knn_top1"] = monitor_knn(epoch), pixels.top1
         record["collapse"] = collapse.check(epoch, epoch_log["loss"])
         writer.write(record)
         if rt.is_master:
-            knn = f"  knn {pos.knn_top1:.2f}%" if "knn_top1" in record else ""
+            knn = f"  knn {pos.knn_top1:.2f}% (pixels {pixels.top1:.2f}%)" if "knn_top1" in record else ""
             tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_log['loss']:.4f}  "
                        f"acc {epoch_log['acc']:.1f}%  lr {lr:.4g}  {pos.images_per_s:.0f} img/s{knn}")
 
     if pos.knn_epoch < pos.epoch == cfg.train.epochs and resume and pos.global_step == _resumed_at:
         # resumed from the final checkpoint, written before its kNN: the kNN is what is left
         writer.write({"type": "epoch", "epoch": pos.epoch, "step": pos.global_step, "loss": pos.final_loss,
-                      "knn_top1": monitor_knn(pos.epoch - 1)})
+                      "knn_top1": monitor_knn(pos.epoch - 1), "pixel_knn_top1": pixels.top1})
     profiler.stop()
     watch.enter("finish")
     pos.wall_s = wall_before + time.time() - session_start
     summary = {
-        "config": cfg.name, "knn_top1": pos.knn_top1, "epochs": cfg.train.epochs, "steps": pos.global_step,
+        "config": cfg.name, "knn_top1": pos.knn_top1, "pixel_knn_top1": pixels.top1,
+        "epochs": cfg.train.epochs, "steps": pos.global_step,
         "wall_s": pos.wall_s, "images_per_s": pos.images_per_s, "world_size": world,
         "backend": rt.name, "final_loss": pos.final_loss, "uniform_loss": model.uniform_loss(),
         "skipped_samples": data.skipped_total(rt, bundle),  # data.on_bad_sample=skip, all replicas
