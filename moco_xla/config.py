@@ -28,7 +28,7 @@ class DataConfig:
     root: str | None = None          # local path or gs://bucket/prefix (shards)
     split: str = "balanced"          # EMNIST split
     image_size: int = 16
-    augment: str = "digits"          # moco_v1 | moco_v2 | small | small_v2 | digits | digits_affine
+    augment: str = "digits"          # moco_v1 | moco_v2 | small | small_v2 | digits | digits_affine | handwriting(_crop)
     workers: int = 0
     shuffle_buffer: int = 1000       # streaming shards: seeded shuffle buffer
     on_bad_sample: str = "error"     # error | skip
@@ -227,7 +227,8 @@ class Config:
 
 
 CHOICES = {
-    "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_affine"),
+    "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_affine", "handwriting",
+                     "handwriting_crop"),
     "data.on_bad_sample": ("error", "skip"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "small_resnet", "vit_small", "vit_base", "small_vit"),
     "moco.version": (1, 2, 3),

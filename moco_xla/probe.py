@@ -244,7 +244,7 @@ class FrozenProbe(nn.Module):
 def train_transform(preset: str, size: int, channels: int) -> v2.Compose:
     """The supervised augmentation (lincls, fine-tuning, from-scratch): crops, flips where they keep the class."""
     gray = [v2.Grayscale(num_output_channels=channels)] if channels == 1 else []
-    if preset.startswith("digits"):  # no flips: a flipped digit is another digit; the same crops for every
+    if preset.startswith(("digits", "handwriting")):  # no flips: a flipped digit is another digit; the same crops for every
         # digits preset, so rows on checkpoints pre-trained with other digit augmentations stay comparable
         ops = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True)]
     elif preset.startswith("small"):  # CIFAR: pad-and-crop plus flip
