@@ -33,6 +33,7 @@ class DataConfig:
     shuffle_buffer: int = 1000       # streaming shards: seeded shuffle buffer
     on_bad_sample: str = "error"     # error | skip
     test_fraction: float = 0.3       # digits: held-out stratified split
+    val_size: int = 0                # > 0: this many training images (seeded, class-balanced) replace the test set
 
 
 @dataclass
@@ -404,6 +405,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}"),
         (d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}"),
         (0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"),
+        (d.val_size >= 0, "data.val_size", f"must be >= 0, got {d.val_size}"),
         (e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}"),
         (e.knn_t > 0, "eval.knn_t", f"must be > 0, got {e.knn_t}"),
         (e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}"),
