@@ -3,6 +3,7 @@ monitor against the raw-pixel kNN on the same split, written as JSON and tabled 
 
     python benchmarks/mnist_recipe.py run NAME [NAME ...]   # trials (validation split), one after another
     python benchmarks/mnist_recipe.py test NAME             # the chosen recipe on the 400 test images, once
+    python benchmarks/mnist_recipe.py stopped NAME          # record a trial stopped by hand (its curve so far)
     python benchmarks/mnist_recipe.py report                # merge the trials into mnist-recipe.json and docs/mnist.md
 
 Every trial is configs/mnist.yaml plus the shared overrides in BASE (mnist-dev, 400 of its 1,600 training
@@ -48,6 +49,15 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
     "cb_16px_bn2_40ep": ("crop and blur at 16 px (3x cheaper steps), Split BN 2 (32 images per BN), 40 epochs",
                          ["data.augment=digits", "data.image_size=16", "model.bn_splits=2", "train.epochs=40",
                           "eval.knn_every=10"]),
+    "affine_16px_60ep": ("crop and blur + small affine warp (digits_affine) at 16 px, Split BN 4, K 512, 60 epochs",
+                         ["data.augment=digits_affine", "data.image_size=16", "model.bn_splits=4", "moco.K=512",
+                          "train.epochs=60", "eval.knn_every=10"]),
+    "cb_16px_60ep": ("crop and blur at 16 px, Split BN 4, K 512, 60 epochs",
+                     ["data.augment=digits", "data.image_size=16", "model.bn_splits=4", "moco.K=512",
+                      "train.epochs=60", "eval.knn_every=10"]),
+    "cb_16px_w8_150ep": ("crop and blur at 16 px, width 8 (a quarter of width 16's compute), Split BN 4, K 512, "
+                         "150 epochs", ["data.augment=digits", "data.image_size=16", "model.width=8",
+                                        "model.bn_splits=4", "moco.K=512", "train.epochs=150", "eval.knn_every=25"]),
     "hwc_16px_bn2_40ep": ("handwriting_crop at 16 px, Split BN 2, 40 epochs",
                           ["data.augment=handwriting_crop", "data.image_size=16", "model.bn_splits=2",
                            "train.epochs=40", "eval.knn_every=10"]),
@@ -100,6 +110,22 @@ def table(trials: list[dict]) -> list[str]:
     return rows
 
 
+def stopped(name: str) -> None:
+    """Record a trial stopped by hand (collapsing or hopeless): its kNN curve so far, from its metrics.jsonl."""
+    out = RUNS / f"{name}-val"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in records if r.get("type") == "epoch" and "knn_top1" in r]
+    last = knn[-1]
+    what, extra = TRIALS[name]
+    result = {"split": "val", "what": what + f" (stopped by hand after epoch {last['epoch']})", "name": name,
+              "overrides": BASE + extra, "knn_top1": last["knn_top1"], "pixel_knn_top1": last["pixel_knn_top1"],
+              "gain": last["knn_top1"] - last["pixel_knn_top1"],
+              "wall_s": sum(r.get("epoch_s", 0) for r in records if r.get("type") == "epoch"),
+              "epochs": last["epoch"], "knn_curve": [[r["epoch"], r["knn_top1"]] for r in knn],
+              "final_loss": last["loss"], "load_before": float("nan"), "load_after": os.getloadavg()[0]}
+    (TRIALS_DIR / f"{name}-val.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
 def report() -> None:
     """Merge the per-trial JSON into RESULTS and write DOC's tables from it."""
     trials = [json.loads(p.read_text()) for p in sorted(TRIALS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime)]
@@ -147,6 +173,9 @@ if __name__ == "__main__":
         run(names)
     elif cmd == "test":
         run(names, "test")
+    elif cmd == "stopped":
+        for name in names:
+            stopped(name)
     elif cmd == "report":
         report()
     else:
