@@ -3,7 +3,7 @@ monitor against the raw-pixel kNN on the same split, written as JSON and tabled 
 
     python benchmarks/mnist_recipe.py run NAME [NAME ...]   # trials (validation split), one after another
     python benchmarks/mnist_recipe.py test NAME             # the chosen recipe on the 400 test images, once
-    python benchmarks/mnist_recipe.py pixels                # the raw-pixel kNN at 28 and 16 px, k 200 and 10
+    python benchmarks/mnist_recipe.py pixels [test]         # the raw-pixel kNN at 28 and 16 px, k 200 and 10
     python benchmarks/mnist_recipe.py stopped NAME          # record a trial stopped by hand (its curve so far)
     python benchmarks/mnist_recipe.py report                # merge the trials into mnist-recipe.json and docs/mnist.md
 
@@ -118,20 +118,22 @@ def table(trials: list[dict]) -> list[str]:
 PIXELS = TRIALS_DIR.parent / "mnist-recipe-pixels.json"
 
 
-def pixels() -> None:
-    """The raw-pixel kNN on the validation split at 28 and 16 px, k 200 (the protocol) and k 10, into PIXELS."""
+def pixels(split: str = "val") -> None:
+    """The raw-pixel kNN at 28 and 16 px, k 200 (the protocol) and k 10, into PIXELS: on the validation
+    split, and (``split`` test, with the chosen recipe's test run) on the 400 test images."""
     from moco_xla import data
     from moco_xla.config import load_config
     from moco_xla.pixel_knn import pixel_knn_accuracy
     from moco_xla.runtime import make_runtime
     rt, rows = make_runtime("local"), []
     for size in (28, 16):
-        cfg = load_config("mnist", [o for o in BASE if o.startswith("data.")] + [f"data.image_size={size}"])
-        bundle = data.build(cfg)
+        sets = [o for o in BASE if o.startswith("data.")] + [f"data.image_size={size}"]
+        bundle = data.build(load_config("mnist", sets + (["data.val_size=0"] if split == "test" else [])))
         for k in (200, 10):
             top1 = float(pixel_knn_accuracy(rt, bundle.bank, bundle.test, bundle.num_classes, k, 0.1, 512))
-            rows.append({"image_size": size, "k": k, "t": 0.1, "pixel_knn_top1": top1})
-    PIXELS.write_text(json.dumps(rows, indent=1) + "\n")
+            rows.append({"split": split, "image_size": size, "k": k, "t": 0.1, "pixel_knn_top1": top1})
+    kept = [r for r in json.loads(PIXELS.read_text()) if r.get("split", "val") != split] if PIXELS.exists() else []
+    PIXELS.write_text(json.dumps(kept + rows, indent=1) + "\n")
     print(rows)
 
 
@@ -161,10 +163,10 @@ def report() -> None:
              "## Validation split (400 of the 1,600 training images; bank and pre-training: the other 1,200)", "",
              *table(val), ""]
     if PIXELS.exists():
-        lines += ["Raw-pixel kNN on the validation split (centred, L2-normalised; `mnist_recipe.py pixels`):", "",
-                  "| image size | k | T | raw-pixel kNN |", "|---|---|---|---|",
-                  *[f"| {r['image_size']} px | {r['k']} | {r['t']} | {r['pixel_knn_top1']:.2f} |"
-                    for r in json.loads(PIXELS.read_text())], ""]
+        lines += ["Raw-pixel kNN (centred, L2-normalised; `mnist_recipe.py pixels [test]`):", "",
+                  "| split | image size | k | T | raw-pixel kNN |", "|---|---|---|---|---|",
+                  *[f"| {r.get('split', 'val')} | {r['image_size']} px | {r['k']} | {r['t']} | "
+                    f"{r['pixel_knn_top1']:.2f} |" for r in json.loads(PIXELS.read_text())], ""]
     if test:
         lines += ["## Test images (400, scored once; bank and pre-training: all 1,600 training images)", "",
                   *table(test), ""]
@@ -229,7 +231,7 @@ if __name__ == "__main__":
     elif cmd == "test":
         run(names, "test")
     elif cmd == "pixels":
-        pixels()
+        pixels(*names)
     elif cmd == "stopped":
         for name in names:
             stopped(name)
