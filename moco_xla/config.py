@@ -31,11 +31,12 @@ class DataConfig:
     root: str | None = None          # local path or gs://bucket/prefix (shards)
     split: str = "balanced"          # EMNIST split
     image_size: int = 16
-    augment: str = "digits"          # moco_v1 | moco_v2 | small | small_v2 | digits | digits_affine
+    augment: str = "digits"          # moco_v1 | moco_v2 | small | small_v2 | digits | digits_affine | handwriting(_crop)
     workers: int = 0
     shuffle_buffer: int = 1000       # streaming shards: seeded shuffle buffer
     on_bad_sample: str = "error"     # error | skip
     test_fraction: float = 0.3       # digits: held-out stratified split
+    val_size: int = 0                # > 0: this many training images (seeded, class-balanced) replace the test set
 
 
 @dataclass
@@ -206,7 +207,8 @@ class Config:
 
 
 CHOICES = {
-    "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_affine"),
+    "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_affine", "handwriting",
+                     "handwriting_crop"),
     "data.on_bad_sample": ("error", "skip"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "small_resnet", "vit_small", "vit_base", "small_vit"),
     "moco.version": (1, 2, 3),
@@ -389,6 +391,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}"),
         (d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}"),
         (0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"),
+        (d.val_size >= 0, "data.val_size", f"must be >= 0, got {d.val_size}"),
         (e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}"),
         (e.knn_t > 0, "eval.knn_t", f"must be > 0, got {e.knn_t}"),
         (e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}"),

@@ -171,7 +171,8 @@ def print_summary(out: Path) -> None:
     if not path.exists():
         return
     s: dict[str, Any] = json.loads(path.read_text())
-    rows = [("kNN top-1 (%)", s.get("knn_top1")), ("final loss", s.get("final_loss")),
+    rows = [("kNN top-1 (%)", s.get("knn_top1")), ("pixel kNN (%)", s.get("pixel_knn_top1")),
+            ("final loss", s.get("final_loss")),
             ("epochs", s.get("epochs")), ("steps", s.get("steps")), ("images/s", s.get("images_per_s")),
             ("wall (s)", s.get("wall_s")), ("replicas", s.get("world_size")), ("backend", s.get("backend"))]
     graph = s.get("xla_graph") or {}

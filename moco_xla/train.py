@@ -33,6 +33,7 @@ from .moco import MoCo
 from .moco_v3 import MoCoV3, build_moco_v3, momentum_at
 from .optim import build_optimizer as build_train_optimizer
 from .schedule import lr_at_epoch, lr_at_step, set_lr
+from .eval.pixel_knn import PixelReference
 from .profiling import GraphWatch, StepProfiler
 from .report import MetricsWriter, write_summary
 from .runtime import Runtime
@@ -116,6 +117,7 @@ class Session:
     resume: str | None
     resumed_at: int                              # the global step this session started at
     wall_before: float                           # training time of the sessions before this one
+    pixels: PixelReference                       # the raw-pixel kNN, measured once per run
     session_start: float = field(default_factory=time.time)
 
 
@@ -145,7 +147,8 @@ def train(cfg: Config, rt: Runtime, out_dir: str | Path, resume: str | None = No
     if s.pos.knn_epoch < s.pos.epoch == cfg.train.epochs and resume and s.pos.global_step == s.resumed_at:
         # resumed from the final checkpoint, written before its kNN: the kNN is what is left
         s.writer.write({"type": "epoch", "epoch": s.pos.epoch, "step": s.pos.global_step,
-                        "loss": s.pos.final_loss, "knn_top1": evaluate(s, s.pos.epoch - 1)})
+                        "loss": s.pos.final_loss, "knn_top1": evaluate(s, s.pos.epoch - 1),
+                        "pixel_knn_top1": s.pixels.top1})
     return finish(s)
 
 
@@ -184,7 +187,7 @@ def setup(cfg: Config, rt: Runtime, out_dir: Path, resume: str | None,
         MetricsWriter(out_dir, enabled=rt.is_master, purge_step=pos.global_step + 1 if resume else None),
         CollapseDetector(cfg, model.uniform_loss()), guard,
         GraphWatch(rt), StepProfiler(rt),  # XLA graph hygiene; --profile DIR traces
-        resume, pos.global_step, pos.wall_s)
+        resume, pos.global_step, pos.wall_s, PixelReference(rt, bundle, cfg.eval, cfg.data.workers))
     restore_rng()  # last thing before the first step
     return session
 
@@ -267,11 +270,11 @@ def end_epoch(s: Session, epoch: int, run: EpochRun) -> None:
             s.writer.write(record)
             _preempted(path, pos, s.steps_per_epoch)
     if _knn_due(cfg, epoch):
-        record["knn_top1"] = evaluate(s, epoch)
+        record["knn_top1"], record["pixel_knn_top1"] = evaluate(s, epoch), s.pixels.top1
     record["collapse"] = s.collapse.check(epoch, epoch_log["loss"])
     s.writer.write(record)
     if rt.is_master:
-        knn = f"  knn {pos.knn_top1:.2f}%" if "knn_top1" in record else ""
+        knn = f"  knn {pos.knn_top1:.2f}% (pixels {s.pixels.top1:.2f}%)" if "knn_top1" in record else ""
         tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_log['loss']:.4f}  "
                    f"acc {epoch_log['acc']:.1f}%  lr {run.lr:.4g}  {pos.images_per_s:.0f} img/s{knn}")
 
@@ -286,6 +289,7 @@ def evaluate(s: Session, epoch: int) -> float:
         pos.knn_top1 = float(knn_accuracy(
             rt, s.model.encoder_q.backbone, s.bundle.bank, s.bundle.test, s.bundle.num_classes,
             cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers))
+        s.pixels.measure()
     pos.knn_epoch = epoch + 1
     return pos.knn_top1
 
@@ -307,7 +311,8 @@ def finish(s: Session) -> dict[str, Any]:
     s.watch.enter("finish")
     pos.wall_s = s.wall_before + time.time() - s.session_start
     summary = {
-        "config": cfg.name, "knn_top1": pos.knn_top1, "epochs": cfg.train.epochs, "steps": pos.global_step,
+        "config": cfg.name, "knn_top1": pos.knn_top1, "pixel_knn_top1": s.pixels.top1,
+        "epochs": cfg.train.epochs, "steps": pos.global_step,
         "wall_s": pos.wall_s, "images_per_s": pos.images_per_s, "world_size": rt.world_size,
         "backend": rt.name, "final_loss": pos.final_loss, "uniform_loss": s.model.uniform_loss(),
         "skipped_samples": data.skipped_total(rt, s.bundle),  # data.on_bad_sample=skip, all replicas

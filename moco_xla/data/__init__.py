@@ -27,6 +27,7 @@ from .loaders import EpochLoader, EvalLoader, Transformed, eval_loader, gathered
 from .shardset import ShardSet, check_shard_root, is_shard_root
 from .device_augment import DeviceAugment, identity
 from .transforms import device_recipe, eval_transform, views_transform
+from .validation import carve
 
 __all__ = ["DataBundle", "EpochLoader", "EvalLoader", "REGISTRY", "ShardSet", "build", "check",
            "dataset_names", "device_views", "eval_loader", "gathered_order", "pretrain_loader", "skipped_total"]
@@ -76,6 +77,8 @@ def build(cfg) -> DataBundle:
     pre_t = views_transform(d.augment, d.image_size, ch)
     eval_t = eval_transform(d.augment, d.image_size, ch)
     if d.root and is_shard_root(d.root):
+        if d.val_size:
+            raise UserError("data.val_size needs a local data.root (shards carry no validation split); valid: 0")
         train_m, test_m = check_shard_root(d)
 
         def shards(m, t) -> ShardSet:
@@ -84,6 +87,8 @@ def build(cfg) -> DataBundle:
                           len(train_m.classes), train_m.classes, skips)
     check(cfg)
     raw = build_raw(d)
+    if d.val_size:  # choose settings on held-out training images, never on the test set
+        raw.train, raw.test = carve(raw.train, d.val_size)
     n = len(raw.classes)
     return DataBundle(Transformed(raw.train, pre_t, n, skips), Transformed(raw.train, eval_t, n, skips),
                       Transformed(raw.test, eval_t, n, skips), n, raw.classes, skips)

@@ -15,6 +15,8 @@ Presets, chosen by ``data.augment``:
   (a flipped digit is another digit)
 - digits_affine: digits plus a small random affine warp (rotation 10 deg, shear 10 deg,
   translation 10%, scale 0.9-1.1): the pen-stroke variations of handwriting
+- handwriting / handwriting_crop: affine warp, elastic distortion, stroke width and random erasing
+  (data/handwriting.py), the second after the digits preset's crop and blur
 """
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ from torchvision.transforms import v2
 
 from .device_augment import ColourRecipe
 from .images import BadImage, decode_bytes, sniff_format
+from .handwriting import PRESETS as HANDWRITING_PRESETS, handwriting_ops
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
 
-PRESETS = ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_affine")
+PRESETS = ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_affine", *HANDWRITING_PRESETS)
 
 
 def normalize_for(channels: int, preset: str) -> v2.Normalize:
@@ -89,6 +92,9 @@ def pretrain_transform(preset: str, size: int, channels: int) -> v2.Compose:
         if preset == "digits_affine":
             ops.insert(1, v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10))
         return v2.Compose(_prepare(channels) + ops + _finish(norm))
+    if preset in HANDWRITING_PRESETS:  # uint8 warps, then the pen on the float image, then normalise
+        geometric, pen = handwriting_ops(preset, size, blur_k)
+        return v2.Compose(_prepare(channels) + geometric + [v2.ToDtype(torch.float32, scale=True), *pen, norm])
     scale = (0.2, 1.0)
     color: list = []  # colour jitter and random grayscale mean nothing on a gray image
     if preset in ("moco_v1", "small"):
@@ -268,8 +274,9 @@ class CleanAndAugmented:
 def train_transform(preset: str, size: int, channels: int) -> v2.Compose:
     """The supervised augmentation (lincls, fine-tuning, from-scratch): crops, flips where they keep the class."""
     gray = [v2.Grayscale(num_output_channels=channels)] if channels == 1 else []
-    if preset.startswith("digits"):  # no flips: a flipped digit is another digit; the same crops for every
-        # digits preset, so rows on checkpoints pre-trained with other digit augmentations stay comparable
+    if preset.startswith(("digits", "handwriting")):  # no flips: a flipped digit is another digit;
+        # the same crops for every digits preset: rows on checkpoints pre-trained with other
+        # digit augmentations stay comparable
         ops = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True)]
     elif preset.startswith("small"):  # CIFAR: pad-and-crop plus flip
         ops = [v2.Resize(size, antialias=True), v2.RandomCrop(size, padding=max(1, size // 8)),

@@ -8,6 +8,7 @@ probe.py      linear probes on frozen features; the raw-pixel logistic regressio
 fit.py        the supervised SGD loop on every replica; fine-tuning and from-scratch classifiers
 distill.py    a student learning a frozen teacher's predictions
 labelprop.py  labels spread over a kNN graph
+pixel_knn.py  the same kNN on the raw centred pixels: the reference every run prints beside its kNN
 rows.py       the few-label study's row catalogue (key, title, kind, teacher, learning rate, budget)
 fewlabels.py  the few-label study (``eval semisup``): one function per row kind
 fewlabels_split.py  its labelled / unlabelled / scored images and each student's view of them

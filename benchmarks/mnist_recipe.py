@@ -1,0 +1,251 @@
+"""The MNIST recipe search (issue 30): MoCo pre-training trials on mnist-dev, each scored by the kNN
+monitor against the raw-pixel kNN on the same split, written as JSON and tabled in docs/mnist.md.
+
+    python benchmarks/mnist_recipe.py run NAME [NAME ...]   # trials (validation split), one after another
+    python benchmarks/mnist_recipe.py test NAME             # the chosen recipe on the 400 test images, once
+    python benchmarks/mnist_recipe.py pixels [test]         # the raw-pixel kNN at 28 and 16 px, k 200 and 10
+    python benchmarks/mnist_recipe.py stopped NAME          # record a trial stopped by hand (its curve so far)
+    python benchmarks/mnist_recipe.py report                # merge the trials into mnist-recipe.json and docs/mnist.md
+
+Every trial is moco_xla/configs/mnist.yaml plus the shared overrides in BASE (mnist-dev, 400 of its 1,600 training
+images held out as the validation split, a small ResNet for 28 px) plus its own. Run them niced, one
+thread each (the machine is shared): NICE=19 OMP_NUM_THREADS=1 is set for the training process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRIALS_DIR = ROOT / "benchmarks" / "results" / "mnist-recipe"
+RESULTS = ROOT / "benchmarks" / "results" / "mnist-recipe.json"
+DOC = ROOT / "docs" / "mnist.md"
+RUNS = Path(os.environ.get("MNIST_RECIPE_RUNS", "/tmp/mnist-recipe-runs"))
+
+BASE = ["data.root=../shared/data/mnist-dev", "data.val_size=400", "data.workers=1",
+        "model.arch=small_resnet", "model.width=16", "moco.K=1024", "train.batch_size=64", "train.lr=0.06",
+        "train.epochs=15", "eval.knn_every=5", "checkpoint.every=0", "train.log_every=5"]
+
+TRIALS: dict[str, tuple[str, list[str]]] = {
+    # name: (what it tests, overrides on top of BASE)
+    "crop_blur": ("the mnist config's crop-and-blur (digits preset)", ["data.augment=digits"]),
+    "affine": ("crop and blur + small affine warp (digits_affine)", ["data.augment=digits_affine"]),
+    "handwriting": ("affine + elastic + stroke width + erasing, no crop", ["data.augment=handwriting"]),
+    "handwriting_crop": ("crop and blur + affine + elastic + stroke width + erasing",
+                         ["data.augment=handwriting_crop"]),
+    "hwc_T0.2": ("handwriting_crop, T 0.2", ["data.augment=handwriting_crop", "moco.T=0.2"]),
+    "hwc_K512": ("handwriting_crop, queue 512", ["data.augment=handwriting_crop", "moco.K=512"]),
+    "hwc_v3": ("handwriting_crop, MoCo v3 (batch negatives, no queue)",
+               ["data.augment=handwriting_crop", "moco.version=3", "moco.m=0.99", "moco.T=0.2",
+                "moco.mlp_dim=512", "model.dim=128"]),
+    "hwc_w32": ("handwriting_crop, width 32", ["data.augment=handwriting_crop", "model.width=32"]),
+    "hwc_asym": ("handwriting_crop, asymmetric loss", ["data.augment=handwriting_crop", "moco.symmetric=false"]),
+    "hwc_40ep": ("handwriting_crop, 40 epochs", ["data.augment=handwriting_crop", "train.epochs=40",
+                                                 "eval.knn_every=10"]),
+    "hw_40ep": ("handwriting, 40 epochs", ["data.augment=handwriting", "train.epochs=40", "eval.knn_every=10"]),
+    "cb_16px_bn2_40ep": ("crop and blur at 16 px (3x cheaper steps), Split BN 2 (32 images per BN), 40 epochs",
+                         ["data.augment=digits", "data.image_size=16", "model.bn_splits=2", "train.epochs=40",
+                          "eval.knn_every=10"]),
+    "affine_16px_60ep": ("crop and blur + small affine warp (digits_affine) at 16 px, Split BN 4, K 512, 60 epochs",
+                         ["data.augment=digits_affine", "data.image_size=16", "model.bn_splits=4", "moco.K=512",
+                          "train.epochs=60", "eval.knn_every=10"]),
+    "cb_16px_60ep": ("crop and blur at 16 px, Split BN 4, K 512, 60 epochs",
+                     ["data.augment=digits", "data.image_size=16", "model.bn_splits=4", "moco.K=512",
+                      "train.epochs=60", "eval.knn_every=10"]),
+    "cb_16px_w8_150ep": ("crop and blur at 16 px, width 8 (a quarter of width 16's compute), Split BN 4, K 512, "
+                         "150 epochs", ["data.augment=digits", "data.image_size=16", "model.width=8",
+                                        "model.bn_splits=4", "moco.K=512", "train.epochs=150", "eval.knn_every=25"]),
+    "hwc_16px_bn2_40ep": ("handwriting_crop at 16 px, Split BN 2, 40 epochs",
+                          ["data.augment=handwriting_crop", "data.image_size=16", "model.bn_splits=2",
+                           "train.epochs=40", "eval.knn_every=10"]),
+}
+
+
+def launch(name: str, overrides: list[str], out: Path) -> dict:
+    """Train one trial in a niced single-thread process; returns its summary and kNN curve."""
+    args = [sys.executable, "-m", "moco_xla.launch", "--config", "mnist", "--backend", "cpu", "--out", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    load_before = os.getloadavg()[0]
+    t0 = time.time()
+    p = subprocess.run(["nice", "-n", "19", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"trial {name} failed:\n{p.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [[r["epoch"], r["knn_top1"]] for r in records if r.get("type") == "epoch" and "knn_top1" in r]
+    return {"name": name, "overrides": overrides, "knn_top1": summary["knn_top1"],
+            "pixel_knn_top1": summary["pixel_knn_top1"], "gain": summary["knn_top1"] - summary["pixel_knn_top1"],
+            "wall_s": summary["wall_s"], "process_s": time.time() - t0, "epochs": summary["epochs"],
+            "knn_curve": curve, "final_loss": summary["final_loss"],
+            "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def run(names: list[str], split: str = "val") -> None:
+    TRIALS_DIR.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        what, extra = TRIALS[name]
+        overrides = BASE + extra
+        if split == "test":  # the chosen recipe, scored once on the 400 test images: no validation split
+            overrides = [o for o in overrides if not o.startswith("data.val_size")] + ["data.val_size=0"]
+        result = {"split": split, "what": what, **launch(name, overrides, RUNS / f"{name}-{split}")}
+        (TRIALS_DIR / f"{name}-{split}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{name} [{split}]: knn {result['knn_top1']:.2f}  pixels {result['pixel_knn_top1']:.2f}  "
+              f"gain {result['gain']:+.2f}  wall {result['wall_s']:.0f}s", flush=True)
+
+
+def load(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.1f}"  # stopped trials: start unknown
+
+
+def table(trials: list[dict]) -> list[str]:
+    rows = ["| trial | what | epochs | MoCo kNN | raw-pixel kNN | MoCo - pixels | pre-training wall | load avg "
+            "(start / end) | kNN curve (epoch: %) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for t in trials:
+        curve = ", ".join(f"{e}: {k:.1f}" for e, k in t["knn_curve"])
+        rows.append(f"| {t['name']} | {t['what']} | {t['epochs']} | {t['knn_top1']:.2f} | {t['pixel_knn_top1']:.2f} "
+                    f"| {t['gain']:+.2f} | {t['wall_s'] / 60:.1f} min | {load(t['load_before'])} / "
+                    f"{load(t['load_after'])} | {curve} |")
+    return rows
+
+
+PIXELS = TRIALS_DIR.parent / "mnist-recipe-pixels.json"
+
+
+def pixels(split: str = "val") -> None:
+    """The raw-pixel kNN at 28 and 16 px, k 200 (the protocol) and k 10, into PIXELS: on the validation
+    split, and (``split`` test, with the chosen recipe's test run) on the 400 test images."""
+    from moco_xla import data
+    from moco_xla.config import load_config
+    from moco_xla.eval.pixel_knn import pixel_knn_accuracy
+    from moco_xla.runtime import make_runtime
+    rt, rows = make_runtime("local"), []
+    for size in (28, 16):
+        sets = [o for o in BASE if o.startswith("data.")] + [f"data.image_size={size}"]
+        bundle = data.build(load_config("mnist", sets + (["data.val_size=0"] if split == "test" else [])))
+        for k in (200, 10):
+            top1 = float(pixel_knn_accuracy(rt, bundle.bank, bundle.test, bundle.num_classes, k, 0.1, 512))
+            rows.append({"split": split, "image_size": size, "k": k, "t": 0.1, "pixel_knn_top1": top1})
+    kept = [r for r in json.loads(PIXELS.read_text()) if r.get("split", "val") != split] if PIXELS.exists() else []
+    PIXELS.write_text(json.dumps(kept + rows, indent=1) + "\n")
+    print(rows)
+
+
+def stopped(name: str) -> None:
+    """Record a trial stopped by hand (collapsing or hopeless): its kNN curve so far, from its metrics.jsonl."""
+    out = RUNS / f"{name}-val"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in records if r.get("type") == "epoch" and "knn_top1" in r]
+    last = knn[-1]
+    what, extra = TRIALS[name]
+    result = {"split": "val", "what": what + f" (stopped by hand after epoch {last['epoch']})", "name": name,
+              "overrides": BASE + extra, "knn_top1": last["knn_top1"], "pixel_knn_top1": last["pixel_knn_top1"],
+              "gain": last["knn_top1"] - last["pixel_knn_top1"],
+              "wall_s": sum(r.get("epoch_s", 0) for r in records if r.get("type") == "epoch"),
+              "epochs": last["epoch"], "knn_curve": [[r["epoch"], r["knn_top1"]] for r in knn],
+              "final_loss": last["loss"], "load_before": None, "load_after": os.getloadavg()[0]}
+    (TRIALS_DIR / f"{name}-val.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def report() -> None:
+    """Merge the per-trial JSON into RESULTS and write DOC's tables from it."""
+    trials = [json.loads(p.read_text()) for p in sorted(TRIALS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    RESULTS.write_text(json.dumps(trials, indent=1) + "\n")
+    val = [t for t in trials if t["split"] == "val"]
+    test = [t for t in trials if t["split"] == "test"]
+    lines = [DOC_HEAD, "", "Shared settings (BASE): `" + " ".join(BASE) + "`", "",
+             "## Validation split (400 of the 1,600 training images; bank and pre-training: the other 1,200)", "",
+             *table(val), ""]
+    if PIXELS.exists():
+        lines += ["Raw-pixel kNN (centred, L2-normalised; `mnist_recipe.py pixels [test]`):", "",
+                  "| split | image size | k | T | raw-pixel kNN |", "|---|---|---|---|---|",
+                  *[f"| {r.get('split', 'val')} | {r['image_size']} px | {r['k']} | {r['t']} | "
+                    f"{r['pixel_knn_top1']:.2f} |" for r in json.loads(PIXELS.read_text())], ""]
+    if test:
+        lines += ["## Test images (400, scored once; bank and pre-training: all 1,600 training images)", "",
+                  *table(test), ""]
+    DOC.write_text("\n".join(lines) + DOC_TAIL)
+    print(f"wrote {RESULTS} and {DOC}: {len(val)} validation trials, {len(test)} test runs")
+
+
+DOC_HEAD = """# MNIST: does MoCo learn more than the pixels? (mnist-dev, 2 CPU cores)
+
+Generated by `python benchmarks/mnist_recipe.py report` from `benchmarks/results/mnist-recipe.json`
+(one trial: `python benchmarks/mnist_recipe.py run NAME`; the trials and their overrides are the
+`TRIALS` table of that script). Do not edit the tables by hand.
+
+Every figure is the kNN monitor's protocol (weighted kNN, k 200, T 0.1, the official CIFAR-10 demo's)
+on the pre-trained backbone's pooled features, beside the same kNN on the raw pixels, centred on the
+bank's mean image and L2-normalised (`pixel_knn_top1`, printed by every run since issue 30). Trials
+are chosen on the validation split (`data.val_size=400`); the 400 test images are read once, by the
+chosen recipe (`moco_xla/configs/mnist_fewlabels.yaml`). Wall clock is the pre-training's own (`wall_s` in
+summary.json, kNN monitors included) on the shared 2-core machine, niced, one thread, while other
+engineers' jobs ran: the load average columns say how busy the machine was, so the same run alone is
+faster."""
+
+DOC_TAIL = """
+## Reading the tables
+
+- MoCo - pixels is the question of issue 30: a positive figure means the pre-training learned more than
+  the input; the goal on the test images is +3 points with at most 20 minutes of pre-training here.
+- A kNN with k 200 over a bank of 1,200 (120 per class) reaches beyond any one class, which bounds
+  both columns; the protocol is kept so figures compare with the rest of the project. The raw-pixel
+  table above shows what a smaller k gives the pixels.
+- Trials ran two at a time on the shared machine, each niced with one thread, so a trial's wall clock
+  says more about the load than about the recipe; epochs are the fair unit between trials.
+
+## What the trials say (the tables are the evidence)
+
+- Within a CPU budget of minutes, only the longest trial (the chosen one) reached the raw pixels on the
+  validation split, and by a fraction of a point, not the 3 points of the goal; every kNN curve was still
+  climbing when its cosine schedule ended, so the budget, not a ceiling of the method, bounds them. The
+  shortfall shrank with more optimisation steps per wall-clock second.
+- Steps per second is the lever that moved the validation kNN most: reading the digits at 16 px (a third
+  of the cost of 28 px; the raw pixels score the same at both sizes) and a narrow ResNet (width 8) for
+  many epochs beat a wider one for fewer epochs.
+- The handwriting augmentations (data/handwriting.py: elastic distortion, stroke width, erasing on top
+  of the crop) make the instance task harder: at 15 epochs they trailed crop and blur, and with Split BN
+  over 2 groups of 32 the loss stayed near the uniform-logits value (stopped). They are the ones the
+  literature points to for longer schedules (a TPU run); on this budget they were not the winner.
+- Not tried for lack of time: temperature, MoCo v3's batch negatives, asymmetric loss, the kNN on an
+  earlier layer's features (see the TRIALS table for the ones prepared but not run).
+
+## What was chosen
+
+`moco_xla/configs/mnist_fewlabels.yaml` is the best validation trial (cb_16px_w8_150ep: crop and blur at 16 px,
+width 8, Split BN 4, K 512, batch 64, lr 0.06, 150 epochs), chosen while it ran because at a sixth of its
+schedule it already scored above every finished trial's final figure; its test-image run is the one
+table row on the test images. There it stayed below the raw pixels: issue 30's goal (+3 points within
+20 minutes on this machine) is not met by any recipe measured here, and its pre-training took longer
+than 20 minutes under the load of the shared machine (the table's wall and load columns).
+
+## Next steps (not measured)
+
+- Longer schedules of the same recipe (the validation curve was still rising at 100-125 epochs), the
+  handwriting presets at those lengths, and the kNN on an earlier layer's features.
+- The few-label study (`python -m moco_xla.eval semisup --ckpt RUN --labels 100`) on this recipe's
+  checkpoint was not run in this sprint.
+"""
+
+
+if __name__ == "__main__":
+    cmd, names = sys.argv[1], sys.argv[2:]
+    if cmd == "run":
+        run(names)
+    elif cmd == "test":
+        run(names, "test")
+    elif cmd == "pixels":
+        pixels(*names)
+    elif cmd == "stopped":
+        for name in names:
+            stopped(name)
+    elif cmd == "report":
+        report()
+    else:
+        raise SystemExit("usage: mnist_recipe.py run NAME... | test NAME | report")

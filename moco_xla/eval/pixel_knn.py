@@ -1,0 +1,80 @@
+"""The raw-pixel reference for the kNN monitor: the same weighted kNN on the centred pixels.
+
+A pre-trained encoder is worth its compute only if its features classify better than
+the input itself. ``pixel_knn_accuracy`` scores the monitor's protocol (same bank, same
+test set, same k and T) on each image's pixels, flattened, minus the bank's mean image
+and L2-normalised, so every run prints whether pre-training has learned more than the
+pixels. Images larger than ``MAX_SIDE`` are area-averaged down to it first, which keeps
+the bank (N x C x side^2 floats) as small as a ResNet-50's feature bank on ImageNet.
+
+Everything runs on the device with static shapes: one pass over the bank for the mean
+(an all_reduce), then ``knn_accuracy`` with the centring as its network.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import eval_loader
+from .knn import knn_accuracy
+from ..runtime import Runtime
+
+MAX_SIDE = 32  # larger images are area-averaged to 32 x 32 before the kNN
+
+
+class Pixels(nn.Module):
+    """Image [B, C, H, W] -> its flattened pixels (area-averaged to at most ``MAX_SIDE`` a side)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if max(x.shape[-2:]) > MAX_SIDE:
+            x = F.adaptive_avg_pool2d(x, (min(x.shape[-2], MAX_SIDE), min(x.shape[-1], MAX_SIDE)))
+        return x.flatten(1)
+
+
+class CentredPixels(Pixels):
+    """Flattened pixels minus ``mean`` (the bank's mean image, flattened)."""
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) - self.mean
+
+
+@torch.no_grad()
+def bank_mean(rt: Runtime, ds, batch: int, limit: int = 0, workers: int = 0) -> torch.Tensor:
+    """The mean of ``Pixels`` over the first ``limit`` (0: all) samples of ``ds``, on every replica."""
+    n = min(len(ds), limit) if limit else len(ds)
+    pixels, total = Pixels(), None
+    for x, _y, valid in rt.device_loader(eval_loader(ds, batch, rt.rank, rt.world_size, workers, n)):
+        part = (pixels(x) * valid.unsqueeze(1).to(torch.float32)).sum(dim=0)
+        total = part if total is None else total + part
+    return rt.all_reduce(total, op="sum") / n
+
+
+@torch.no_grad()
+def pixel_knn_accuracy(rt: Runtime, bank_ds, test_ds, classes: int, k: int = 200, t: float = 0.1,
+                       batch: int = 256, max_bank: int = 0, workers: int = 0) -> torch.Tensor:
+    """Top-1 weighted kNN (percent) on centred, L2-normalised raw pixels: ``knn_accuracy``'s protocol
+    and arguments with the pixels as the features. Returns a device scalar."""
+    centred = CentredPixels(bank_mean(rt, bank_ds, batch, max_bank, workers)).to(rt.device)
+    return knn_accuracy(rt, centred, bank_ds, test_ds, classes, k, t, batch, max_bank, workers)
+
+
+class PixelReference:
+    """The training monitor's raw-pixel kNN: measured at the run's first kNN, then reused
+    (the pixels do not change during training)."""
+
+    def __init__(self, rt: Runtime, bundle, eval_cfg, workers: int) -> None:
+        self.rt, self.bundle, self.eval_cfg, self.workers = rt, bundle, eval_cfg, workers
+        self.top1: float | None = None
+
+    def measure(self) -> float:
+        if self.top1 is None:
+            e, b = self.eval_cfg, self.bundle
+            self.top1 = float(pixel_knn_accuracy(self.rt, b.bank, b.test, b.num_classes, e.knn_k, e.knn_t,
+                                                 e.batch_size, e.max_bank, self.workers))
+        return self.top1
