@@ -7,7 +7,9 @@ multi-host PJRT runtime joins them: ranks and world size come from ``torch_xla.r
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+import os
+import sys
+from typing import Any, Callable, Iterable, Iterator, MutableMapping
 
 import torch
 import torch_xla
@@ -177,6 +179,30 @@ def _metric_count(name: str) -> int:
     """How many samples torch_xla posted to a metric (0 before its first sample)."""
     data = met.metric_data(name)
     return int(data[0]) if data else 0
+
+
+KAGGLE_ADDRESSES = "TPU_PROCESS_ADDRESSES"
+_told_kaggle: list[bool] = []  # the correction is printed once per process
+
+
+def correct_spawn_environment(env: MutableMapping[str, str] | None = None) -> bool:
+    """Remove Kaggle's ``TPU_PROCESS_ADDRESSES=local`` before replica processes start.
+
+    Kaggle's TPU image sets it; torch_xla fills in one address per replica process only when
+    the variable is unset (``configure_topology`` uses setdefault), so with ``local`` every
+    replica stops with "Expected N worker addresses, got 1". Returns True when it removed it,
+    and tells the user the first time. ``env`` defaults to this process's environment, which
+    xmp.spawn's processes inherit.
+    """
+    env = os.environ if env is None else env
+    if env.get(KAGGLE_ADDRESSES, "").strip().lower() != "local":
+        return False
+    del env[KAGGLE_ADDRESSES]
+    if not _told_kaggle:
+        _told_kaggle.append(True)
+        print(f"moco_xla: removed {KAGGLE_ADDRESSES}=local (set by Kaggle's TPU image) so that torch_xla "
+              f"gives each replica process its own address", file=sys.stderr, flush=True)
+    return True
 
 
 def spawn(fn: Callable[..., Any], args: tuple, nprocs: int | None) -> None:
