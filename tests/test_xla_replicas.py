@@ -97,6 +97,25 @@ def test_encoders_identical_on_every_replica_and_no_recompilation(replicas, tiny
     assert any(not torch.equal(a, b) for a, b in zip(res[0]["bn_mean"], res[1]["bn_mean"]))
 
 
+def assert_no_64_bit_collectives(graphs: dict[str, list[str]]) -> None:
+    """Every graph has collectives, none with an s64/u64 operand (TPUs emulate 64-bit integers)."""
+    for name, ops in graphs.items():
+        assert ops, name  # the graph was captured with its collectives: the check below means something
+        wide = [op for op in ops if "s64[" in op or "u64[" in op]
+        assert not wide, (name, wide)
+
+
+def test_no_64_bit_integers_in_any_collective(replicas):
+    """Start-up sync (queue_ptr, num_batches_tracked), training step, BN sync before kNN and
+    checkpoints, the kNN bank's label gather and its score: integers cross replicas as s32."""
+    for r in replicas:
+        graphs = {"start-up sync": r["train"]["startup_collectives"],
+                  "training step": r["train"]["step_collectives"], **r["knn"]["collectives"]}
+        assert_no_64_bit_collectives(graphs)
+        assert any("s32[" in op for op in graphs["start-up sync"])  # the int64 buffers, carried in 32 bits
+        assert any("s32[" in op for op in graphs["kNN bank gather"])  # the labels
+
+
 def run_init_q(cfg) -> list[torch.Tensor]:
     from moco_xla.runtime import make_runtime
     from moco_xla.train import build_model

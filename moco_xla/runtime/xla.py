@@ -51,19 +51,19 @@ class XlaRuntime(Runtime):
         """A real all-gather. xm.all_gather's default (pin_layout=True) builds it from an
         all-reduce of a zero-padded N x B buffer, which moves about twice the bytes; every
         replica here runs the same program (the rank is a tensor), so layouts agree unpinned."""
-        return xm.all_gather(t, dim=0, pin_layout=False)
+        return _in_32_bits(t, lambda x: xm.all_gather(x, dim=0, pin_layout=False))
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         _check_op(op)
         scale = 1.0 / self.world_size if op == "mean" else 1.0
-        return xm.all_reduce(xm.REDUCE_SUM, t, scale=scale)
+        return _in_32_bits(t, lambda x: xm.all_reduce(xm.REDUCE_SUM, x, scale=scale))
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         return self.broadcast_by_all_reduce(t, src)
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
-        return xm.all_to_all(t, split_dimension=0, concat_dimension=0,
-                             split_count=self.world_size, pin_layout=False)
+        return _in_32_bits(t, lambda x: xm.all_to_all(x, split_dimension=0, concat_dimension=0,
+                                                      split_count=self.world_size, pin_layout=False))
 
     def barrier(self) -> None:
         """An all-reduce every replica must join, then read: one small graph, compiled once
@@ -173,6 +173,19 @@ def tpu_device_count() -> int:
 
 
 _ITEM = "aten::_local_scalar_dense"
+_WIDE_INTS = (torch.int64, torch.uint64)
+
+
+def _in_32_bits(t: torch.Tensor, collective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run ``collective`` on ``t`` with 64-bit integers carried as int32, returned in ``t``'s dtype.
+
+    TPUs emulate 64-bit integers and their compiler has rejected 64-bit all-reduces
+    (pytorch/xla#1952). The integers that cross replicas here (the queue pointer, BN's
+    num_batches_tracked, class labels, counts, permutations) all fit in 31 bits.
+    """
+    if t.dtype not in _WIDE_INTS:
+        return collective(t)
+    return collective(t.to(torch.int32)).to(t.dtype)
 
 
 def _metric_count(name: str) -> int:
