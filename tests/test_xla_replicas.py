@@ -116,6 +116,22 @@ def test_no_64_bit_integers_in_any_collective(replicas):
         assert any("s32[" in op for op in graphs["kNN bank gather"])  # the labels
 
 
+def test_logits_and_knn_similarity_at_highest_precision_encoders_not(replicas, tiny_cfg):
+    """On a TPU the default precision rounds fp32 matmul operands to bf16: q @ queue (forward and
+    its gradient) and the kNN similarity carry operand_precision={highest,highest}; nothing else."""
+    K, per = tiny_cfg.moco.K, PER
+    for r in replicas:
+        step = r["train"]["products"]
+        assert step["highest"].count(f"dot f32[{per},{K}]") == 2, step  # q @ queue, both symmetric halves
+        assert len(step["highest"]) == 4, step  # + d(loss)/dq of each
+        assert all("convolution" in p or "dot" in p for p in step["default"])
+        assert any("convolution" in p for p in step["default"])  # the encoders keep the default
+        for sim in r["knn"]["similarity_products"]:  # one per test batch
+            assert len(sim["highest"]) == 1 and sim["highest"][0].startswith("dot f32["), sim
+            assert any("convolution" in p for p in sim["default"])  # the embedding's convolutions
+        assert r["knn"]["similarity_products"]
+
+
 def run_init_q(cfg) -> list[torch.Tensor]:
     from moco_xla.runtime import make_runtime
     from moco_xla.train import build_model

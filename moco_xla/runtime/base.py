@@ -165,6 +165,12 @@ class Runtime:
             yield _to_device(batch, self.device)
 
     # -- precision --------------------------------------------------------------
+    def precise_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` of 2-D tensors in full fp32, outside any autocast: for the few products whose
+        rounding matters (contrastive logits, kNN similarities), never for the encoders."""
+        with torch.autocast(a.device.type, enabled=False):
+            return a.float() @ b.float()
+
     def resolve_precision(self, precision: str) -> str:
         """``train.precision`` for this backend: auto becomes its default; UserError if unsupported."""
         return resolve_precision(self.name, precision)

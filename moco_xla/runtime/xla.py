@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any, Callable, Iterable, Iterator, MutableMapping
 
 import torch
@@ -46,6 +47,16 @@ class XlaRuntime(Runtime):
                 rehearsal.warn_fp32(precision)
             return "fp32"
         return resolved
+
+    def precise_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` lowered as a dot with HLO ``operand_precision={highest,highest}``, backward too.
+
+        A TPU's default precision rounds fp32 matmul operands to bf16 (torch_xla's
+        set_mat_mul_precision is process-wide and read when the whole graph is lowered, so it
+        cannot single out one product): this dot is its own small XLA computation instead,
+        which leaves the encoders' convolutions and matmuls at their precision."""
+        with torch.autocast(a.device.type, enabled=False):
+            return _HighestDot.apply(a.float(), b.float())
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """A real all-gather. xm.all_gather's default (pin_layout=True) builds it from an
@@ -173,6 +184,43 @@ def tpu_device_count() -> int:
 
 
 _ITEM = "aten::_local_scalar_dense"
+
+
+class _HighestDot(torch.autograd.Function):
+    """A 2-D matmul whose forward and backward dots run at XLA's highest precision."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return _highest_dot(a, b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors
+        grad_a = _highest_dot(grad, b.t()) if ctx.needs_input_grad[0] else None
+        grad_b = _highest_dot(a.t(), grad) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+_DOTS: dict[tuple, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}
+_DOTS_LOCK = threading.Lock()  # replica threads of one process share the built computations
+
+
+def _highest_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as an XLA user computation ``dot(..., operand_precision={highest,highest})``,
+    built once per pair of shapes (the same computation, hence the same graph, on every replica)."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"precise_matmul takes 2-D tensors, got {tuple(a.shape)} @ {tuple(b.shape)}")
+    key = (tuple(a.shape), tuple(b.shape))
+    with _DOTS_LOCK:
+        dot = _DOTS.get(key)
+        if dot is None:
+            import torch_xla.core.xla_builder as xb
+            computation = xb.create_computation(
+                "highest_dot", lambda x, y: xb.mkop("Dot", (x.op, y.op), precision_config="highest"),
+                xb.tensor_shape([a, b]))
+            dot = _DOTS[key] = xb.xla_computation_as_func(computation, "moco_xla::highest_dot")
+    return dot([a, b])[0]
 _WIDE_INTS = (torch.int64, torch.uint64)
 
 
