@@ -90,6 +90,8 @@ def test_encoders_identical_on_every_replica_and_no_recompilation(replicas, tiny
     assert int(res[0]["ptr"]) == STEPS * tiny_cfg.train.batch_size * 2 % tiny_cfg.moco.K  # symmetric: 2 keys each
     compiles = res[0]["compiles"]
     assert compiles[-1] == compiles[2], compiles  # steps 4-6 compile nothing (process-wide counter)
+    convolutions = [p for p in res[0]["products"]["default"] if p.startswith("convolution")]
+    assert convolutions and all(p.startswith("convolution bf16[") for p in convolutions)  # auto: bf16, as on TPU
     # training moved the weights away from the (broadcast) initialisation on every replica alike
     init = run_init_q(tiny_cfg)
     assert any(not torch.allclose(a, b) for a, b in zip(init, res[0]["q"]))

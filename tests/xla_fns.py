@@ -99,7 +99,8 @@ def train_steps(rt, cfg, steps: int) -> dict:
     for step in range(steps):
         im_q = torch.randn(per, 1, 16, 16, generator=g)
         im_k = im_q + 0.1 * torch.randn(per, 1, 16, 16, generator=g)
-        loss, _ = model(im_q.to(rt.device), im_k.to(rt.device))
+        with rt.autocast(cfg.train.precision):  # auto: bf16, as on a TPU
+            loss, _ = model(im_q.to(rt.device), im_k.to(rt.device))
         opt.zero_grad()
         loss.backward()
         rt.optimizer_step(opt)

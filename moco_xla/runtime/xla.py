@@ -7,6 +7,7 @@ multi-host PJRT runtime joins them: ranks and world size come from ``torch_xla.r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -38,15 +39,18 @@ class XlaRuntime(Runtime):
         self.first_in_process = self.device.index == 0
         self.hosts = max(1, self.world_size // max(1, xr.local_device_count()))
 
-    def resolve_precision(self, precision: str) -> str:
-        """As on the TPU, except that the XLA:CPU rehearsal runs fp32 (bf16 autocast traces a
-        different graph on each replica thread there: its cast cache is process-wide)."""
-        resolved = super().resolve_precision(precision)
-        if self.rehearsal and resolved != "fp32":
-            if precision != "auto":
-                rehearsal.warn_fp32(precision)
-            return "fp32"
-        return resolved
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        """bf16 autocast without its cast cache.
+
+        The cache is process-wide while autocast's nesting counter is per thread: where
+        replicas are threads of one process (TPU v2/v3, the XLA:CPU rehearsal), one replica
+        would reuse (or clear) another's casts and trace another graph. Off XLA's lazy tensors
+        the cache saves nothing anyway: a weight's repeated cast is one ``convert`` that the
+        compiler merges, so every replica traces the same graph, every step.
+        """
+        if self.resolve_precision(precision) == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     def precise_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a @ b`` lowered as a dot with HLO ``operand_precision={highest,highest}``, backward too.
