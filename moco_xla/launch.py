@@ -18,6 +18,7 @@ Exit codes: 0 done, 2 bad input, 3 NaN/inf loss, 75 preempted (see errors.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -155,7 +156,9 @@ def start(backend: str, cores: int, cfg: Config, out: str, resume: str | None = 
 
     Raises RunStopped (UserError, NonFiniteLoss, Preempted) with the replicas' exit code.
     """
-    replicas.start(backend, cores, run_replica, (cfg, out, resume))
+    from .runtime.xla import compile_cache_environment
+    with compile_cache_environment(out) if backend == "xla" else contextlib.nullcontext():
+        replicas.start(backend, cores, run_replica, (cfg, out, resume))
 
 
 def set_diagnostics(profile: str | None, graph_check: str | None) -> None:

@@ -175,3 +175,12 @@ def everything(rt, cfg, per: int, steps: int) -> dict:
         rt.mark_step()
         out[f"{name}_s"] = time.time() - t0  # start the next check from an empty graph (and a fresh collective token)
     return out
+
+
+def cached_steps(rt, cfg, steps: int) -> dict:
+    """A few MoCo steps with the persistent compilation cache on ($MOCO_XLA_COMPILE_CACHE): its counters."""
+    import torch_xla.debug.metrics as met
+    out = train_steps(rt, cfg, steps)
+    counters = {name: met.counter_value(name) or 0 for name in
+                ("PersistentCacheMiss", "PersistentCacheHit", "PersistentCacheDeserializeFailure")}
+    return {"cache": counters, "compiles": out["compiles"], "q": out["q"]}
