@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="XLA: after warm-up, a recompilation, an op falling back to the host or a "
                         "host read outside log steps warns (default), fails the run (error) or is ignored")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--check", action="store_true",
+                   help="preflight: check versions, devices, batch, data, checkpoints and (XLA) compile one "
+                        "step, without training; nonzero exit when a check fails")
     return p.parse_args(argv)
 
 
@@ -225,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)
         backend = resolve_backend(args.backend)
+        if args.check:
+            from .preflight import run as preflight
+            return preflight(args, cfg, backend)
         from .runtime.dist import env_rank
         env = env_rank()
         if env is not None:
