@@ -18,6 +18,7 @@ Exit codes: 0 done, 2 bad input, 3 NaN/inf loss, 75 preempted (see errors.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ from .data import storage
 from .config import Config, load_config, save_config, validate_world
 from .errors import UserError
 from .profiling import GRAPH_CHECK_ENV, GRAPH_CHECKS, PROFILE_ENV, graph_check_mode
-from .runtime import BACKENDS, make_runtime, replicas
+from .runtime import BACKENDS, make_runtime, replicas, resolve_backend
 from .runtime.plan import plan_replicas
 
 
@@ -53,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="XLA: after warm-up, a recompilation, an op falling back to the host or a "
                         "host read outside log steps warns (default), fails the run (error) or is ignored")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--check", action="store_true",
+                   help="preflight: check versions, devices, batch, data, checkpoints and (XLA) compile one "
+                        "step, without training; nonzero exit when a check fails")
     return p.parse_args(argv)
 
 
@@ -86,7 +90,9 @@ def start(backend: str, cores: int, cfg: Config, out: str, resume: str | None = 
 
     Raises RunStopped (UserError, NonFiniteLoss, Preempted) with the replicas' exit code.
     """
-    replicas.start(backend, cores, run_replica, (cfg, out, resume))
+    from .runtime.xla import compile_cache_environment
+    with compile_cache_environment(out) if backend == "xla" else contextlib.nullcontext():
+        replicas.start(backend, cores, run_replica, (cfg, out, resume))
 
 
 def set_diagnostics(profile: str | None, graph_check: str | None) -> None:
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 def launch(args: argparse.Namespace) -> int:
     """Check everything a user can get wrong, then train; the summary when this process reports."""
     cfg = load_config(args.config, args.overrides)
+    if args.check:
+        from .preflight import run as preflight
+        return preflight(args, cfg, resolve_backend(args.backend))
     plan = plan_replicas(args.backend, args.cores)
     validate_world(cfg, plan.world)
     check_backend(cfg, plan.backend)

@@ -70,7 +70,7 @@ class MoCo(nn.Module):
         # of mantissa, so at T = 0.07 a logit could be off by about 0.05. Keep this part fp32.
         with torch.autocast(q.device.type, enabled=False):
             l_pos = (q * k).sum(dim=1, keepdim=True)
-            l_neg = q @ self.queue.clone().detach()
+            l_neg = self.rt.precise_matmul(q, self.queue.clone().detach())  # TPU: highest precision
             logits = torch.cat([l_pos, l_neg], dim=1) / self.T
             labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
             loss = F.cross_entropy(logits, labels)

@@ -114,7 +114,7 @@ class MoCoV3(nn.Module):
         b = q.shape[0]
         labels = torch.arange(b, device=q.device) + self.rt.rank_index * b
         with torch.autocast(q.device.type, enabled=False):
-            return q @ keys.t() / self.T, labels
+            return self.rt.precise_matmul(q, keys.t()) / self.T, labels  # TPU: highest precision
 
     def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """InfoNCE scaled by 2T (builder.py: the gradient's scale no longer depends on T)."""

@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
@@ -25,8 +24,13 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "small_resnet")
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics come from ``num_splits`` sub-batches.
 
-    Sample i falls in sub-batch ``i % num_splits``. This simulates multi-device BN
-    on one device (from the official MoCo CIFAR-10 demo).
+    Sub-batch j is the contiguous slice of samples ``j * n/g .. (j + 1) * n/g - 1``, viewed
+    as ``(g, n/g, c, h, w)``: a view on every device, where folding the batch into the
+    channels (the official CIFAR-10 demo's ``reshape(-1, c * g, h, w)``) is a relayout copy
+    per BN layer in a TPU's tiled layout. This simulates multi-device BN on one device;
+    the key batch is permuted before the key encoder (shuffle.py), so the sub-batches the
+    keys are normalised in are not the queries' ones. Statistics are computed in fp32; the
+    running statistics are the average over sub-batches, in BatchNorm2d's layout (``c``).
     """
 
     def __init__(self, num_features: int, num_splits: int, **kw) -> None:
@@ -38,16 +42,24 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         n, c, h, w = x.shape
         g = self.num_splits
-        mean_split = self.running_mean.repeat(g)
-        var_split = self.running_var.repeat(g)
-        out = F.batch_norm(
-            x.reshape(-1, c * g, h, w), mean_split, var_split,
-            self.weight.repeat(g), self.bias.repeat(g), True, self.momentum, self.eps,
-        ).reshape(n, c, h, w)
-        with torch.no_grad():
-            self.running_mean.copy_(mean_split.view(g, c).mean(dim=0))
-            self.running_var.copy_(var_split.view(g, c).mean(dim=0))
-        return out
+        groups = x.reshape(g, n // g, c, h, w).float()
+        var, mean = torch.var_mean(groups, dim=(1, 3, 4), unbiased=False, keepdim=True)  # [g, 1, c, 1, 1]
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight.view(1, 1, c, 1, 1)
+            shift = shift * self.weight.view(1, 1, c, 1, 1) + self.bias.view(1, 1, c, 1, 1)
+        if self.track_running_stats:
+            self._track(mean.detach(), var.detach(), (n // g) * h * w)
+        return (groups * scale + shift).to(x.dtype).reshape(n, c, h, w)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """running <- (1 - momentum) running + momentum * (the sub-batches' mean statistic), as
+        BatchNorm2d per sub-batch then averaged; the variance unbiased over one sub-batch."""
+        unbiased = var * (count / max(count - 1, 1))
+        self.running_mean.lerp_(mean.mean(dim=0).reshape(-1), self.momentum)
+        self.running_var.lerp_(unbiased.mean(dim=0).reshape(-1), self.momentum)
 
 
 class _AllReduceSum(torch.autograd.Function):

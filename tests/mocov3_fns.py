@@ -44,6 +44,7 @@ def xla_v3_steps(rt, runs: list[tuple[str, list[str]]], steps: int) -> dict:
     import hashlib
     from moco_xla.config import load_config
     from moco_xla.train import build_model, build_optimizer, step_schedule
+    from xla_fns import collective_types, products
     out = {}
     for name, sets in runs:
         cfg = load_config(name, sets)
@@ -63,9 +64,12 @@ def xla_v3_steps(rt, runs: list[tuple[str, list[str]]], steps: int) -> dict:
             rt.backward_step(loss, opt)
             if step == steps - 1:
                 graph = hashlib.sha256(rt.graph_text(list(model.parameters())).encode()).hexdigest()
+                step_collectives = collective_types(rt, list(model.parameters()) + list(model.buffers()))
+                step_products = products(rt, list(model.parameters()) + list(model.buffers()))
             rt.mark_step()
             compiles.append(rt.counters()["compiles"])
         out[name] = {"compiles": compiles, "lrs": lrs, "ms": ms, "graph": graph, "loss": loss.detach().cpu(),
+                     "collectives": step_collectives, "products": step_products,
                      "q": [p.detach().cpu() for p in model.encoder_q.parameters()],
                      "k": [p.detach().cpu() for p in model.encoder_k.parameters()]}
     return out

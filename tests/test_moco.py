@@ -81,9 +81,9 @@ def test_split_batchnorm_normalises_each_sub_batch():
     bn = SplitBatchNorm(3, num_splits=4)
     x = torch.randn(16, 3, 5, 5) + torch.arange(16).view(16, 1, 1, 1)
     y = bn(x)
-    for g in range(4):  # sample i belongs to sub-batch i % 4
-        ref = F.batch_norm(x[g::4], None, None, training=True, eps=bn.eps)
-        torch.testing.assert_close(y[g::4], ref, rtol=1e-4, atol=1e-4)
+    for g in range(4):  # sub-batch g is the contiguous slice of samples 4g .. 4g+3
+        ref = F.batch_norm(x[4 * g:4 * g + 4], None, None, training=True, eps=bn.eps)
+        torch.testing.assert_close(y[4 * g:4 * g + 4], ref, rtol=1e-4, atol=1e-4)
     # plain BN over the whole batch would give something else
     assert (y - F.batch_norm(x, None, None, training=True)).abs().max() > 0.1
     bn.eval()

@@ -42,3 +42,7 @@ def test_v3_step_same_graph_same_weights_no_recompilation(replicas, name):
     lrs, ms = res[0]["lrs"], res[0]["ms"]
     assert len(set(lrs)) == STEPS and len(set(ms)) == STEPS  # both changed every step
     assert all(torch.isfinite(r["loss"]) for r in res)
+    from test_xla_replicas import assert_no_64_bit_collectives
+    assert_no_64_bit_collectives({f"{name} step": r["collectives"] for r in res})
+    for r in res:  # the logits q @ keys.t() and the gradient to q at the highest precision
+        assert len(r["products"]["highest"]) == 4, r["products"]  # two queries, forward and backward each

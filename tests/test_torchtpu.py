@@ -62,8 +62,9 @@ def test_torchtpu_precision_compile_and_checkpoint_rules():
     # the contrastive logits' and kNN's products: highest precision inside, the setting restored after
     torch.set_float32_matmul_precision("medium")
     try:
-        with rt.precise_matmul():
-            assert torch.get_float32_matmul_precision() == "highest"
+        with _MatmulPrecisionSpy() as spy:
+            out = rt.precise_matmul(torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(4, 2, dtype=torch.bfloat16))
+        assert spy.seen == ["highest"] and out.dtype == torch.float32
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision("highest")
@@ -116,3 +117,16 @@ def test_a_hosts_processes_take_their_block_of_ranks(tmp_path, monkeypatch):
     replicas._spawn_dist("cpu", 2, record_rank, (str(tmp_path),), world=4, first_rank=2)
     got = sorted(p.read_text() for p in tmp_path.glob("*.txt"))
     assert got == ["cpu 2 4 0", "cpu 3 4 1"]
+
+
+class _MatmulPrecisionSpy(torch.overrides.TorchFunctionMode):
+    """Records the fp32 matmul precision in force at each matmul inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
+            self.seen.append(torch.get_float32_matmul_precision())
+        return func(*args, **(kwargs or {}))

@@ -155,10 +155,31 @@ def test_train_in_docker():
 
 
 def test_logs_follow_the_run():
-    [ssh] = dry("logs.sh", *VM, "--run", "cifar10")
+    [ssh] = dry("logs.sh", *VM, "--run", "cifar10", "--worker", "0")
     assert flag(ssh, "--worker") == "0" and remote(ssh) == ["tail", "-n", "100", "-F", "moco_xla_runs/cifar10/train.log"]
     [ssh] = dry("logs.sh", *VM, "--run", "c10", "--image", "x", "--no-follow", "--worker", "all")
     assert flag(ssh, "--worker") == "all" and remote(ssh) == ["sudo", "docker", "logs", "--tail", "100", "moco-c10"]
+
+
+def test_logs_find_the_worker_that_writes_the_records(tmp_path):
+    """Default --worker auto: the command goes to every worker; run there (here: bash in two fake
+    home directories), only the worker holding the run's metrics.jsonl prints the log."""
+    [ssh] = dry("logs.sh", *VM, "--run", "c10", "--no-follow", "--lines", "2")
+    assert flag(ssh, "--worker") == "all"
+    command = flag(ssh, "--command")
+    for worker, writes in (("w0", False), ("w1", True)):
+        run = tmp_path / worker / "moco_xla_runs" / "c10"
+        run.mkdir(parents=True)
+        (run / "train.log").write_text(f"{worker} line 1\n{worker} line 2\n{worker} line 3\n")
+        if writes:
+            (run / "metrics.jsonl").write_text("{}\n")
+        out = subprocess.run(["bash", "-c", command], cwd=tmp_path / worker, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        if writes:
+            assert out.stdout.splitlines()[0].endswith("writes c10's records ==")
+            assert out.stdout.splitlines()[1:] == ["w1 line 2", "w1 line 3"]
+        else:
+            assert out.stdout == ""
 
 
 def test_resume_relaunches_with_resume_auto():

@@ -92,11 +92,48 @@ def test_encoders_identical_on_every_replica_and_no_recompilation(replicas, tiny
     assert int(res[0]["ptr"]) == STEPS * tiny_cfg.train.batch_size * 2 % tiny_cfg.moco.K  # symmetric: 2 keys each
     compiles = res[0]["compiles"]
     assert compiles[-1] == compiles[2], compiles  # steps 4-6 compile nothing (process-wide counter)
+    convolutions = [p for p in res[0]["products"]["default"] if p.startswith("convolution")]
+    assert convolutions and all(p.startswith("convolution bf16[") for p in convolutions)  # auto: bf16, as on TPU
     # training moved the weights away from the (broadcast) initialisation on every replica alike
     init = run_init_q(tiny_cfg)
     assert any(not torch.allclose(a, b) for a, b in zip(init, res[0]["q"]))
     # each replica's BN tracked its own batches: their running statistics differ before any sync
     assert any(not torch.equal(a, b) for a, b in zip(res[0]["bn_mean"], res[1]["bn_mean"]))
+
+
+def assert_no_64_bit_collectives(graphs: dict[str, list[str]]) -> None:
+    """Every graph has collectives, none with an s64/u64 operand (TPUs emulate 64-bit integers)."""
+    for name, ops in graphs.items():
+        assert ops, name  # the graph was captured with its collectives: the check below means something
+        wide = [op for op in ops if "s64[" in op or "u64[" in op]
+        assert not wide, (name, wide)
+
+
+def test_no_64_bit_integers_in_any_collective(replicas):
+    """Start-up sync (queue_ptr, num_batches_tracked), training step, BN sync before kNN and
+    checkpoints, the kNN bank's label gather and its score: integers cross replicas as s32."""
+    for r in replicas:
+        graphs = {"start-up sync": r["train"]["startup_collectives"],
+                  "training step": r["train"]["step_collectives"], **r["knn"]["collectives"]}
+        assert_no_64_bit_collectives(graphs)
+        assert any("s32[" in op for op in graphs["start-up sync"])  # the int64 buffers, carried in 32 bits
+        assert any("s32[" in op for op in graphs["kNN bank gather"])  # the labels
+
+
+def test_logits_and_knn_similarity_at_highest_precision_encoders_not(replicas, tiny_cfg):
+    """On a TPU the default precision rounds fp32 matmul operands to bf16: q @ queue (forward and
+    its gradient) and the kNN similarity carry operand_precision={highest,highest}; nothing else."""
+    K, per = tiny_cfg.moco.K, PER
+    for r in replicas:
+        step = r["train"]["products"]
+        assert step["highest"].count(f"dot f32[{per},{K}]") == 2, step  # q @ queue, both symmetric halves
+        assert len(step["highest"]) == 4, step  # + d(loss)/dq of each
+        assert all("convolution" in p or "dot" in p for p in step["default"])
+        assert any("convolution" in p for p in step["default"])  # the encoders keep the default
+        for sim in r["knn"]["similarity_products"]:  # one per test batch
+            assert len(sim["highest"]) == 1 and sim["highest"][0].startswith("dot f32["), sim
+            assert any("convolution" in p for p in sim["default"])  # the embedding's convolutions
+        assert r["knn"]["similarity_products"]
 
 
 def run_init_q(cfg) -> list[torch.Tensor]:

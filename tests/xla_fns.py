@@ -27,6 +27,24 @@ def _cpu(x):
     return x
 
 
+def collective_types(rt, tensors) -> list[str]:
+    """The collectives of the graph that computes ``tensors``, e.g. ``all-reduce(s32[25], f32[])``."""
+    from moco_xla.profiling import collectives as in_hlo
+    return [f"{c.op}({', '.join(c.shapes)})" for c in in_hlo(rt.graph_text(list(tensors)))]
+
+
+def products(rt, tensors) -> dict[str, list[str]]:
+    """The graph's dots and convolutions by precision: ``highest`` (HLO operand_precision) or ``default``."""
+    import re
+    found: dict[str, list[str]] = {"highest": [], "default": []}
+    for line in rt.graph_text(list(tensors)).splitlines():
+        m = re.search(r"= (\w+\[[0-9,]*\])\S* (dot|convolution)\(", line)  # type without layout
+        if m:
+            found["highest" if "operand_precision={highest,highest}" in line else "default"].append(
+                f"{m.group(2)} {m.group(1)}")
+    return found
+
+
 def collectives(rt) -> dict:
     """Broadcasts of 0-dim, int64 and float buffers; all_gather / all_reduce / all_to_all per rank."""
     dev, r = rt.device, rt.rank
@@ -73,23 +91,28 @@ def train_steps(rt, cfg, steps: int) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg.train.seed = rt.rank  # a different init on every replica: the start broadcast must fix it
     model = build_model(cfg, rt)
+    startup = collective_types(rt, list(model.parameters()) + list(model.buffers()))  # sync_module, not run yet
     opt = build_optimizer(cfg, model)
     per = cfg.train.batch_size // rt.world_size
     g = torch.Generator().manual_seed(rt.rank)
-    compiles, graph = [], ""
+    compiles, graph, step_collectives, step_products = [], "", [], {}
     for step in range(steps):
         im_q = torch.randn(per, 1, 16, 16, generator=g)
         im_k = im_q + 0.1 * torch.randn(per, 1, 16, 16, generator=g)
-        loss, _ = model(im_q.to(rt.device), im_k.to(rt.device))
+        with rt.autocast(cfg.train.precision):  # auto: bf16, as on a TPU
+            loss, _ = model(im_q.to(rt.device), im_k.to(rt.device))
         opt.zero_grad()
         loss.backward()
         rt.optimizer_step(opt)
         if step == steps - 1:  # the whole lowered step (forward, backward, collectives, update)
             graph = hashlib.sha256(rt.graph_text(list(model.parameters()) + [model.queue]).encode()).hexdigest()
+            step_collectives = collective_types(rt, list(model.parameters()) + list(model.buffers()))
+            step_products = products(rt, list(model.parameters()) + list(model.buffers()))
         rt.mark_step()
         compiles.append(rt.counters()["compiles"])
     return _cpu({"q": [p for p in model.encoder_q.parameters()], "k": [p for p in model.encoder_k.parameters()],
                  "queue": model.queue, "ptr": model.queue_ptr, "compiles": compiles, "graph": graph,
+                 "startup_collectives": startup, "step_collectives": step_collectives, "products": step_products,
                  "bn_mean": [m.running_mean for m in model.encoder_q.modules()
                              if isinstance(m, nn.modules.batchnorm._NormBase)]})
 
@@ -112,14 +135,27 @@ def knn(rt, cfg) -> dict:
     rt.mark_step()
     drifted, _ = embed(rt, net.eval(), bundle.bank, e.batch_size, e.max_bank)
     rt.sync_batchnorm_stats(net)
+    bn_sync = collective_types(rt, net.buffers())  # what checkpoints and evaluations run first
     bank, labels = embed(rt, net.eval(), bundle.bank, e.batch_size, e.max_bank)
+    gather = collective_types(rt, [bank, labels])
+    similarity, precise_matmul = [], rt.precise_matmul
+
+    def recorded(a, b):  # the graph of each similarity matrix knn_accuracy scores
+        sim = precise_matmul(a, b)
+        similarity.append(products(rt, [sim]))
+        return sim
+    rt.precise_matmul = recorded
     top1 = knn_accuracy(rt, net, bundle.bank, bundle.test, bundle.num_classes, e.knn_k, e.knn_t, e.batch_size,
                         e.max_bank)
+    del rt.precise_matmul
+    score = collective_types(rt, [top1])
     # the same kNN by one replica alone (no collectives), on the same device: what N must equal
     from moco_xla.runtime import Runtime
     alone = knn_accuracy(Runtime(rt.device), net, bundle.bank, bundle.test, bundle.num_classes, e.knn_k, e.knn_t,
                          e.batch_size, e.max_bank)
     return _cpu({"drifted": drifted, "bank": bank, "labels": labels, "top1": float(top1),
+                 "collectives": {"BN sync": bn_sync, "kNN bank gather": gather, "kNN score": score},
+                 "similarity_products": similarity,
                  "top1_alone": float(alone), "state": net.state_dict()})
 
 
@@ -139,3 +175,12 @@ def everything(rt, cfg, per: int, steps: int) -> dict:
         rt.mark_step()
         out[f"{name}_s"] = time.time() - t0  # start the next check from an empty graph (and a fresh collective token)
     return out
+
+
+def cached_steps(rt, cfg, steps: int) -> dict:
+    """A few MoCo steps with the persistent compilation cache on ($MOCO_XLA_COMPILE_CACHE): its counters."""
+    import torch_xla.debug.metrics as met
+    out = train_steps(rt, cfg, steps)
+    counters = {name: met.counter_value(name) or 0 for name in
+                ("PersistentCacheMiss", "PersistentCacheHit", "PersistentCacheDeserializeFailure")}
+    return {"cache": counters, "compiles": out["compiles"], "q": out["q"]}

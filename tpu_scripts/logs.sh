@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Follow the output of a training run on a TPU worker (worker 0 prints the progress and results).
+# Follow the output of a training run on a TPU worker.
 #
-#   tpu_scripts/logs.sh --name moco --zone us-central2-b --run cifar10 [--worker 0] [--no-follow]
+#   tpu_scripts/logs.sh --name moco --zone us-central2-b --run cifar10 [--worker auto] [--no-follow]
 #
 # --run      the run name given to train.sh (default there: the config name)
-# --worker   which worker, or all (default 0)
+# --worker   which worker, all, or auto (default): the worker whose run directory holds
+#            metrics.jsonl, i.e. the host of global ordinal 0, which prints the progress and
+#            writes the records. It need not be worker 0, and may change after a resume.
 # --image    the run was started with --image: read the container's log
 # --lines    lines of history to show first (default 100)
 # --no-follow  print and exit instead of following
@@ -13,7 +15,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUN_NAME=""
-WORKER=0
+WORKER=auto
 IMAGE=""
 LINES=100
 FOLLOW=1
@@ -35,7 +37,8 @@ check_name
 check_zone
 [[ -n $RUN_NAME ]] || die "--run is required: the run name given to train.sh (default there: the config name)"
 [[ $RUN_NAME =~ ^[A-Za-z0-9][-_.A-Za-z0-9]*$ ]] || die "--run '$RUN_NAME' may hold only letters, digits, '-', '_', '.'"
-[[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || die "--worker '$WORKER' is not valid; valid: 0, 1, ... or all"
+[[ $WORKER == all || $WORKER == auto || $WORKER =~ ^[0-9]+$ ]] ||
+  die "--worker '$WORKER' is not valid; valid: auto, all, 0, 1, ..."
 [[ $LINES =~ ^[0-9]+$ ]] || die "--lines '$LINES' must be a number"
 require_gcloud
 
@@ -47,5 +50,9 @@ else
   cmd="tail -n $LINES"
   [[ $FOLLOW == 0 ]] || cmd+=" -F"
   cmd+=" $RUNS_DIR/$RUN_NAME/train.log"
+fi
+if [[ $WORKER == auto ]]; then  # every worker checks; only the one writing the records follows
+  cmd="[ -e $RUNS_DIR/$RUN_NAME/metrics.jsonl ] || exit 0; echo \"== \$(hostname) writes $RUN_NAME's records ==\"; $cmd"
+  WORKER=all
 fi
 tpu_ssh "$WORKER" "$cmd"

@@ -165,6 +165,12 @@ class Runtime:
             yield _to_device(batch, self.device)
 
     # -- precision --------------------------------------------------------------
+    def precise_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` of 2-D tensors in full fp32, outside any autocast: for the few products whose
+        rounding matters (contrastive logits, kNN similarities), never for the encoders."""
+        with torch.autocast(a.device.type, enabled=False):
+            return a.float() @ b.float()
+
     def resolve_precision(self, precision: str) -> str:
         """``train.precision`` for this backend: auto becomes its default; UserError if unsupported."""
         return resolve_precision(self.name, precision)
@@ -184,11 +190,6 @@ class Runtime:
     def grad_scaler(self, precision: str) -> torch.amp.GradScaler | None:
         """A GradScaler for fp16 on CUDA; None otherwise (bf16 and fp32 need none)."""
         return None
-
-    def precise_matmul(self) -> contextlib.AbstractContextManager:
-        """fp32 matmuls inside the block at the backend's highest precision (TPUs default to one
-        bf16 pass): for the few products that must be exact, e.g. contrastive logits, kNN scores."""
-        return contextlib.nullcontext()
 
     def compile_backend(self, requested: str) -> str:
         """The torch.compile backend for ``train.compile_backend`` here (TorchTPU: its own)."""

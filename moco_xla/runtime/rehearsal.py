@@ -22,8 +22,8 @@ this setup by itself; it works on torch_xla 2.9 when these rules hold:
   count, starves replicas), and parameter aliasing is off (a replica held the GIL inside
   buffer release while a collective waited for the others).
 - Graphs must be identical on every replica: the rank enters graphs as a device tensor
-  (Runtime.rank_index), and bf16 autocast is refused here (its cast cache is process-wide,
-  its nesting counter per thread, so replicas traced different graphs): the rehearsal runs fp32.
+  (Runtime.rank_index), and bf16 autocast runs without its cast cache (XlaRuntime.autocast:
+  the cache is process-wide, its nesting counter per thread), as on a TPU v2/v3.
 
 All of this is private torch_xla API, verified on the versions in VERIFIED only, and active
 only on XLA:CPU with more than one device. Nothing changes on a TPU.
@@ -103,14 +103,6 @@ def install() -> None:
             setattr(torch.Tensor, name, _synced_read(getattr(torch.Tensor, name), sync_multi, xlac))
         xm._all_gather_using_all_reduce = _unpinned_gather(xm)
         _installed = True
-
-
-def warn_fp32(precision: str) -> None:
-    """The rehearsal's one precision: bf16 autocast makes the replica threads' graphs differ."""
-    import warnings
-    warnings.warn(f"train.precision={precision}: the multi-replica XLA:CPU rehearsal runs fp32 (bf16 "
-                  f"autocast traces a different graph on each replica thread there); on the TPU it runs "
-                  f"{precision}", RuntimeWarning, stacklevel=3)
 
 
 def _serialised(run: Callable[..., Any], xlac: Any) -> Callable[..., Any]:

@@ -88,10 +88,12 @@ def _spawn_xla(body: Body, args: tuple, cores: int) -> None:
     """xmp.spawn, with stop reports, a grace period and a kill for replicas left hanging."""
     from . import rehearsal
     from .xla import spawn
+    from .xla import correct_spawn_environment
     xla_cpu = cores > 1 and os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
     # XLA:CPU aborts the whole process 10 s after a collective that some replica never joins:
     # there, end the job soon after the first report (agreed stops report within milliseconds).
     grace = REHEARSAL_GRACE_S if xla_cpu else REPLICA_GRACE_S
+    correct_spawn_environment()  # Kaggle's TPU_PROCESS_ADDRESSES=local
     with tempfile.TemporaryDirectory(prefix="moco_xla_") as reports, \
             rehearsal.environment(cores) if xla_cpu else contextlib.nullcontext(), \
             _sigterm(_stop_here if cores == 1 else _forward_to_replicas), _Watchdog(reports, grace) as dog:

@@ -140,14 +140,14 @@ class TorchTpuRuntime(DistRuntime):
         """torch.compile on TPU tensors needs TorchTPU's backend (inductor refuses them)."""
         return COMPILE_BACKEND
 
-    @contextlib.contextmanager
-    def precise_matmul(self) -> Iterator[None]:
-        """fp32 matmuls at the highest precision inside the block (TPU default: one bf16 pass).
-        Process-wide setting, restored after; one TorchTPU process drives one chip."""
+    def precise_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` in fp32 at the highest precision (the TPU default is one bf16 pass): the
+        process-wide setting is raised for this product only and restored after; one TorchTPU
+        process drives one chip, so no other thread sees it."""
         before = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
-            yield
+            return super().precise_matmul(a, b)
         finally:
             torch.set_float32_matmul_precision(before)
 

@@ -7,7 +7,11 @@ multi-host PJRT runtime joins them: ranks and world size come from ``torch_xla.r
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+import contextlib
+import os
+import sys
+import threading
+from typing import Any, Callable, Iterable, Iterator, MutableMapping
 
 import torch
 import torch_xla
@@ -28,6 +32,7 @@ class XlaRuntime(Runtime):
     def __init__(self) -> None:
         if rehearsal.requested():
             rehearsal.install()  # before this replica runs any graph
+        initialize_compile_cache()  # before the first compilation too
         super().__init__(torch_xla.device(), xr.global_ordinal(), xr.world_size())
         self.rehearsal = rehearsal.requested() and self.world_size > 1
         # TPU v2/v3 and XLA:CPU run several replica threads in one process
@@ -35,33 +40,46 @@ class XlaRuntime(Runtime):
         self.first_in_process = self.device.index == 0
         self.hosts = max(1, self.world_size // max(1, xr.local_device_count()))
 
-    def resolve_precision(self, precision: str) -> str:
-        """As on the TPU, except that the XLA:CPU rehearsal runs fp32 (bf16 autocast traces a
-        different graph on each replica thread there: its cast cache is process-wide)."""
-        resolved = super().resolve_precision(precision)
-        if self.rehearsal and resolved != "fp32":
-            if precision != "auto":
-                rehearsal.warn_fp32(precision)
-            return "fp32"
-        return resolved
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        """bf16 autocast without its cast cache.
+
+        The cache is process-wide while autocast's nesting counter is per thread: where
+        replicas are threads of one process (TPU v2/v3, the XLA:CPU rehearsal), one replica
+        would reuse (or clear) another's casts and trace another graph. Off XLA's lazy tensors
+        the cache saves nothing anyway: a weight's repeated cast is one ``convert`` that the
+        compiler merges, so every replica traces the same graph, every step.
+        """
+        if self.resolve_precision(precision) == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    def precise_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` lowered as a dot with HLO ``operand_precision={highest,highest}``, backward too.
+
+        A TPU's default precision rounds fp32 matmul operands to bf16 (torch_xla's
+        set_mat_mul_precision is process-wide and read when the whole graph is lowered, so it
+        cannot single out one product): this dot is its own small XLA computation instead,
+        which leaves the encoders' convolutions and matmuls at their precision."""
+        with torch.autocast(a.device.type, enabled=False):
+            return _HighestDot.apply(a.float(), b.float())
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """A real all-gather. xm.all_gather's default (pin_layout=True) builds it from an
         all-reduce of a zero-padded N x B buffer, which moves about twice the bytes; every
         replica here runs the same program (the rank is a tensor), so layouts agree unpinned."""
-        return xm.all_gather(t, dim=0, pin_layout=False)
+        return _in_32_bits(t, lambda x: xm.all_gather(x, dim=0, pin_layout=False))
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         _check_op(op)
         scale = 1.0 / self.world_size if op == "mean" else 1.0
-        return xm.all_reduce(xm.REDUCE_SUM, t, scale=scale)
+        return _in_32_bits(t, lambda x: xm.all_reduce(xm.REDUCE_SUM, x, scale=scale))
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         return self.broadcast_by_all_reduce(t, src)
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
-        return xm.all_to_all(t, split_dimension=0, concat_dimension=0,
-                             split_count=self.world_size, pin_layout=False)
+        return _in_32_bits(t, lambda x: xm.all_to_all(x, split_dimension=0, concat_dimension=0,
+                                                      split_count=self.world_size, pin_layout=False))
 
     def barrier(self) -> None:
         """An all-reduce every replica must join, then read: one small graph, compiled once
@@ -173,10 +191,122 @@ def tpu_device_count() -> int:
 _ITEM = "aten::_local_scalar_dense"
 
 
+class _HighestDot(torch.autograd.Function):
+    """A 2-D matmul whose forward and backward dots run at XLA's highest precision."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return _highest_dot(a, b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors
+        grad_a = _highest_dot(grad, b.t()) if ctx.needs_input_grad[0] else None
+        grad_b = _highest_dot(a.t(), grad) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+_DOTS: dict[tuple, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}
+_DOTS_LOCK = threading.Lock()  # replica threads of one process share the built computations
+
+
+def _highest_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as an XLA user computation ``dot(..., operand_precision={highest,highest})``,
+    built once per pair of shapes (the same computation, hence the same graph, on every replica)."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"precise_matmul takes 2-D tensors, got {tuple(a.shape)} @ {tuple(b.shape)}")
+    key = (tuple(a.shape), tuple(b.shape))
+    with _DOTS_LOCK:
+        dot = _DOTS.get(key)
+        if dot is None:
+            import torch_xla.core.xla_builder as xb
+            computation = xb.create_computation(
+                "highest_dot", lambda x, y: xb.mkop("Dot", (x.op, y.op), precision_config="highest"),
+                xb.tensor_shape([a, b]))
+            dot = _DOTS[key] = xb.xla_computation_as_func(computation, "moco_xla::highest_dot")
+    return dot([a, b])[0]
+_WIDE_INTS = (torch.int64, torch.uint64)
+
+
+def _in_32_bits(t: torch.Tensor, collective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run ``collective`` on ``t`` with 64-bit integers carried as int32, returned in ``t``'s dtype.
+
+    TPUs emulate 64-bit integers and their compiler has rejected 64-bit all-reduces
+    (pytorch/xla#1952). The integers that cross replicas here (the queue pointer, BN's
+    num_batches_tracked, class labels, counts, permutations) all fit in 31 bits.
+    """
+    if t.dtype not in _WIDE_INTS:
+        return collective(t)
+    return collective(t.to(torch.int32)).to(t.dtype)
+
+
 def _metric_count(name: str) -> int:
     """How many samples torch_xla posted to a metric (0 before its first sample)."""
     data = met.metric_data(name)
     return int(data[0]) if data else 0
+
+
+COMPILE_CACHE_ENV = "MOCO_XLA_COMPILE_CACHE"  # a local directory, or "off"
+_CACHE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def compile_cache_environment(out: str) -> Iterator[None]:
+    """Around a launch: the persistent compilation cache defaults to ``<out>/xla_cache`` on a TPU,
+    so a ``--resume`` or a restarted VM with the same --out loads its graphs instead of compiling
+    them (minutes for a ResNet-50). ``$MOCO_XLA_COMPILE_CACHE`` names another local directory, or
+    ``off``. Not by default on XLA:CPU, which cannot load executables back."""
+    default = os.environ.get("PJRT_DEVICE", "TPU").upper() != "CPU" and COMPILE_CACHE_ENV not in os.environ
+    if default:
+        os.environ[COMPILE_CACHE_ENV] = os.path.join(out, "xla_cache")
+    try:
+        yield
+    finally:
+        if default:
+            os.environ.pop(COMPILE_CACHE_ENV, None)
+
+
+def initialize_compile_cache() -> str | None:
+    """Start torch_xla's persistent compilation cache in ``$MOCO_XLA_COMPILE_CACHE`` (once per
+    process: replica threads share it); the directory, or None when off or already started."""
+    path = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+    if not path or path.lower() == "off":
+        return None
+    if "://" in path:
+        from ..errors import UserError
+        raise UserError(f"{COMPILE_CACHE_ENV}={path}: the XLA compilation cache is a local directory "
+                        f"(or off); checkpoints may be on gs://, the cache may not")
+    with _CACHE_LOCK:
+        if torch_xla._XLAC._xla_computation_cache_is_initialized():
+            return None  # this process compiled before (another replica thread set it up, or a notebook)
+        os.makedirs(path, exist_ok=True)
+        xr.initialize_cache(path, readonly=False)
+    return path
+
+
+KAGGLE_ADDRESSES = "TPU_PROCESS_ADDRESSES"
+_told_kaggle: list[bool] = []  # the correction is printed once per process
+
+
+def correct_spawn_environment(env: MutableMapping[str, str] | None = None) -> bool:
+    """Remove Kaggle's ``TPU_PROCESS_ADDRESSES=local`` before replica processes start.
+
+    Kaggle's TPU image sets it; torch_xla fills in one address per replica process only when
+    the variable is unset (``configure_topology`` uses setdefault), so with ``local`` every
+    replica stops with "Expected N worker addresses, got 1". Returns True when it removed it,
+    and tells the user the first time. ``env`` defaults to this process's environment, which
+    xmp.spawn's processes inherit.
+    """
+    env = os.environ if env is None else env
+    if env.get(KAGGLE_ADDRESSES, "").strip().lower() != "local":
+        return False
+    del env[KAGGLE_ADDRESSES]
+    if not _told_kaggle:
+        _told_kaggle.append(True)
+        print(f"moco_xla: removed {KAGGLE_ADDRESSES}=local (set by Kaggle's TPU image) so that torch_xla "
+              f"gives each replica process its own address", file=sys.stderr, flush=True)
+    return True
 
 
 def spawn(fn: Callable[..., Any], args: tuple, nprocs: int | None) -> None:
