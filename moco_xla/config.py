@@ -33,6 +33,8 @@ class DataConfig:
     shuffle_buffer: int = 1000       # streaming shards: seeded shuffle buffer
     on_bad_sample: str = "error"     # error | skip
     test_fraction: float = 0.3       # digits: held-out stratified split
+    subset: str | None = None        # null: every training image; "1000" or "100/class": a balanced seeded slice
+    subset_seed: int = 0             # which slice data.subset draws (the same in pre-training and eval)
 
 
 @dataclass

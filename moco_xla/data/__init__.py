@@ -25,6 +25,7 @@ from .badsamples import SkipCounter
 from .datasets import REGISTRY, build_raw, dataset_names, spec
 from .loaders import EpochLoader, EvalLoader, Transformed, eval_loader, gathered_order, pretrain_loader
 from .shardset import ShardSet, check_shard_root, is_shard_root
+from .subsets import check_subset, slice_train
 from .device_augment import DeviceAugment, identity
 from .transforms import device_recipe, eval_transform, views_transform
 
@@ -57,6 +58,7 @@ def check(cfg) -> None:
     """UserError for what can be known before replicas start: name, root, bucket, manifests, layout."""
     d = cfg.data
     s = spec(d.dataset)
+    check_subset(d, bool(d.root and is_shard_root(d.root)))
     if d.root and is_shard_root(d.root):
         check_shard_root(d)
     elif s.name == "digits":
@@ -76,6 +78,7 @@ def build(cfg) -> DataBundle:
     pre_t = views_transform(d.augment, d.image_size, ch)
     eval_t = eval_transform(d.augment, d.image_size, ch)
     if d.root and is_shard_root(d.root):
+        check_subset(d, sharded=True)
         train_m, test_m = check_shard_root(d)
 
         def shards(m, t) -> ShardSet:
@@ -85,7 +88,8 @@ def build(cfg) -> DataBundle:
     check(cfg)
     raw = build_raw(d)
     n = len(raw.classes)
-    return DataBundle(Transformed(raw.train, pre_t, n, skips), Transformed(raw.train, eval_t, n, skips),
+    train = slice_train(raw.train, d, n)  # data.subset
+    return DataBundle(Transformed(train, pre_t, n, skips), Transformed(train, eval_t, n, skips),
                       Transformed(raw.test, eval_t, n, skips), n, raw.classes, skips)
 
 
