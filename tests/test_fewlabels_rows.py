@@ -112,3 +112,22 @@ def test_a_study_reads_the_checkpoint_once_for_all_its_rows(tmp_path, monkeypatc
     study = result["semisup"]["20"]
     assert study["margins"]["best_moco"]["row"] in rows and set(study["titles"]) == set(rows)
     assert study["raw_pixels"] == (["moco_labelprop"] if cfg.eval.semisup.labelprop.pixel_weight else [])
+
+
+def test_a_holdout_study_is_marked_as_a_diagnostic(tmp_path, capsys):
+    """eval.semisup.holdout scores on labelled training images beyond the N: summary.json and the table say
+    it is for method development, not a figure to report; a test-set study is not marked."""
+    ckpt, _ = tiny_checkpoint(tmp_path)
+    sets = ["eval.semisup.labels=20", "eval.semisup.steps=1", "eval.semisup.rows=moco_probe"]
+    for holdout in (100, 0):
+        cfg = eval_config(str(ckpt), None, [*sets, f"eval.semisup.holdout={holdout}"])
+        out = tmp_path / f"out{holdout}"
+        result = run_semisup(Job("semisup", str(ckpt), cfg, str(out)), make_runtime("local"),
+                             MetricsWriter(out, enabled=False))
+        out.mkdir()
+        write_summary(out, result)
+        print_table("semisup", out, cfg)
+        study = result["semisup_holdout" if holdout else "semisup"]["20"]
+        assert study["diagnostic"] is bool(holdout)
+        assert ("not a reported figure" in study["diagnostic_note"]) is bool(holdout)
+        assert ("DIAGNOSTIC ONLY" in capsys.readouterr().out) is bool(holdout)

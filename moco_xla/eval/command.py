@@ -191,6 +191,8 @@ def print_study(study: dict[str, Any]) -> None:
     source = f"from {study['labels_file']}" if study.get("labels_file") else f"draw {study['seed']}"
     print(f"  {study['labels']} labelled images ({study['per_class']:g} per class, {source}); "
           f"{where} top-1 on {study['test_images']} images:")
+    if study.get("diagnostic"):
+        print(f"  DIAGNOSTIC ONLY: {study['diagnostic_note']}")
     shown = study_titles(study)
     width = max(map(len, shown.values()))
     best = study["rows"][study["best"]]

@@ -193,4 +193,9 @@ def study_summary(cfg: Config, st: Study, values: dict[str, float], ckpt: str) -
         "distill": {**dataclasses.asdict(d), "batch_size": st.all_batch, "label_batch_size": st.label_batch,
                     "unlabelled_pool": len(st.split.pool)},
         "labelprop": dataclasses.asdict(s.labelprop),
-        "scored_on": st.split.scored_on, "test_images": len(st.split.test)}
+        "scored_on": st.split.scored_on, "test_images": len(st.split.test),
+        "diagnostic": bool(s.holdout), "diagnostic_note": HOLDOUT_NOTE if s.holdout else ""}
+
+
+HOLDOUT_NOTE = ("eval.semisup.holdout: scored on unlabelled held-out training images for method development; "
+                "a diagnostic, not a reported figure (the labels scoring it are more than the study's N)")

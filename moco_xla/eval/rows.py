@@ -4,8 +4,8 @@ A row names the function that trains it (``kind``), the backbone it starts from,
 is its learning rate, the row whose model teaches it (distilled rows), the graph its labels spread
 over (label propagation), its step budget, whether it sees the raw pixels, and which group of the
 report it belongs to: pre-trained (MoCo's checkpoint), from scratch (a random network trained on the
-labelled images) or another row without pre-training (raw pixels, a random encoder). Adding a row is adding a line here (and, for a new
-kind, one function in fewlabels.py). The order is the report's order; a teacher comes before its
+labelled images) or another row without pre-training (raw pixels, a random encoder). Adding a row
+is adding a line here (and, for a new kind, one function in fewlabels.py). The order is the report's order; a teacher comes before its
 students, so one pass over the selected rows trains every teacher before it is needed.
 """
 from __future__ import annotations
