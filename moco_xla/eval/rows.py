@@ -5,8 +5,9 @@ is its learning rate, the row whose model teaches it (distilled rows), the graph
 over (label propagation), its step budget, whether it sees the raw pixels, and which group of the
 report it belongs to: pre-trained (MoCo's checkpoint), from scratch (a random network trained on the
 labelled images) or another row without pre-training (raw pixels, a random encoder). Adding a row
-is adding a line here (and, for a new kind, one function in fewlabels.py). The order is the report's order; a teacher comes before its
-students, so one pass over the selected rows trains every teacher before it is needed.
+is adding a line here (and, for a new kind, one function in fewlabels.py). The order is the
+report's order; a teacher comes before its students, so one pass over the selected rows trains
+every teacher before it is needed.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def margins(values: dict[str, float], titles: dict[str, str]) -> dict[str, dict]
     of any kind (raw pixels and from-scratch rows included) and over the best from-scratch row; a group
     with no row in ``values`` is left out."""
     def best(groups: tuple[str, ...]) -> dict | None:
-        keys = [key for key in values if BY_KEY[key].group in groups]
+        keys = [key for key in values if key in BY_KEY and BY_KEY[key].group in groups]
         if not keys:
             return None
         key = max(keys, key=values.get)
