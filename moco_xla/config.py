@@ -37,6 +37,8 @@ class DataConfig:
     on_bad_sample: str = "error"     # error | skip
     test_fraction: float = 0.3       # digits: held-out stratified split
     val_size: int = 0                # > 0: this many training images (seeded, class-balanced) replace the test set
+    subset: str | None = None        # null: every training image; "1000" or "100/class": a balanced seeded slice
+    subset_seed: int = 0             # which slice data.subset draws (the same in pre-training and eval)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .eval.rows import SEMISUP_ROWS
+from .eval.rows import SEMISUP_ROWS, study_margins, study_titles
 
 SIZE, DPI = (6.4, 4.0), 100  # 640 x 400 pixels
 
@@ -113,6 +113,7 @@ def semisup_plot(studies: dict[str, dict], path: Path) -> Path | None:
         return None
     counts = sorted(studies, key=int)
     rows = [r for r in SEMISUP_ROWS if any(r in studies[n]["rows"] for n in counts)]
+    names = {k: v for n in reversed(counts) for k, v in study_titles(studies[n]).items()}  # raw pixels named
     height_in = max(SIZE[1], 0.2 + 0.45 * len(rows) * (1 + 0.25 * len(counts)))
     fig, ax = _figure("few labels: test top-1", "test top-1 (%)", "", (SIZE[0], height_in))
     ax.grid(False, axis="y")  # rows are categories: only the percent axis gets lines
@@ -120,10 +121,18 @@ def semisup_plot(studies: dict[str, dict], path: Path) -> Path | None:
     for j, n in enumerate(counts):
         ys = [i + (j - (len(counts) - 1) / 2) * height for i in range(len(rows))]
         xs = [studies[n]["rows"].get(r) or 0.0 for r in rows]
-        bars = ax.barh(ys, xs, height, label=f"{n} labels")
+        bars = ax.barh(ys, xs, height, label=f"{n} labels{_margins_note(study_margins(studies[n]))}")
         ax.bar_label(bars, fmt="%.1f", fontsize="x-small", padding=2)
-    ax.set_yticks(range(len(rows)), [SEMISUP_ROWS[r] for r in rows], fontsize="small")
+    ax.set_yticks(range(len(rows)), [names[r] for r in rows], fontsize="small")
     ax.invert_yaxis()
     ax.set_xlim(0, 110)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=len(counts), fontsize="small")
+    ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.08), fontsize="small")  # long entries: leftwards
     return _save(fig, path)
+
+
+def _margins_note(m: dict[str, dict]) -> str:
+    """A legend entry's margins of the best MoCo row (eval/rows.py margins), e.g. ': best MoCo +1.5 vs
+    no pre-training, +3.9 vs scratch'."""
+    parts = [f"{m[key]['margin']:+.1f} vs {what}" for key, what in
+             (("over_no_pretraining", "no pre-training"), ("over_scratch", "scratch")) if key in m]
+    return f": best MoCo {', '.join(parts)}" if parts else ""

@@ -293,9 +293,18 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
     record = [r for r in read_metrics(out) if r["type"] == "semisup"][-1]
     assert {k: record[k] for k in study["rows"]} == study["rows"]
     for title in ("MoCo fine-tuned + distilled", "from scratch + distilled",
-                  "MoCo + 0.5 pixels label propagation + distilled", "raw-pixel label propagation + distilled",
-                  "from " + str(labels.resolve())):
+                  "MoCo + 0.5 x raw pixels label propagation + distilled", "raw-pixel label propagation + distilled",
+                  "from " + str(labels.resolve()), "points over the strongest row without pre-training",
+                  "points over the best from scratch"):
         assert title in p.stdout
+    assert study["raw_pixels"] == ["moco_labelprop", "pixel_labelprop", "pixel_logistic"]
+    assert "raw pixels" in study["titles"]["moco_labelprop"]
+    m = study["margins"]
+    assert m["best_moco"]["top1"] == max(study["rows"][k] for k in ("moco_probe", "moco_finetune", "moco_distill",
+                                                                    "moco_labelprop"))
+    assert m["over_scratch"]["margin"] == m["best_moco"]["top1"] - max(
+        study["rows"]["supervised_scratch"], study["rows"]["scratch_distill"])
+    assert m["over_no_pretraining"]["margin"] <= m["over_scratch"]["margin"]
     # eval.semisup.rows: the chosen rows (and the teacher a distilled row needs) alone, each as in the full study
     p = run_eval(_study_args(tiny_ckpt, labels, tmp_path / "some",
                              "--set", "eval.semisup.rows=scratch_distill,moco_labelprop"))

@@ -25,6 +25,7 @@ from .badsamples import SkipCounter
 from .datasets import REGISTRY, build_raw, dataset_names, spec
 from .loaders import EpochLoader, EvalLoader, Transformed, eval_loader, gathered_order, pretrain_loader
 from .shardset import ShardSet, check_shard_root, is_shard_root
+from .subsets import check_subset, slice_train
 from .device_augment import DeviceAugment, identity
 from .transforms import device_recipe, eval_transform, views_transform
 from .validation import carve
@@ -58,6 +59,7 @@ def check(cfg) -> None:
     """UserError for what can be known before replicas start: name, root, bucket, manifests, layout."""
     d = cfg.data
     s = spec(d.dataset)
+    check_subset(d, bool(d.root and is_shard_root(d.root)))
     if d.root and is_shard_root(d.root):
         check_shard_root(d)
     elif s.name == "digits":
@@ -79,6 +81,7 @@ def build(cfg) -> DataBundle:
     if d.root and is_shard_root(d.root):
         if d.val_size:
             raise UserError("data.val_size needs a local data.root (shards carry no validation split); valid: 0")
+        check_subset(d, sharded=True)
         train_m, test_m = check_shard_root(d)
 
         def shards(m, t) -> ShardSet:
@@ -90,7 +93,8 @@ def build(cfg) -> DataBundle:
     if d.val_size:  # choose settings on held-out training images, never on the test set
         raw.train, raw.test = carve(raw.train, d.val_size)
     n = len(raw.classes)
-    return DataBundle(Transformed(raw.train, pre_t, n, skips), Transformed(raw.train, eval_t, n, skips),
+    train = slice_train(raw.train, d, n)  # data.subset
+    return DataBundle(Transformed(train, pre_t, n, skips), Transformed(train, eval_t, n, skips),
                       Transformed(raw.test, eval_t, n, skips), n, raw.classes, skips)
 
 

@@ -1,6 +1,7 @@
-"""Views of a train split for the evaluation: who is labelled, and how the images are seen.
+"""Views of a train split: a balanced slice of it (data.subset), who is labelled, how the images are seen.
 
-A seeded class-balanced draw of N labelled images, a user's labels file (``index,label`` or
+A balanced seeded slice of a large train set (``data.subset``, for pre-training and the study
+alike), a seeded class-balanced draw of N labelled images, a user's labels file (``index,label`` or
 ``path,label`` rows), held-out unlabelled images to choose settings on, images relabelled with
 chosen labels, and the same images under another transform (supervised crops, Noisy Student's
 clean-and-augmented pairs). All take a ``data.build()`` dataset and return map-style datasets.
@@ -44,6 +45,8 @@ def train_labels(ds) -> torch.Tensor:
     if isinstance(ds, ShardSet):
         raise UserError("the few-label study needs random access to the train images; shards stream. "
                         "Use a local data.root in the dataset's own format")
+    if isinstance(ds, Subset):  # e.g. what data.val_size leaves for training
+        return train_labels(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
     base = getattr(ds, "base", ds)
     for attr in ("targets", "labels"):
         if hasattr(base, attr):
@@ -53,10 +56,11 @@ def train_labels(ds) -> torch.Tensor:
     return torch.tensor([base[i][1] for i in range(len(base))], dtype=torch.long)
 
 
-def balanced_subset(labels: torch.Tensor, n: int, classes: int, seed: int) -> torch.Tensor:
-    """``n`` indices, n // classes per class (the remainder to randomly chosen classes), seeded."""
+def balanced_subset(labels: torch.Tensor, n: int, classes: int, seed: int, name: str = "--labels") -> torch.Tensor:
+    """``n`` indices, n // classes per class (the remainder to randomly chosen classes), seeded; errors name
+    the setting ``name``."""
     if n < classes:
-        raise UserError(f"--labels {n} is fewer than the {classes} classes; use at least {classes}")
+        raise UserError(f"{name} {n} is fewer than the {classes} classes; use at least {classes}")
     g = torch.Generator().manual_seed(seed)
     per_class = [n // classes] * classes
     for c in torch.randperm(classes, generator=g)[: n % classes].tolist():
@@ -65,10 +69,75 @@ def balanced_subset(labels: torch.Tensor, n: int, classes: int, seed: int) -> to
     for c, k in enumerate(per_class):
         pool = (labels == c).nonzero().flatten()
         if len(pool) < k:
-            raise UserError(f"--labels {n} needs {k} images of class {c}, the train set has {len(pool)}; "
+            raise UserError(f"{name} {n} needs {k} images of class {c}, the train set has {len(pool)}; "
                             f"use at most {classes * int(torch.bincount(labels, minlength=classes).min())}")
         picked.append(pool[torch.randperm(len(pool), generator=g)[:k]])
     return torch.cat(picked).sort().values
+
+
+# ----------------------------------------------------------------------------- data.subset
+
+SUBSET_FORMAT = "null (every training image), a total such as 1000, or a count per class such as 100/class"
+
+
+def parse_subset(text: str | None) -> tuple[int, bool]:
+    """data.subset as (count, per_class): null -> (0, False), '1000' -> (1000, False), '100/class' -> (100, True)."""
+    text = str(text or "").strip()
+    if not text:
+        return 0, False
+    count, per_class = (text[: -len("/class")], True) if text.endswith("/class") else (text, False)
+    if not count.strip().isdigit() or int(count) < 1:
+        raise UserError(f"config key 'data.subset' is {text!r}; valid: {SUBSET_FORMAT}")
+    return int(count), per_class
+
+
+def check_subset(data_cfg, sharded: bool) -> None:
+    """data.subset's format, before replicas start; a slice needs random access (no streamed shards)."""
+    count, _ = parse_subset(data_cfg.subset)
+    if count and sharded:
+        raise UserError(f"data.subset={data_cfg.subset} needs a data.root in the dataset's own format; "
+                        f"shards stream (write shards of the slice instead)")
+
+
+def slice_train(train: Dataset, data_cfg, classes: int) -> Dataset:
+    """The raw train set, or its balanced seeded slice (data.subset, data.subset_seed): the same images for
+    the same seed in pre-training and in the evaluation; labels-file indices count within the slice."""
+    count, per_class = parse_subset(data_cfg.subset)
+    if not count:
+        return train
+    n = count * classes if per_class else count
+    picked = balanced_subset(train_labels(train), n, classes, data_cfg.subset_seed,
+                             f"data.subset={data_cfg.subset}: a balanced slice of")
+    return TrainSlice(train, picked)
+
+
+class TrainSlice(Dataset):
+    """Images ``indices`` of a raw train set, keeping what the pipeline reads of one: labels (``targets``),
+    encoded bytes and file paths where the set has them, and where a bad sample came from."""
+
+    def __init__(self, source: Dataset, indices: torch.Tensor) -> None:
+        self.source, self.indices = source, indices.tolist()
+        self.targets = train_labels(source)[indices].tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[self.indices[i]]
+
+    @property
+    def encoded(self) -> Callable:
+        read = self.source.encoded  # AttributeError where the set keeps no encoded bytes
+        return lambda i: read(self.indices[i])
+
+    @property
+    def samples(self) -> list:
+        return [self.source.samples[j] for j in self.indices]  # AttributeError where there are no paths
+
+    def describe(self, i: int) -> str:
+        describe = getattr(self.source, "describe", None)
+        j = self.indices[i]
+        return describe(j) if describe else f"#{j} of {type(self.source).__name__} (data.subset #{i})"
 
 
 def subset(ds, indices: torch.Tensor) -> Dataset:

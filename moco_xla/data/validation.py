@@ -8,22 +8,13 @@ with ``data.val_size = 0``).
 from __future__ import annotations
 
 import numpy as np
-import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 
 from ..errors import UserError
+from .subsets import train_labels
 
 SEED = 0  # one fixed split: every trial of a recipe search is scored on the same images
-
-
-def labels_of(ds: Dataset) -> np.ndarray:
-    """Integer labels of every sample (from ``targets``/``labels`` when the dataset holds them)."""
-    for name in ("targets", "labels"):
-        held = getattr(ds, name, None)
-        if held is not None and len(held) == len(ds):
-            return torch.as_tensor(held).numpy()
-    return np.array([int(ds[i][1]) for i in range(len(ds))])
 
 
 def carve(train: Dataset, size: int, seed: int = SEED) -> tuple[Subset, Subset]:
@@ -31,6 +22,6 @@ def carve(train: Dataset, size: int, seed: int = SEED) -> tuple[Subset, Subset]:
     if not 0 < size < len(train):
         raise UserError(f"data.val_size={size} must be in 1..{len(train) - 1} (fewer than the {len(train)} "
                         f"training images; 0: no validation split)")
-    labels = labels_of(train)
+    labels = train_labels(train).numpy()
     keep, val = train_test_split(np.arange(len(train)), test_size=size, random_state=seed, stratify=labels)
     return Subset(train, np.sort(keep).tolist()), Subset(train, np.sort(val).tolist())

@@ -35,7 +35,7 @@ from .fewlabels import run_semisup
 from .fewlabels_split import semisup_batch, summary_key
 from .knn import knn_accuracy
 from .lincls import run_linear
-from .rows import selected_rows, title
+from .rows import selected_rows, study_margins, study_titles
 
 COMMANDS = ("knn", "linear", "semisup")
 
@@ -191,13 +191,26 @@ def print_study(study: dict[str, Any]) -> None:
     source = f"from {study['labels_file']}" if study.get("labels_file") else f"draw {study['seed']}"
     print(f"  {study['labels']} labelled images ({study['per_class']:g} per class, {source}); "
           f"{where} top-1 on {study['test_images']} images:")
-    pixels = study.get("labelprop", {}).get("pixel_weight", 0)
-    shown = {row.key: title(row.key, pixels) for row in selected_rows("all") if row.key in study["rows"]}
+    if study.get("diagnostic"):
+        print(f"  DIAGNOSTIC ONLY: {study['diagnostic_note']}")
+    shown = study_titles(study)
     width = max(map(len, shown.values()))
     best = study["rows"][study["best"]]
     for key, name in shown.items():
         mark = "  <- best" if study["rows"][key] == best else ""  # a tie marks every row that has it
         print(f"    {name:<{width}} {study['rows'][key]:6.2f}%{mark}")
+    print_margins(study_margins(study))
+
+
+def print_margins(m: dict[str, dict]) -> None:
+    """The best MoCo row against the strongest row without pre-training and the best from-scratch row."""
+    if "best_moco" not in m:
+        return
+    against = [f"{m[key]['margin']:+.2f} points over {what} ({m[key]['title']})"
+               for key, what in (("over_no_pretraining", "the strongest row without pre-training"),
+                                 ("over_scratch", "the best from scratch")) if key in m]
+    if against:
+        print(f"  best MoCo row ({m['best_moco']['title']}): " + "; ".join(against))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from .fewlabels_split import (SemisupSplit, distill_batch, distill_views, label_
 from .fit import image_accuracy, image_batches, train_classifier
 from .labelprop import graph_features
 from .probe import extract, head_accuracy, pixel_logistic, train_probe
-from .rows import Row, row_lr, row_steps, selected_rows
+from .rows import Row, margins, row_lr, row_steps, selected_rows, title, uses_pixels
 
 
 @dataclass
@@ -180,12 +180,22 @@ def run_semisup(job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
 
 
 def study_summary(cfg: Config, st: Study, values: dict[str, float], ckpt: str) -> dict[str, Any]:
+    """The study's rows, names and margins (rows.margins), and the settings behind them; ``titles`` names
+    every row as the table does, ``raw_pixels`` lists the rows that see the raw pixels."""
     s, d, n = cfg.eval.semisup, cfg.eval.semisup.distill, len(st.split.picked)
+    titles = {key: title(key, s.labelprop.pixel_weight) for key in values}
     return {
         "labels": n, "per_class": n / st.classes, "rows": values, "best": max(values, key=values.get),
+        "titles": titles, "raw_pixels": [key for key in values if uses_pixels(key, s.labelprop.pixel_weight)],
+        "margins": margins(values, titles),
         "steps": s.steps, "augment": s.augment, "seed": s.seed, "labels_file": s.labels_file,
         "ckpt": ckpt, "lr": {"probe": s.probe_lr, "finetune": s.finetune_lr, "scratch": s.lr},
         "distill": {**dataclasses.asdict(d), "batch_size": st.all_batch, "label_batch_size": st.label_batch,
                     "unlabelled_pool": len(st.split.pool)},
         "labelprop": dataclasses.asdict(s.labelprop),
-        "scored_on": st.split.scored_on, "test_images": len(st.split.test)}
+        "scored_on": st.split.scored_on, "test_images": len(st.split.test),
+        "diagnostic": bool(s.holdout), "diagnostic_note": HOLDOUT_NOTE if s.holdout else ""}
+
+
+HOLDOUT_NOTE = ("eval.semisup.holdout: scored on unlabelled held-out training images for method development; "
+                "a diagnostic, not a reported figure (the labels scoring it are more than the study's N)")
