@@ -31,6 +31,15 @@ def _by_name(requirements: list[str]) -> dict[str, str]:
     return {_name(r): re.sub(r"\[[^\]]*\]", "", r).replace(" ", "") for r in requirements}
 
 
+def test_every_console_script_names_a_callable_main():
+    """Each `moco-xla*` script points at an importable function (a wheel's launcher would fail late)."""
+    import importlib
+    assert PYPROJECT["scripts"], "pyproject.toml declares no console scripts"
+    for script, target in PYPROJECT["scripts"].items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr, None)), f"{script} -> {target}"
+
+
 def test_requirements_files_match_pyproject():
     """requirements.txt = the [xla] pins + the base dependencies but torch's range;
     requirements-dev.txt = it + the [dev] extra. The base torch range admits the [xla] pins."""
