@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,7 @@ def _check(kind: str, nb, cwd: Path) -> None:
     assert all(row in printed for row in study["rows"]), printed[-2000:]
 
 
+@pytest.mark.needs_xla  # the TPU notebooks: without the torch_xla pins their setup cell pip installs them
 def test_notebooks_run_headless(tmp_path, monkeypatch):
     """Both notebooks at once (two kernels): their cells mostly wait on child processes."""
     monkeypatch.setenv("MOCO_XLA_SMOKE", "1")
