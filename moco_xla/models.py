@@ -88,7 +88,7 @@ class SyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.runtime.world_size == 1:
             return super().forward(x)
-        n, c = x.shape[0], x.shape[1]
+        c = x.shape[1]
         count = x.numel() / c * self.runtime.world_size
         xf = x.float()  # statistics in fp32 under bf16/fp16 autocast (E[x^2] - E[x]^2 cancels)
         stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3))])

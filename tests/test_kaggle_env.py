@@ -8,14 +8,23 @@ import sys
 import textwrap
 from pathlib import Path
 
-from moco_xla.runtime import xla
+import pytest
+
+pytestmark = pytest.mark.needs_xla  # the fix lives in the torch_xla backend's spawn path
+
+
+@pytest.fixture
+def xla():
+    from moco_xla.runtime import xla
+    return xla
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
 MESSAGE = "removed TPU_PROCESS_ADDRESSES=local"
 
 
-def test_local_addresses_removed_and_user_told_once(monkeypatch, capsys):
+def test_local_addresses_removed_and_user_told_once(xla, monkeypatch, capsys):
     monkeypatch.setattr(xla, "_told_kaggle", [])
     env = {"TPU_PROCESS_ADDRESSES": "local", "PJRT_DEVICE": "TPU"}
     assert xla.correct_spawn_environment(env) is True
@@ -26,7 +35,7 @@ def test_local_addresses_removed_and_user_told_once(monkeypatch, capsys):
     assert capsys.readouterr().err.count(MESSAGE) == 1
 
 
-def test_real_address_lists_are_left_alone(monkeypatch, capsys):
+def test_real_address_lists_are_left_alone(xla, monkeypatch, capsys):
     monkeypatch.setattr(xla, "_told_kaggle", [])
     env = {"TPU_PROCESS_ADDRESSES": "localhost:8476,localhost:8477"}
     assert xla.correct_spawn_environment(env) is False

@@ -17,11 +17,10 @@ Python, tested without a TPU.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 
