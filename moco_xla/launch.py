@@ -90,9 +90,16 @@ def start(backend: str, cores: int, cfg: Config, out: str, resume: str | None = 
 
     Raises RunStopped (UserError, NonFiniteLoss, Preempted) with the replicas' exit code.
     """
-    from .runtime.xla import compile_cache_environment
-    with compile_cache_environment(out) if backend == "xla" else contextlib.nullcontext():
+    with _compile_cache(backend, out):
         replicas.start(backend, cores, run_replica, (cfg, out, resume))
+
+
+def _compile_cache(backend: str, out: str) -> contextlib.AbstractContextManager:
+    """XLA's persistent compilation cache for the replicas (runtime/xla.py); nothing elsewhere."""
+    if backend != "xla":
+        return contextlib.nullcontext()
+    from .runtime.xla import compile_cache_environment
+    return compile_cache_environment(out)
 
 
 def set_diagnostics(profile: str | None, graph_check: str | None) -> None:

@@ -109,10 +109,8 @@ def data_source(cfg: Config) -> str:
     bundle = data.build(cfg)
     where = cfg.data.root or "bundled"
     if isinstance(bundle.bank, data.ShardSet):  # streamed: open the first shard, read its first bytes
-        from .checkpoint import _fs
         url = bundle.bank.manifest.shard_url(0)
-        fs, path = _fs(url)
-        with fs.open(path, "rb") as f:
+        with data.storage.open_stream(url) as f:
             head = f.read(512)
         first = f"first shard {url} opened ({len(head)} bytes read)"
     else:
@@ -123,18 +121,19 @@ def data_source(cfg: Config) -> str:
 
 def checkpoints(cfg: Config, out: str | None, backend: str, world: list[int]) -> str:
     """The checkpoint directory takes a file (written, read back, removed); gs:// with several hosts."""
-    from . import checkpoint as ckpt
+    from .checkpoint import checkpoint_dir
+    from .data import storage
     from .runtime import hosts
-    directory = ckpt.checkpoint_dir(cfg, out or "runs/preflight")
-    ckpt.check_storage(directory)
+    directory = checkpoint_dir(cfg, out or "runs/preflight")
+    storage.check_writable(directory)
     n_hosts = hosts(backend)
-    if n_hosts > 1 and not directory.startswith("gs://"):
+    if n_hosts > 1 and not storage.is_remote(directory):
         raise CheckFailed(f"{directory} is local but the job runs on {n_hosts} hosts; set "
                           f"checkpoint.dir=gs://BUCKET/PATH")
-    probe = ckpt.join(directory, f".preflight-{os.getpid()}")
+    probe = storage.join(directory, f".preflight-{os.getpid()}")
     try:
-        ckpt.write_atomic(probe, b"moco_xla preflight")
-        if ckpt.read_bytes(probe) != b"moco_xla preflight":
+        storage.write_bytes(probe, b"moco_xla preflight")
+        if storage.read_bytes(probe) != b"moco_xla preflight":
             raise CheckFailed(f"{directory}: a file written there reads back differently")
     except OSError as e:
         raise CheckFailed(f"{directory} is not writable ({e})") from None
@@ -145,9 +144,9 @@ def checkpoints(cfg: Config, out: str | None, backend: str, world: list[int]) ->
 
 
 def _remove(path: str) -> None:
-    from .checkpoint import _fs
+    from .data import storage
     try:
-        fs, p = _fs(path)
+        fs, p = storage.filesystem(path)
         if fs.exists(p):
             fs.rm(p)
     except OSError:

@@ -184,6 +184,7 @@ json.dump({"after": {k: compiles[-1][k] - first[k] for k in first}, "dtype": str
 """
 
 
+@pytest.mark.needs_xla
 def test_device_augment_compiles_once_on_xla(tmp_path):
     out = tmp_path / "xla.json"
     env = {**os.environ, "PJRT_DEVICE": "CPU", "XLA_FLAGS": "--xla_backend_optimization_level=0",

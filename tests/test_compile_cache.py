@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 import xla_fns
 from xla_replicas import run_replicas
 
 N, STEPS = 2, 2
+
+pytestmark = pytest.mark.needs_xla  # torch_xla's persistent cache on XLA:CPU replicas
 
 
 def test_second_run_finds_every_graph_in_the_cache(tmp_path, tiny_cfg, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import run_gloo
@@ -54,6 +55,7 @@ def test_pixel_knn_equals_numpy_and_centring_matters():
     assert float((uncentred @ uncentred.t()).min()) > 0.9  # without centring every pair looks alike
 
 
+@pytest.mark.needs_xla
 def test_pixel_knn_same_on_two_gloo_and_two_xla_replicas():
     single = pixel_knn_on(make_runtime("local"), 45, 31)  # 31 test images: padding on one replica
     assert run_gloo(pixel_knn_on, 2, 45, 31) == [single, single]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "model.width=4", "--set", "moco.K=64"]
 
@@ -31,6 +33,7 @@ def test_preflight_on_gloo_all_ok(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.needs_xla
 def test_preflight_on_the_xla_rehearsal_compiles_one_step(tmp_path):
     p = check("--backend", "xla", "--cores", "2", "--config", "tiny", "--out", str(tmp_path / "run"), *SMALL,
               env={"PJRT_DEVICE": "CPU", "TPU_PROCESS_ADDRESSES": "local",
