@@ -80,6 +80,7 @@ def test_loader_and_machine_recorded(bench):
 
 @pytest.mark.parametrize("args, what", [
     (["--backend", "tpu"], "--backend 'tpu'"), (["--batch", "1"], "--batch must be >= 2"),
+    (["--pipelnes"], "did you mean --pipelines?"),
     pytest.param(["--backend", "xla", "--precision", "fp16"], "train.precision=fp16", marks=pytest.mark.needs_xla),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, args, what):

@@ -7,13 +7,13 @@ import importlib.util
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import RunStopped, UserError
+from .. import cli
+from ..errors import UserError
 from .loader import loader_rows
 from .official import comparison_for, run_comparison
 from .steps import Workload, run_in_child, shuffle_count_bytes, workload_for
@@ -22,7 +22,7 @@ DESCRIPTION = "``python -m moco_xla.bench``: how close MoCo runs to the hardware
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moco_xla.bench", description=DESCRIPTION)
+    p = cli.parser("python -m moco_xla.bench", DESCRIPTION)
     p.add_argument("--backend", default="auto",
                    help="comma-separated: cpu, xla, cuda, auto (default auto: TPU, else CUDA, else CPU)")
     p.add_argument("--quick", action="store_true", help="tiny model, a few steps (seconds; for tests)")
@@ -192,17 +192,16 @@ def official_line(backend: str, r: dict[str, Any], w: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file; pass a directory")
-        if args.pipelines:
-            return run_pipelines(args.quick, out)
-        results = run(args)
-    except RunStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    argv = cli.argv_or_sys(argv)
+    return cli.run(lambda: bench(parse_args(argv)), argv)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """The step-time rows (or ``--pipelines``) to <out>; 1 when a backend's row failed."""
+    out = cli.out_dir(Path(args.out))
+    if args.pipelines:
+        return run_pipelines(args.quick, out)
+    results = run(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
