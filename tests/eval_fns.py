@@ -163,8 +163,9 @@ def study_propagation(rt) -> dict:
     bundle = data.build(cfg)
     split = semisup_split(cfg, bundle)
     labels = propagated_labels(rt, nn.Flatten(), bundle.bank, split, 10, 5, cfg)
-    torch.manual_seed(0)  # the same conv layer on every replica
-    conv = nn.Sequential(nn.Conv2d(cfg.model.in_channels, 4, 3, stride=2), nn.Flatten())
+    rt.manual_seed(0)  # the same conv layer on every replica, drawn from the replica's own CPU stream (replica
+    with rt.cpu_rng():  # threads of one process share torch's global generator, and seeding it races)
+        conv = nn.Sequential(nn.Conv2d(cfg.model.in_channels, 4, 3, stride=2), nn.Flatten())
     joined = propagated_labels(rt, graph_features(conv, 0.5), bundle.bank, split, 10, 5, cfg)
     truth = train_labels(bundle.bank)[split.pool]
     return {"labels": labels, "accuracy": float((labels == truth).float().mean() * 100), "joined": joined,
