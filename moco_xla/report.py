@@ -4,7 +4,9 @@ Every record goes to ``<out>/metrics.jsonl`` (the source of truth, one JSON obje
 per line) and its numeric fields to TensorBoard as ``<type>/<field>`` scalars in
 ``<out>/tensorboard``. When the writer closes, ``plots.plot_run`` redraws the PNGs
 in ``<out>/plots`` from metrics.jsonl, so the plots always show the whole run,
-resumed parts included.
+resumed parts included. With a ``mirror`` (records.py: checkpoint.dir on gs://) the
+files are also copied to ``<checkpoint.dir>/records`` at log intervals, checkpoints, epoch
+ends and on close, so every host of a pod slice and every resume find them.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .records import RecordsMirror
 
 TB_DIR, PLOTS_DIR = "tensorboard", "plots"
 NOT_SCALARS = ("type", "step", "epoch")
@@ -23,10 +28,12 @@ class MetricsWriter:
     """Appends records to metrics.jsonl and TensorBoard; a no-op on non-master replicas."""
 
     def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
-                 plots: bool = True, purge_step: int | None = None) -> None:
-        """``purge_step``: a resumed run rewrites steps from there on; TensorBoard hides the old ones."""
+                 plots: bool = True, purge_step: int | None = None, mirror: RecordsMirror | None = None) -> None:
+        """``purge_step``: a resumed run rewrites steps from there on; TensorBoard hides the old ones.
+        ``mirror``: where the records are also copied (records.RecordsMirror), or None."""
         self.out = Path(out_dir)
         self.enabled, self.plots = enabled, plots
+        self.mirror = mirror if enabled else None
         self._tb = None
         if enabled:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -45,20 +52,44 @@ class MetricsWriter:
             x = step if step is not None else record.get("step", record.get("epoch", 0))
             for key, value in scalars(record).items():
                 self._tb.add_scalar(f"{record.get('type', 'record')}/{key}", value, global_step=x)
+        if self.mirror is not None:  # at log intervals: only once an interval has passed
+            light, heavy = self.mirror.light_due(), self.mirror.heavy_due()
+            if light or heavy:
+                self._push(light, heavy)
+
+    def sync(self) -> None:
+        """Copy the records to the mirror now (after a checkpoint or an epoch's record); TensorBoard
+        and plots only when their interval has passed. A no-op without a mirror."""
+        if self.mirror is not None:
+            self._push(light=True, heavy=self.mirror.heavy_due())
 
     def close(self) -> None:
-        """Flush everything and redraw the plots from metrics.jsonl."""
+        """Flush everything, redraw the plots from metrics.jsonl and copy it all to the mirror."""
         if not self.enabled:
             return
         self._f.close()
         if self._tb is not None:
             self._tb.close()
         if self.plots:
-            try:
-                from .plots import plot_run
-                plot_run(self.out / PLOTS_DIR, read_metrics(self.out), read_summary(self.out))
-            except Exception as e:  # a plot must never cost a finished run its exit code
-                warnings.warn(f"could not draw plots in {self.out / PLOTS_DIR}: {e}", RuntimeWarning)
+            self._draw_plots()
+        if self.mirror is not None:
+            self.mirror.push(light=True, heavy=True)
+
+    def _push(self, light: bool, heavy: bool) -> None:
+        """Flush the open files, redraw the plots when they go too, then upload."""
+        self._f.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        if heavy and self.plots:
+            self._draw_plots()
+        self.mirror.push(light=light, heavy=heavy)
+
+    def _draw_plots(self) -> None:
+        try:
+            from .plots import plot_run
+            plot_run(self.out / PLOTS_DIR, read_metrics(self.out), read_summary(self.out))
+        except Exception as e:  # a plot must never cost a run its exit code
+            warnings.warn(f"could not draw plots in {self.out / PLOTS_DIR}: {e}", RuntimeWarning)
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -99,6 +130,18 @@ def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return records
+
+
+def lines_up_to(text: str, global_step: int) -> list[str]:
+    """metrics.jsonl's whole lines whose step is at most ``global_step`` (a line cut by a kill dropped)."""
+    keep = []
+    for line in text.splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= global_step:
+                keep.append(line)
+        except (ValueError, AttributeError):
+            continue
+    return keep
 
 
 def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:

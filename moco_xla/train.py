@@ -12,7 +12,6 @@ mid-epoch included; SIGTERM and NaN/inf losses are agreed on across replicas by
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,8 @@ from .optim import build_optimizer as build_train_optimizer
 from .schedule import lr_at_epoch, lr_at_step, set_lr
 from .eval.pixel_knn import PixelReference
 from .profiling import GraphWatch, StepProfiler
-from .report import MetricsWriter, write_summary
+from .records import RecordsMirror, records_url
+from .report import MetricsWriter, lines_up_to, write_summary
 from .runtime import Runtime
 
 
@@ -174,6 +174,7 @@ def setup(cfg: Config, rt: Runtime, out_dir: Path, resume: str | None,
         if rt.is_master:
             tqdm.write(f"resuming {resume} at epoch {pos.epoch + 1}, step {pos.step}/{steps_per_epoch} "
                        f"(global step {pos.global_step})")
+    mirror = records_mirror(cfg, rt, out_dir, resume, pos.global_step)
     if rt.is_master:
         trim_metrics(out_dir, pos.global_step)
     guard = StopGuard(rt, pos.global_step, steps_per_epoch, stop_requested)
@@ -184,12 +185,27 @@ def setup(cfg: Config, rt: Runtime, out_dir: Path, resume: str | None,
         steps_per_epoch,
         step_schedule(cfg, model, optimizer, steps_per_epoch),
         CheckpointStore(checkpoint_dir(cfg, out_dir), cfg.checkpoint.keep), pos, carried_sums,
-        MetricsWriter(out_dir, enabled=rt.is_master, purge_step=pos.global_step + 1 if resume else None),
+        MetricsWriter(out_dir, enabled=rt.is_master, purge_step=pos.global_step + 1 if resume else None,
+                      mirror=mirror),
         CollapseDetector(cfg, model.uniform_loss()), guard,
         GraphWatch(rt), StepProfiler(rt),  # XLA graph hygiene; --profile DIR traces
         resume, pos.global_step, pos.wall_s, PixelReference(rt, bundle, cfg.eval, cfg.data.workers))
     restore_rng()  # last thing before the first step
     return session
+
+
+def records_mirror(cfg: Config, rt: Runtime, out_dir: Path, resume: str | None,
+                   global_step: int) -> RecordsMirror | None:
+    """The master's copy of its records beside a gs:// checkpoint.dir (records.py), where every host and
+    every resume find them; a resumed run first takes them back. None: the records stay in --out only."""
+    url = records_url(checkpoint_dir(cfg, out_dir))
+    if url is None or not rt.is_master:
+        return None
+    mirror = RecordsMirror(out_dir, url)
+    restored = bool(resume) and mirror.restore(global_step)
+    tqdm.write(f"records in {out_dir}, copied to {url}{' (history restored from there)' if restored else ''}")
+    mirror.announce()
+    return mirror
 
 
 def train_one_epoch(s: Session, epoch: int) -> EpochRun:
@@ -268,11 +284,13 @@ def end_epoch(s: Session, epoch: int, run: EpochRun) -> None:
         path = save(s, run.lr, torch.zeros(2))
         if stop and not last:
             s.writer.write(record)
+            s.writer.sync()
             _preempted(path, pos, s.steps_per_epoch)
     if _knn_due(cfg, epoch):
         record["knn_top1"], record["pixel_knn_top1"] = evaluate(s, epoch), s.pixels.top1
     record["collapse"] = s.collapse.check(epoch, epoch_log["loss"])
     s.writer.write(record)
+    s.writer.sync()  # the epoch's record reaches the mirror now, not a log interval later
     if rt.is_master:
         knn = f"  knn {pos.knn_top1:.2f}% (pixels {s.pixels.top1:.2f}%)" if "knn_top1" in record else ""
         tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_log['loss']:.4f}  "
@@ -301,6 +319,7 @@ def save(s: Session, lr: float, sums: torch.Tensor) -> str:
         s.rt.sync_batchnorm_stats(s.model)  # a resumed run gives every replica these statistics
         s.guard.last_checkpoint = save_checkpoint(s.rt, s.store, s.cfg, s.model, s.optimizer, s.scaler, s.pos,
                                                   lr, sums)
+    s.writer.sync()  # the records up to this checkpoint, beside it
     return s.guard.last_checkpoint
 
 
@@ -341,13 +360,7 @@ def trim_metrics(out_dir: Path, global_step: int) -> None:
     path = out_dir / "metrics.jsonl"
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= global_step:
-                keep.append(line)
-        except ValueError:
-            continue
+    keep = lines_up_to(path.read_text(), global_step)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(f"{line}\n" for line in keep))
     os.replace(tmp, path)

@@ -61,6 +61,14 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def read_bytes_or_none(url: str) -> bytes | None:
+    """The file's bytes, or None when there is no such file (other errors raise)."""
+    try:
+        return read_bytes(url)
+    except FileNotFoundError:
+        return None
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` so that readers see the old file or the whole new one, never a part."""
     if is_remote(url):
@@ -154,6 +162,11 @@ def _gcs_endpoint() -> tuple[str, int]:
         u = urlparse(emulator if "://" in emulator else f"http://{emulator}")
         return u.hostname or "localhost", u.port or (443 if u.scheme == "https" else 80)
     return "storage.googleapis.com", 443
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line, for one-line messages."""
+    return _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:
