@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -210,7 +211,6 @@ def test_logs_follows_the_worker_the_bucket_names(resumed_run, tmp_path):
     dry = subprocess.run([str(LOGS), "--name", "moco", "--zone", "us-central2-b", "--run", "c10", "--ckpt", CKPT,
                           "--no-follow", "--lines", "1", "--dry-run"], capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
-    import shlex
     argv = shlex.split(dry.stdout)
     assert "--worker=all" in argv
     command = argv[argv.index("--command") + 1]
