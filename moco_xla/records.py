@@ -71,7 +71,7 @@ class RecordsMirror:
             summary = storage.read_bytes_or_none(storage.join(self.remote, "summary.json"))
             if summary is not None:
                 storage.write_bytes(str(self.local / "summary.json"), summary)
-        except OSError as e:  # continuing would replace the remote history with this host's part
+        except Exception as e:  # continuing would replace the remote history with this host's part
             raise UserError(f"cannot read the run's records in {self.remote} ({type(e).__name__}: "
                             f"{storage.first_line(e)}); check the bucket and resume again") from None
         return True
