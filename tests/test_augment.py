@@ -1,7 +1,7 @@
-"""The MoCo augmentation split between host (crop, resize, flip: uint8) and device (colour, blur,
-normalisation) means what the recipe means: its random draws follow the recipe (fixed-seed
-statistical checks), a view made the new way equals torchvision's ops on the same parameters,
-and the device half compiles once on XLA (static shapes, no host reads).
+"""The MoCo augmentation split between host (crop, resize, flip: uint8, channels last) and device
+(channels first, colour, blur, normalisation) means what the recipe means: its random draws
+follow the recipe (fixed-seed statistical checks), a view made the new way equals torchvision's
+ops on the same parameters, and the device half compiles once on XLA (static shapes, no host reads).
 """
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ def test_views_flip_half_the_time_and_are_uint8(encoded):
     flipped = []
     for _ in range(300):
         for view in views(image):
-            assert view.shape == (3, 32, 32) and view.dtype == torch.uint8
-            flipped.append(float(view[:, :, :4].float().mean() > view[:, :, -4:].float().mean()))
+            assert view.shape == (32, 32, 3) and view.dtype == torch.uint8 and view.is_contiguous()
+            flipped.append(float(view[:, :4].float().mean() > view[:, -4:].float().mean()))
     assert abs(np.mean(flipped) - 0.5) < 0.06
 
 
@@ -132,7 +132,7 @@ def test_a_device_view_equals_torchvision_on_the_same_parameters():
     p = da.draw_params(recipe, len(batch), "cpu", torch.Generator().manual_seed(3))
     assert p["gray"].any() and (p["sigma"] > 0).any() and (p["factors"][:, 3] != 0).any()
     new = da.apply(recipe, batch, p)
-    old = torch.stack([torchvision_view(img, i, p, recipe) for i, img in enumerate(batch)])
+    old = torch.stack([torchvision_view(img.permute(2, 0, 1), i, p, recipe) for i, img in enumerate(batch)])
     assert new.shape == old.shape and new.dtype == torch.float32
     assert (new - old).abs().max().item() < 2e-3  # float rounding only (normalised units)
 
@@ -159,7 +159,7 @@ def test_reduced_scale_jpeg_views_match_full_decode():
         for view, (t, l, h, w), flip in zip(new, boxes, flips):
             old = v2.functional.resized_crop(full, t, l, h, w, [48, 48], antialias=True)
             old = old.flip(-1) if flip else old
-            errors.append((view.float() - old.float()).abs().mean().item())
+            errors.append((view.permute(2, 0, 1).float() - old.float()).abs().mean().item())
     assert max(errors) < 4.0, errors  # of 255: resampling detail, not another crop or flip
 
 
@@ -172,7 +172,7 @@ rt = make_runtime("xla")
 aug = da.DeviceAugment(device_recipe("moco_v2", 16, 3))
 outs, compiles = [], []
 for step in range(4):
-    batch = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8).to(rt.device)
+    batch = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8).to(rt.device)
     y = aug(batch)
     rt.mark_step()
     rt.wait()

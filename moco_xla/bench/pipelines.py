@@ -10,7 +10,8 @@ not it). Rows, on each input set:
   RandomGrayscale 0.2, its GaussianBlur (PIL, sigma 0.1-2) p 0.5, flip, ToTensor,
   Normalize, two crops);
 - moco_xla before: decode_bytes, then the torchvision.transforms.v2 preset on tensors, twice;
-- moco_xla: transforms.CropViews (the host half: uint8 views; the device does the colour);
+- moco_xla: transforms.CropViews (the host half: uint8 views, channels last; the device does the
+  colour and the transposition);
 - decode: the JPEG decoded alone (the least any pipeline must do), with PIL, with
   torchvision.io, and as CropViews decodes (at the DCT scale its two crops allow).
 Inputs are made offline from scikit-learn's two photographs: ImageNet-size JPEGs (random
@@ -127,20 +128,20 @@ def decode_torchvision() -> Callable[[bytes], Any]:
 
 
 def decode_reduced(size: int = SIZE) -> Callable[[bytes], Any]:
-    """Decode only, as CropViews decodes: at the DCT scale its two crops allow (PIL draft)
-    where that is below full scale, else with torchvision.io."""
+    """Decode only, as CropViews decodes: the size from the JPEG header, then at the DCT scale
+    its two crops allow (PIL draft) where that is below full scale, else with torchvision.io."""
     import math
 
     from PIL import Image
 
-    from ..data.images import decode_bytes
+    from ..data.images import decode_bytes, jpeg_size
     from ..data.transforms import crop_params
 
     def run(data: bytes):
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            shrink = min(min(h, w) for _t, _l, h, w in (crop_params(height, width) for _ in range(2))) / size
-            if shrink >= 2:
+        width, height = jpeg_size(data)
+        shrink = min(min(h, w) for _t, _l, h, w in (crop_params(height, width) for _ in range(2))) / size
+        if shrink >= 2:
+            with Image.open(io.BytesIO(data)) as im:
                 im.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
                 return im.convert("RGB")
         return decode_bytes(data, 3)

@@ -36,7 +36,7 @@ __all__ = ["DataBundle", "EpochLoader", "EvalLoader", "REGISTRY", "ShardSet", "b
 
 @dataclass
 class DataBundle:
-    pretrain: Dataset | ShardSet   # yields ((view_q, view_k), label); uint8 views where device_views finishes them
+    pretrain: Dataset | ShardSet   # yields ((view_q, view_k), label); uint8 [H, W, C] views: device_views finishes them
     bank: Dataset | ShardSet       # train set, eval transform: yields (image, label)
     test: Dataset | ShardSet       # test set, eval transform
     num_classes: int

@@ -1,8 +1,9 @@
 """The colour half of MoCo's augmentation, as batched ops on the accelerator.
 
-The host crops, resizes and flips each view and ships it as uint8 (transforms.CropViews);
-inside the compiled step ``DeviceAugment`` does the rest of the recipe on the whole
-batch: colour jitter (random order of brightness, contrast, saturation, hue) with
+The host crops, resizes and flips each view and ships it as uint8, channels last
+([N, H, W, C]: the layout its resize writes; transforms.CropViews); inside the compiled step
+``DeviceAugment`` turns the batch channels-first and does the rest of the recipe on it:
+colour jitter (random order of brightness, contrast, saturation, hue) with
 probability p, random grayscale, Gaussian blur with a random sigma, and normalisation.
 Every sample draws its own parameters from an RNG the checkpoint keeps: on the
 device for XLA (``torch.rand`` on the batch's device: no host sync, the same shapes every
@@ -57,8 +58,9 @@ def draw_params(recipe: ColourRecipe, n: int, device, generator: torch.Generator
 
 
 def apply(recipe: ColourRecipe, images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float32 normalised, with the parameters ``p`` (draw_params)."""
-    x = images.float() / 255.0
+    """uint8 [N, H, W, C] -> float32 normalised [N, C, H, W], with the parameters ``p`` (draw_params).
+    The transposition to channels-first is part of the step (fused with the conversion to float)."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0
     if x.shape[1] == 3:
         if recipe.gray_first:
             x = _maybe_gray(x, p["gray"])
@@ -74,7 +76,8 @@ def apply(recipe: ColourRecipe, images: torch.Tensor, p: dict[str, torch.Tensor]
 
 
 class DeviceAugment:
-    """Called in the step on each view: ``im = augment(im)`` (uint8 in, float32 normalised out)."""
+    """Called in the step on each view: ``im = augment(im)`` (uint8 [N, H, W, C] in, float32
+    normalised [N, C, H, W] out)."""
 
     def __init__(self, recipe: ColourRecipe) -> None:
         self.recipe = recipe

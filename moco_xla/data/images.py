@@ -66,6 +66,33 @@ def encode_png(img: torch.Tensor) -> bytes:
     return tv_encode_png(img.contiguous()).numpy().tobytes()
 
 
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (DHT, JPG, DAC are not)
+_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD9)])  # TEM, RSTn, SOI: no length field
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, walking its segments (nothing decoded, no PIL:
+    a few microseconds). None where ``data`` is not a JPEG or its frame header cannot be read
+    (truncated, or a height left to a DNL segment): decode it to learn its size."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _SOF_MARKERS:
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return (width, height) if width and height else None
+        elif marker in _STANDALONE_MARKERS:
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def sniff_format(data: bytes) -> str | None:
     """'jpg' or 'png' from magic bytes, else None."""
     if data[:3] == b"\xff\xd8\xff":

@@ -24,11 +24,12 @@ import io
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .device_augment import ColourRecipe
-from .images import BadImage, decode_bytes, sniff_format
+from .images import BadImage, decode_bytes, jpeg_size
 from .handwriting import PRESETS as HANDWRITING_PRESETS, handwriting_ops
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -153,47 +154,62 @@ def crop_params(height: int, width: int) -> tuple[int, int, int, int]:
 
 
 class CropViews:
-    """Two views of one image, each a random resized crop and a random flip, uint8 [C, size, size].
+    """Two views of one image, each a random resized crop and a random flip, uint8 [size, size, C].
 
     The host half of a DEVICE_PRESETS augmentation (the device does colour, blur and
-    normalisation). Takes encoded bytes (``decodes``: datasets hand them over undecoded) or a
-    decoded image. An image is decoded once for both views (torchvision.io, libjpeg-turbo);
-    a JPEG whose two crops both keep at least twice ``size`` pixels on each side is decoded
-    at a reduced DCT scale (1/2, 1/4, 1/8: PIL's ``draft``) instead, since the views are
-    downscaled from the crops anyway. Crops are resized by torch's antialiased bilinear
-    uint8 kernel on the decoder's channels-last pixels (what RandomResizedCrop does).
+    normalisation, and turns the views channels-first: data.device_augment). Takes encoded
+    bytes (``decodes``: datasets hand them over undecoded) or a decoded image. An image is
+    decoded once for both views (torchvision.io, libjpeg-turbo), its size read from the JPEG
+    header beforehand (images.jpeg_size) for the crop draws; a JPEG whose two crops both keep
+    at least twice ``size`` pixels on each side is decoded at a reduced DCT scale (1/2, 1/4,
+    1/8: PIL's ``draft``) instead, since the views are downscaled from the crops anyway.
+
+    Each view costs one copy of its crop (flipped or not: a flip commutes exactly with the
+    resize) into channels-last pixels, then torch's antialiased bilinear uint8 kernel (what
+    RandomResizedCrop does, here on its fastest layout), whose channels-last output is the
+    view as it ships: height, width, channels, no transposition on the host.
     """
 
     decodes = True
 
     def __init__(self, size: int, channels: int, flip: bool = True) -> None:
         self.size, self.channels, self.flip = size, channels, flip
+        self._prepare = v2.Compose(_prepare(channels))
 
     def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(img, (bytes, bytearray, memoryview)):
             return self._from_bytes(bytes(img))
-        img = v2.Compose(_prepare(self.channels))(img).as_subclass(torch.Tensor)
+        img = self._prepare(img).as_subclass(torch.Tensor)
         return self._views(img, [crop_params(*img.shape[-2:]) for _ in range(2)])
 
     def _from_bytes(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        if sniff_format(data[:3]) != "jpg":
+        size = jpeg_size(data)
+        if size is None:  # not a JPEG (or no readable header): decode first, then draw
             return self(decode_bytes(data, self.channels))
-        width, height = _jpeg_size(data)
+        width, height = size
         boxes = [crop_params(height, width) for _ in range(2)]
         shrink = min(min(h, w) for _t, _l, h, w in boxes) / self.size
         if shrink >= 2:
             return self._reduced_views(data, boxes, math.ceil(width / shrink), math.ceil(height / shrink))
-        return self._views(decode_bytes(data, self.channels), boxes)
+        img = decode_bytes(data, self.channels)
+        if tuple(img.shape[-2:]) != (height, width):  # a header that lied: draw on the decoded pixels
+            return self(img)
+        return self._views(img, boxes)
 
     def _views(self, img: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [C, H, W] (any strides) -> both views, uint8 [size, size, C]."""
+        pixels = img.permute(1, 2, 0).contiguous()[None]  # [1, H, W, C]: the decoders' layout (no copy)
         out = []
         for top, left, h, w in boxes:
-            view = v2.functional.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
-            out.append(view.flip(-1) if self._flips() else view)
+            crop = pixels[:, top:top + h, left:left + w]
+            crop = (crop.flip(2) if self._flips() else crop).contiguous()  # the one copy of the crop
+            view = F.interpolate(crop.permute(0, 3, 1, 2), size=(self.size, self.size), mode="bilinear",
+                                 align_corners=False, antialias=True)  # channels-last in, channels-last out
+            out.append(view[0].permute(1, 2, 0))
         return out[0], out[1]
 
     def _flips(self) -> bool:
-        return self.flip and bool(torch.rand(1) < 0.5)
+        return self.flip and torch.rand(1).item() < 0.5
 
     def _reduced_views(self, data: bytes, boxes: list, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views from one decode at the smallest DCT scale >= (width, height); each crop box
@@ -212,23 +228,13 @@ class CropViews:
                     box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
                     view = im.resize((self.size, self.size), Image.BILINEAR, box=box)
                     arr = torch.from_numpy(np.array(view.transpose(Image.FLIP_LEFT_RIGHT) if self._flips() else view))
-                    views.append(arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1))
+                    views.append(arr.unsqueeze(-1) if arr.dim() == 2 else arr)
         except (OSError, ValueError, SyntaxError) as e:
             raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         return views[0], views[1]
 
     def __repr__(self) -> str:
         return f"CropViews(size={self.size}, channels={self.channels}, flip={self.flip})"
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a JPEG's header (nothing decoded)."""
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
 def views_transform(preset: str, size: int, channels: int):

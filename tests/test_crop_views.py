@@ -1,0 +1,87 @@
+"""CropViews' host path: the JPEG header read without PIL gives the size PIL reads, and a view made
+from a full decode is exactly torchvision's RandomResizedCrop + flip (v2.functional) on the same
+random draws, shipped channels last."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from moco_xla.data.images import BadImage, decode_bytes, jpeg_size
+from moco_xla.data.transforms import CropViews, crop_params
+
+
+def photo(width: int = 500, height: int = 375):
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    return Image.fromarray(load_sample_images().images[1][:height, :width])
+
+
+def encode(img, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def test_jpeg_size_reads_what_pil_reads():
+    from PIL import Image
+    img = photo(413, 297)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation tag: the stored size is still what the decoders return
+    variants = [encode(img, quality=90), encode(img, quality=75, progressive=True),
+                encode(img.convert("L"), quality=90), encode(img, quality=95, subsampling=0),
+                encode(img, quality=90, exif=exif.tobytes(), icc_profile=b"\0" * 3000),
+                encode(img.resize((1, 1)), quality=90), encode(img, quality=90, optimize=True)]
+    for data in variants:
+        with Image.open(io.BytesIO(data)) as im:
+            assert jpeg_size(data) == im.size
+    assert jpeg_size(variants[0][:20]) is None  # cut before the frame header
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    assert jpeg_size(png.getvalue()) is None and jpeg_size(b"") is None and jpeg_size(b"\xff\xd8\x00\x01") is None
+
+
+def test_full_decode_views_equal_torchvision_crop_and_flip_on_the_same_draws():
+    """224-px views of a 500x375 JPEG (no crop keeps 448 px: always the full decode)."""
+    data = encode(photo(), quality=90)
+    full = decode_bytes(data, 3)
+    views = CropViews(224, 3)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        new = views(data)
+        torch.manual_seed(seed)
+        boxes = [crop_params(375, 500) for _ in range(2)]
+        for view, (t, l, h, w) in zip(new, boxes):
+            old = v2.functional.resized_crop(full, t, l, h, w, [224, 224], antialias=True)
+            old = old.flip(-1) if torch.rand(1).item() < 0.5 else old
+            assert view.shape == (224, 224, 3) and view.is_contiguous()
+            assert torch.equal(view.permute(2, 0, 1), old)
+
+
+def test_encoded_and_decoded_inputs_give_the_same_views():
+    """Bytes (size from the header) and the decoded tensor (size from its shape) draw the same
+    crops; PNG bytes (no JPEG header) decode first and give views too."""
+    data = encode(photo(), quality=90)
+    views = CropViews(96, 3)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        from_bytes = views(data)
+        torch.manual_seed(seed)
+        from_tensor = views(decode_bytes(data, 3))
+        for a, b in zip(from_bytes, from_tensor):
+            if not torch.equal(a, b):  # a crop keeping 192 px took the reduced-scale decode
+                assert (a.float() - b.float()).abs().mean() < 4
+    png = io.BytesIO()
+    photo(120, 90).save(png, "PNG")
+    q, k = CropViews(32, 1)(png.getvalue())
+    assert q.shape == k.shape == (32, 32, 1) and q.dtype == torch.uint8
+
+
+def test_a_corrupt_jpeg_is_a_bad_image():
+    data = encode(photo(), quality=90)
+    with pytest.raises(BadImage):
+        CropViews(32, 3)(data[:600])  # the header survives, the scan does not
+    with pytest.raises(BadImage):
+        CropViews(32, 3)(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
