@@ -13,7 +13,9 @@ not it). Rows, on each input set:
 - moco_xla: transforms.CropViews (the host half: uint8 views, channels last; the device does the
   colour and the transposition);
 - decode: the JPEG decoded alone (the least any pipeline must do), with PIL, with
-  torchvision.io, and as CropViews decodes (at the DCT scale its two crops allow).
+  torchvision.io, and as CropViews decodes (at the DCT scale its two crops allow);
+- moco_xla's stages, each timed alone on the same JPEGs: the header and the draws, the decode,
+  the two crop copies, the two resizes (where the time above the decode goes).
 Inputs are made offline from scikit-learn's two photographs: ImageNet-size JPEGs (random
 crops about 500x375, rescaled, quality 85-95) and CIFAR-size images (32x32 uint8, the
 ``small_v2`` preset). The shard rows run the real pre-training loader (0 workers) over
@@ -165,6 +167,28 @@ def interleaved(rows: dict[str, tuple[Callable, list]], rounds: int) -> dict[str
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
+def moco_xla_stages(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[str, float]:
+    """CPU ms per image of each stage of CropViews' full-decode path, each timed alone over the
+    same JPEGs (interleaved rounds, median), on inputs the stage before made: where its time goes."""
+    from ..data.images import decode_bytes, jpeg_size
+    from ..data.transforms import channels_last_pixels, copy_crop, crop_params, resize_view
+
+    def draws(data: bytes):
+        width, height = jpeg_size(data)
+        return [(crop_params(height, width), torch.rand(1).item() < 0.5) for _ in range(2)]
+
+    pixels = [channels_last_pixels(decode_bytes(data, 3)) for data in jpegs]
+    drawn = [draws(data) for data in jpegs]
+    crops = [[copy_crop(p, box, flip) for box, flip in d] for p, d in zip(pixels, drawn)]
+    return interleaved({
+        "JPEG header and the crop and flip draws": (draws, jpegs),
+        "decode (torchvision.io)": (lambda data: channels_last_pixels(decode_bytes(data, 3)), jpegs),
+        "two crop copies (the flips folded in)":
+            (lambda pd: [copy_crop(pd[0], box, flip) for box, flip in pd[1]], list(zip(pixels, drawn))),
+        "two antialiased resizes (uint8, channels last)": (lambda cs: [resize_view(c, size) for c in cs], crops),
+    }, rounds)
+
+
 def shard_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
     """CPU ms per image of the pre-training loader (0 workers, batch 32, 224 px, moco_v2) over
     WebDataset shards, local and on the GCS emulator: the old and the new host transform."""
@@ -221,10 +245,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         "moco_xla before (small_v2 preset)": (moco_xla_before(32, "small_v2"), cifar),
         "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(32), cifar),
     }, rounds)
+    stages = moco_xla_stages(jpegs, rounds)
     shard = shard_rows(photo_jpegs(40 if quick else 288, seed=1), 1 if quick else 2)
     official, ours = imagenet["official (PIL, main_moco.py aug+)"], imagenet["moco_xla (CropViews, uint8 to the device)"]
     return {"images": {"imagenet": len(jpegs), "cifar": len(cifar)}, "rounds": rounds, "threads": 1,
             "view_size": SIZE, "imagenet_cpu_ms": imagenet, "cifar_cpu_ms": small, "shards_cpu_ms": shard,
+            "moco_xla_stages_cpu_ms": stages,
             "official_over_moco_xla": official / ours,
             "moco_xla_over_decode": ours / min(ms for name, ms in imagenet.items() if name.startswith("decode only")),
             "bytes_to_device_per_image": {"moco_xla": 2 * 3 * SIZE * SIZE, "official": 2 * 3 * SIZE * SIZE * 4}}
@@ -234,6 +260,7 @@ def table(r: dict[str, Any]) -> str:
     lines = [f"host CPU ms per image (two {r['view_size']}-px views), 1 thread, median of {r['rounds']} rounds"]
     for part, title in (("imagenet_cpu_ms", f"ImageNet-size JPEGs ({r['images']['imagenet']})"),
                         ("cifar_cpu_ms", f"CIFAR-size 32x32 ({r['images']['cifar']}), 32-px views"),
+                        ("moco_xla_stages_cpu_ms", "moco_xla's stages, each timed alone (ImageNet-size)"),
                         ("shards_cpu_ms", "pre-training loader over WebDataset shards, 0 workers")):
         lines.append(title)
         lines += [f"  {name:<68} {ms:7.2f}" for name, ms in r[part].items()]

@@ -153,6 +153,29 @@ def crop_params(height: int, width: int) -> tuple[int, int, int, int]:
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def channels_last_pixels(img: torch.Tensor) -> torch.Tensor:
+    """uint8 [C, H, W] -> [1, H, W, C] contiguous: no copy of what the decoders return (their
+    pixels are height, width, channels in memory), a copy of a channels-first tensor."""
+    return img.permute(1, 2, 0).contiguous()[None]
+
+
+def copy_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+    """The crop ``box`` (top, left, height, width) of [1, H, W, C] pixels, mirrored left to right
+    where ``flip``, as its own contiguous [1, h, w, C]: one copy (a flip commutes exactly with
+    the resize after it, so it costs nothing extra here)."""
+    top, left, h, w = box
+    crop = pixels[:, top:top + h, left:left + w]
+    return (crop.flip(2) if flip else crop).contiguous()
+
+
+def resize_view(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """[1, h, w, C] uint8 -> [size, size, C] uint8: torch's antialiased bilinear uint8 kernel (what
+    RandomResizedCrop calls), channels last in and out: its fastest layout, no transposition."""
+    view = F.interpolate(crop.permute(0, 3, 1, 2), size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)
+    return view[0].permute(1, 2, 0)
+
+
 class CropViews:
     """Two views of one image, each a random resized crop and a random flip, uint8 [size, size, C].
 
@@ -198,15 +221,9 @@ class CropViews:
 
     def _views(self, img: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [C, H, W] (any strides) -> both views, uint8 [size, size, C]."""
-        pixels = img.permute(1, 2, 0).contiguous()[None]  # [1, H, W, C]: the decoders' layout (no copy)
-        out = []
-        for top, left, h, w in boxes:
-            crop = pixels[:, top:top + h, left:left + w]
-            crop = (crop.flip(2) if self._flips() else crop).contiguous()  # the one copy of the crop
-            view = F.interpolate(crop.permute(0, 3, 1, 2), size=(self.size, self.size), mode="bilinear",
-                                 align_corners=False, antialias=True)  # channels-last in, channels-last out
-            out.append(view[0].permute(1, 2, 0))
-        return out[0], out[1]
+        pixels = channels_last_pixels(img)
+        q, k = (resize_view(copy_crop(pixels, box, self._flips()), self.size) for box in boxes)
+        return q, k
 
     def _flips(self) -> bool:
         return self.flip and torch.rand(1).item() < 0.5
