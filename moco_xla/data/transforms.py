@@ -2,8 +2,9 @@
 
 Pre-training splits the MoCo presets (DEVICE_PRESETS) between host and accelerator:
 ``CropViews`` decodes each image once and makes both views' random resized crop and flip
-as uint8 (a quarter of float32's bytes to the device), and data.device_augment does the
-colour jitter, grayscale, blur and normalisation on the batch inside the step.
+as uint8, channels last (a quarter of float32's bytes to the device), and data.device_augment
+turns the batch channels-first and does the colour jitter, grayscale, blur and normalisation
+on it inside the step.
 ``pretrain_transform`` is the same augmentation made whole on the host (float, normalised):
 the digits presets use it for pre-training, evaluation uses it where it wants augmented views.
 
