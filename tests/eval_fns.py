@@ -115,6 +115,12 @@ def run_eval(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess
                           text=True, timeout=timeout, env={**os.environ, "PJRT_DEVICE": "CPU"})
 
 
+GRIDS = (("probe_lr", 1, 3), ("finetune_lr", 0.01, 0.03), ("lr", 0.05, 0.1), ("labelprop_k", 5, 10),
+         ("pixel_c", 0.1, 1))
+# two folds and two candidates a row: cross-validation in tests at a bounded cost
+SMALL_SELECT = ["eval.semisup.select.folds=2", *[f"eval.semisup.select.{g}=[{a},{b}]" for g, a, b in GRIDS]]
+
+
 def xla_compiles(ckpt: str, out: str) -> dict:
     """Run the three evaluations on XLA (one replica) twice, the second time longer; count compilations.
 
@@ -142,7 +148,7 @@ def xla_compiles(ckpt: str, out: str) -> dict:
         for length in lengths:
             sets = [f"{key}={length}", "eval.probe.batch_size=64", "eval.probe.eval_every=1",
                     "eval.semisup.labels=20", f"eval.semisup.distill.steps={length}",
-                    "eval.semisup.distill.batch_size=32"]
+                    "eval.semisup.distill.batch_size=32", *SMALL_SELECT]
             cfg = eval_config(ckpt, None, sets)
             before = compiles()
             results[f"{name}{length}"] = runner(Job(name, ckpt, cfg, out), rt, MetricsWriter(out, enabled=False))

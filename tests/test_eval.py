@@ -190,7 +190,8 @@ def test_semisup_digits(run_dir, tmp_path):
     quickstart's numbers at 100 labels are in the README.
     """
     p = run_eval(["semisup", "--ckpt", str(run_dir), "--labels", "50", "--out", str(tmp_path),
-                  "--set", "eval.semisup.steps=100", "--set", "eval.semisup.distill.steps=10"])
+                  "--set", "eval.semisup.steps=100", "--set", "eval.semisup.distill.steps=10",
+                  "--set", "eval.semisup.select.folds=0"])  # the configured settings (selection: test_fewlabels_select)
     assert p.returncode == 0, p.stderr[-3000:]
     study = read_summary(tmp_path)["semisup"]["50"]
     rows = study["rows"]

@@ -1,7 +1,7 @@
 """The few-label study's seams: its one row catalogue, and one read of the checkpoint per study."""
 from __future__ import annotations
 
-from eval_fns import tiny_checkpoint
+from eval_fns import SMALL_SELECT, tiny_checkpoint
 from moco_xla import checkpoint
 from moco_xla.config import SemisupConfig
 from moco_xla import plots
@@ -34,6 +34,7 @@ def test_every_row_reads_its_own_learning_rate_and_step_budget():
     lrs = {row.key: row_lr(row, s) for row in ROWS if row.lr}
     assert lrs == {"moco_probe": 1.5, "random_probe": 1.5, "moco_finetune": 0.02, "supervised_scratch": 0.07,
                    "moco_distill": 0.3, "moco_labelprop": 0.3, "scratch_distill": 0.4, "pixel_labelprop": 0.4}
+    s.select.folds = 0  # no cross-validation runs (their steps: test_fewlabels_select)
     steps = {row.key: row_steps(row, s) for row in ROWS}
     assert steps["pixel_logistic"] == 0 and steps["moco_finetune"] == 11 and steps["scratch_distill"] == 13
     assert [r.key for r in selected_rows("scratch_distill")] == ["supervised_scratch", "scratch_distill"]
@@ -96,7 +97,7 @@ def test_a_study_reads_the_checkpoint_once_for_all_its_rows(tmp_path, monkeypatc
 
     cfg = eval_config(str(ckpt), None, [
         "eval.semisup.labels=20", "eval.semisup.steps=1", "eval.semisup.distill.steps=1",
-        "eval.semisup.distill.batch_size=32", "eval.semisup.rows=moco_probe,moco_labelprop"])
+        "eval.semisup.distill.batch_size=32", "eval.semisup.rows=moco_probe,moco_labelprop", *SMALL_SELECT])
     monkeypatch.setattr(checkpoint, "read_bytes", counted)
     job = Job("semisup", str(ckpt), cfg, str(tmp_path / "out"))
     result = run_semisup(job, make_runtime("local"), MetricsWriter(tmp_path / "out", enabled=False))
@@ -118,7 +119,8 @@ def test_a_holdout_study_is_marked_as_a_diagnostic(tmp_path, capsys):
     """eval.semisup.holdout scores on labelled training images beyond the N: summary.json and the table say
     it is for method development, not a figure to report; a test-set study is not marked."""
     ckpt, _ = tiny_checkpoint(tmp_path)
-    sets = ["eval.semisup.labels=20", "eval.semisup.steps=1", "eval.semisup.rows=moco_probe"]
+    sets = ["eval.semisup.labels=20", "eval.semisup.steps=1", "eval.semisup.rows=moco_probe",
+            "eval.semisup.select.folds=0"]
     for holdout in (100, 0):
         cfg = eval_config(str(ckpt), None, [*sets, f"eval.semisup.holdout={holdout}"])
         out = tmp_path / f"out{holdout}"

@@ -84,7 +84,7 @@ def test_pretraining_and_the_study_run_on_the_slice(mnist_root, tmp_path, capsys
     assert json.loads((run / "summary.json").read_text())["steps"] == 5
     ckpt = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
     cfg = eval_config(str(ckpt), None, ["eval.semisup.labels=20", "eval.semisup.steps=1",
-                                        "eval.semisup.rows=moco_probe"])
+                                        "eval.semisup.rows=moco_probe", "eval.semisup.select.folds=0"])
     assert (cfg.data.subset, cfg.data.subset_seed) == ("4/class", 3)
     bundle = data.build(cfg)
     split = semisup_split(cfg, bundle)

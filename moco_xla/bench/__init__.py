@@ -4,6 +4,8 @@
     python -m moco_xla.bench --backend xla              # a TPU VM: one TPU core
     python -m moco_xla.bench --backend cuda             # a GPU box: ResNet-50, 224 px, AMP
     python -m moco_xla.bench --quick --out /tmp/b       # seconds: tiny model (tests)
+    python -m moco_xla.bench fewlabels --config digits_fewlabels --labels 50,100,250 --draws 0,1,2
+                                                        # the few-label study, pre-training to table
 
 Absolute images/s say more about the machine than about the code, so the headline
 is a ratio on the same encoder, batch, precision and backend: MoCo step images/s
@@ -20,7 +22,7 @@ read from the lowered XLA graph. Results go to ``<out>/bench.json``.
 The package, one job per module: ``steps`` (the step workloads and their timing, one
 process per backend), ``official`` (the side by side with facebookresearch/moco under
 DDP, started through runtime.replicas), ``loader`` and ``shard_loaders`` (input-pipeline
-rows), ``cli`` (flags, table, bench.json).
+rows), ``cli`` (flags, table, bench.json), ``fewlabels`` (the few-label study end to end).
 """
 from __future__ import annotations
 

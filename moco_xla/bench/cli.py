@@ -193,6 +193,9 @@ def official_line(backend: str, r: dict[str, Any], w: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = cli.argv_or_sys(argv)
+    if argv[:1] == ["fewlabels"]:  # the few-label study end to end (bench/fewlabels.py)
+        from . import fewlabels
+        return fewlabels.main(argv[1:])
     return cli.run(lambda: bench(parse_args(argv)), argv)
 
 

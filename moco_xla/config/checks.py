@@ -3,7 +3,7 @@ what is valid, before any replica starts."""
 from __future__ import annotations
 
 from ..errors import UserError
-from .schema import CHOICES, Config, DistillConfig, LabelPropConfig, ProbeConfig, SemisupConfig
+from .schema import CHOICES, Config, DistillConfig, LabelPropConfig, ProbeConfig, SelectConfig, SemisupConfig
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -109,6 +109,27 @@ def probe_checks(p: ProbeConfig, s: SemisupConfig) -> list[tuple[bool, str, str]
         (s.holdout >= 0, "eval.semisup.holdout", f"must be >= 0, got {s.holdout}"),
         *distill_checks(s.distill),
         *labelprop_checks(s.labelprop),
+        *select_checks(s.select),
+    ]
+
+
+GRIDS = ("probe_lr", "finetune_lr", "lr", "labelprop_k", "pixel_c")
+
+
+def select_checks(sel: SelectConfig) -> list[tuple[bool, str, str]]:
+    """eval.semisup.select: 0 or at least 2 folds, and grids of one size (every row the same budget)."""
+    k = "eval.semisup.select"
+    grids = {name: getattr(sel, name) for name in GRIDS}
+    sizes = {name: len(values) for name, values in grids.items()}
+    return [
+        (sel.folds == 0 or sel.folds >= 2, f"{k}.folds", f"must be 0 (no selection) or >= 2, got {sel.folds}"),
+        *[(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values) and values,
+           f"{k}.{name}", f"must be a non-empty list of positive numbers, got {values!r}")
+          for name, values in grids.items()],
+        (all(float(v).is_integer() for v in sel.labelprop_k), f"{k}.labelprop_k",
+         f"must list whole numbers of neighbours, got {sel.labelprop_k!r}"),
+        (len(set(sizes.values())) == 1, f"{k}", "grids must have one size, so that every row gets the same "
+         "selection budget; got " + ", ".join(f"{n} {v}" for n, v in sizes.items())),
     ]
 
 

@@ -16,7 +16,7 @@ import yaml
 from ..errors import UserError
 from .checks import validate
 from .schema import (CheckpointConfig, Config, DataConfig, DistillConfig, EvalConfig, LabelPropConfig, MocoConfig,
-                     ModelConfig, ProbeConfig, SemisupConfig, TrainConfig)
+                     ModelConfig, ProbeConfig, SelectConfig, SemisupConfig, TrainConfig)
 
 # The named configs ship inside the package (moco_xla/configs/), so `--config NAME` works from any
 # working directory and from a wheel; files on disk are a regular install's, hence a Path.
@@ -154,7 +154,7 @@ _OWNERS: dict[int, type] = {}
 def _owner(f: dataclasses.Field) -> type:
     if not _OWNERS:
         for cls in (Config, DataConfig, ModelConfig, MocoConfig, TrainConfig, EvalConfig, CheckpointConfig,
-                    ProbeConfig, SemisupConfig, DistillConfig, LabelPropConfig):
+                    ProbeConfig, SemisupConfig, DistillConfig, LabelPropConfig, SelectConfig):
             for g in dataclasses.fields(cls):
                 _OWNERS[id(g)] = cls
     return _OWNERS[id(f)]

@@ -133,6 +133,24 @@ class LabelPropConfig:
 
 
 @dataclass
+class SelectConfig:
+    """How the few-label study chooses each row's setting: k-fold cross-validation on its N labelled images
+    alone (stratified folds; a row trains on the other folds and is scored on the held-out one), over
+    a grid of candidates, the same number for every row that has one (equal budgets). The rows with
+    no grid (the distilled students) use the configured values, the same for MoCo and the baselines.
+    Label-propagation rows are scored by their propagated labels on the held-out fold (k only changes
+    the graph); the trained rows by the model trained on the other folds. Evidence: summary.json's
+    ``selection``.
+    """
+    folds: int = 3                   # 0: no selection, every row uses its configured value
+    probe_lr: list = field(default_factory=lambda: [1.0, 3.0, 10.0])        # MoCo and random-init probes
+    finetune_lr: list = field(default_factory=lambda: [0.003, 0.01, 0.03])  # fine-tuning MoCo's encoder
+    lr: list = field(default_factory=lambda: [0.02, 0.05, 0.1])             # supervised from scratch
+    labelprop_k: list = field(default_factory=lambda: [5, 10, 20])  # both graphs: labelprop.k and .pixel_k
+    pixel_c: list = field(default_factory=lambda: [0.1, 1.0, 10.0])        # raw-pixel logistic regression
+
+
+@dataclass
 class SemisupConfig:
     """Few labels: probe, fine-tune and a from-scratch baseline on the same N labelled images.
 
@@ -154,6 +172,7 @@ class SemisupConfig:
                                      # the test set, and keep them out of distillation: to choose settings
     distill: DistillConfig = field(default_factory=DistillConfig)
     labelprop: LabelPropConfig = field(default_factory=LabelPropConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
 
 @dataclass

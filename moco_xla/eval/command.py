@@ -198,8 +198,18 @@ def print_study(study: dict[str, Any]) -> None:
     best = study["rows"][study["best"]]
     for key, name in shown.items():
         mark = "  <- best" if study["rows"][key] == best else ""  # a tie marks every row that has it
-        print(f"    {name:<{width}} {study['rows'][key]:6.2f}%{mark}")
+        chose = chosen_setting(study.get("selection", {}).get(key))
+        print(f"    {name:<{width}} {study['rows'][key]:6.2f}%{chose}{mark}")
     print_margins(study_margins(study))
+
+
+def chosen_setting(choice: dict[str, Any] | None) -> str:
+    """A row's setting as the table shows it: chosen by cross-validation (with its folds) or fixed."""
+    if not choice or choice.get("setting") is None:
+        return ""
+    if "folds" not in choice:
+        return f"  ({choice['setting']} {choice['chosen']:g}, fixed)"
+    return f"  ({choice['setting']} {choice['chosen']:g}, {choice['folds']}-fold CV on the labels)"
 
 
 def print_margins(m: dict[str, dict]) -> None:

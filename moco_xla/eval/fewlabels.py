@@ -20,17 +20,20 @@ from .. import data
 from ..config import Config, DistillConfig, LabelPropConfig
 from ..data.subsets import Relabelled, with_transform
 from ..data.transforms import train_transform
+from ..errors import UserError
 from ..report import MetricsWriter
 from ..runtime import Runtime
 from ..schedule import SGDSpec
 from .distill import DistillSpec, distill, paired
 from .encoder import Encoders
 from .fewlabels_split import (SemisupSplit, distill_batch, distill_views, label_batch, propagated_labels,
-                              propagated_views, semisup_batch, semisup_split, student_images, summary_key)
+                              pool_features, propagated_views, round_to_replicas, semisup_batch, semisup_split, student_images,
+                              summary_key)
 from .fit import image_accuracy, image_batches, train_classifier
 from .labelprop import graph_features
 from .probe import extract, head_accuracy, pixel_logistic, train_probe
-from .rows import Row, margins, row_lr, row_steps, selected_rows, title, uses_pixels
+from .rows import Row, margins, row_lr, row_steps, selected_rows, setting_value, title, uses_pixels
+from .select import Choice, cross_validate, fixed, label_folds, with_setting
 
 
 @dataclass
@@ -62,6 +65,11 @@ class Study:
 
     def accuracy(self, model: nn.Module) -> torch.Tensor:
         return image_accuracy(self.rt, model, self.split.test, self.cfg.eval.batch_size, self.workers)
+
+    def with_semisup(self, semisup) -> Study:
+        """The same study with eval.semisup replaced (a row's chosen setting)."""
+        e = dataclasses.replace(self.cfg.eval, semisup=semisup)
+        return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, eval=e))
 
 
 def prepare(cfg: Config, rt: Runtime, bundle: data.DataBundle) -> Study:
@@ -157,6 +165,69 @@ def graph_for(row: Row, lp: LabelPropConfig, encoders: Encoders, rt: Runtime) ->
     return nn.Flatten(), lp.pixel_k, lp.pixel_student_augment
 
 
+# ----------------------------------------------------------------------------- choosing a row's setting
+
+def fold_study(st: Study, held: torch.Tensor, batch: int) -> Study:
+    """The study with the labelled images outside positions ``held`` as its labels and the ``held`` ones
+    (with their labels) as its test set; the unlabelled pool unchanged."""
+    sp = st.split
+    keep = torch.ones(len(sp.picked), dtype=torch.bool)
+    keep[held] = False
+    split = SemisupSplit(sp.picked[keep], sp.labels[keep], sp.pool,
+                         Relabelled(st.bank, sp.picked[held], sp.labels[held]), "a held-out fold of the labels")
+    d = st.cfg.eval.semisup.distill
+    return dataclasses.replace(st, split=split, batch=batch,
+                               label_batch=label_batch(d.label_batch_size, batch, st.rt.world_size))
+
+
+def propagation_accuracy(row: Row, fold: Study, encoders: Encoders, held: torch.Tensor,
+                         everything: SemisupSplit, feats: torch.Tensor) -> torch.Tensor:
+    """Top-1 (percent) of the labels ``row``'s graph (on the pool's ``feats``) propagates to the held-out
+    fold's labelled images."""
+    graph, k, _ = graph_for(row, fold.cfg.eval.semisup.labelprop, encoders, fold.rt)
+    propagated = propagated_labels(fold.rt, graph, fold.bank, fold.split, fold.classes, k, fold.cfg, feats)
+    at = torch.searchsorted(fold.split.pool, everything.picked[held])
+    return (propagated[at] == everything.labels[held]).float().mean() * 100.0
+
+
+def choose(row: Row, st: Study, encoders: Encoders) -> Choice:
+    """The row's setting chosen by cross-validation on the study's labelled images (select.py): trained
+    rows by the held-out fold's top-1, label propagation by its propagated labels there."""
+    s = st.cfg.eval.semisup
+    folds = label_folds(st.split.labels, s.select.folds, s.seed)
+    batch = round_to_replicas(s.batch_size, len(st.split.picked) - max(map(len, folds)), st.rt.world_size)
+    if batch < st.rt.world_size:
+        raise UserError(f"{len(st.split.picked)} labels are too few for {s.select.folds}-fold selection on "
+                        f"{st.rt.world_size} replicas; lower eval.semisup.select.folds (0: no selection)")
+
+    feats = None
+    if row.kind == "labelprop":  # the graph's features do not depend on k nor on the fold: computed once
+        graph, _, _ = graph_for(row, s.labelprop, encoders, st.rt)
+        feats = pool_features(st.rt, graph, st.bank, st.split, st.cfg)
+
+    def score(value, held: torch.Tensor) -> torch.Tensor:
+        fold = fold_study(st.with_semisup(with_setting(s, row.setting, value)), held, batch)
+        st.rt.manual_seed(st.seed)
+        if row.kind == "labelprop":
+            return propagation_accuracy(row, fold, encoders, held, st.split, feats)
+        return run_row(row, fold, encoders, {})
+
+    scored_by = ("propagated labels on the held-out fold" if row.kind == "labelprop"
+                 else "top-1 on the held-out fold")
+    return cross_validate(row.setting, list(getattr(s.select, row.grid)), folds, scored_by, score)
+
+
+def chosen_study(row: Row, st: Study, encoders: Encoders) -> tuple[Study, dict[str, Any]]:
+    """The study the row runs in (its setting chosen, when it has one and selection is on) and the record of
+    the choice."""
+    s = st.cfg.eval.semisup
+    if not row.grid or s.select.folds == 0:
+        key = row.setting or row.lr
+        return st, fixed(key, setting_value(s, key) if key else None)
+    choice = choose(row, st, encoders)
+    return st.with_semisup(with_setting(s, row.setting, choice.chosen)), choice.to_dict()
+
+
 # ----------------------------------------------------------------------------- the study
 
 def run_semisup(job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
@@ -167,21 +238,24 @@ def run_semisup(job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     bar = tqdm(total=sum(row_steps(row, s) for row in rows), desc=f"{len(st.split.picked)} labels",
                disable=not rt.is_master, dynamic_ncols=True)
     st.tick = lambda *_: bar.update(1)
-    encoders, trained, results = Encoders(cfg, job.ckpt), {}, {}
+    encoders, trained, results, selection = Encoders(cfg, job.ckpt), {}, {}, {}
     for row in rows:
+        row_st, selection[row.key] = chosen_study(row, st, encoders)
         rt.manual_seed(cfg.train.seed)  # a row's randomness comes from the seed, not from the rows before it
-        results[row.key] = run_row(row, st, encoders, trained)
+        results[row.key] = run_row(row, row_st, encoders, trained)
     rt.mark_step()
     bar.close()
     values = {k: float(v) for k, v in results.items()}  # the study's one host read
     n = len(st.split.picked)
     writer.write({"type": "semisup", "labels": n, "scored_on": st.split.scored_on, **values}, step=n)
-    return {summary_key(cfg): {str(n): study_summary(cfg, st, values, job.ckpt)}}
+    return {summary_key(cfg): {str(n): study_summary(cfg, st, values, job.ckpt, selection)}}
 
 
-def study_summary(cfg: Config, st: Study, values: dict[str, float], ckpt: str) -> dict[str, Any]:
+def study_summary(cfg: Config, st: Study, values: dict[str, float], ckpt: str, selection: dict[str, dict]
+                  ) -> dict[str, Any]:
     """The study's rows, names and margins (rows.margins), and the settings behind them; ``titles`` names
-    every row as the table does, ``raw_pixels`` lists the rows that see the raw pixels."""
+    every row as the table does, ``raw_pixels`` lists the rows that see the raw pixels, ``selection`` what
+    each row chose and on what evidence."""
     s, d, n = cfg.eval.semisup, cfg.eval.semisup.distill, len(st.split.picked)
     titles = {key: title(key, s.labelprop.pixel_weight) for key in values}
     return {
@@ -193,6 +267,7 @@ def study_summary(cfg: Config, st: Study, values: dict[str, float], ckpt: str) -
         "distill": {**dataclasses.asdict(d), "batch_size": st.all_batch, "label_batch_size": st.label_batch,
                     "unlabelled_pool": len(st.split.pool)},
         "labelprop": dataclasses.asdict(s.labelprop),
+        "select": dataclasses.asdict(s.select), "selection": selection,
         "scored_on": st.split.scored_on, "test_images": len(st.split.test),
         "diagnostic": bool(s.holdout), "diagnostic_note": HOLDOUT_NOTE if s.holdout else ""}
 

@@ -85,16 +85,23 @@ def propagated_views(cfg: Config, bank, images, split: SemisupSplit, propagated:
 
 
 def propagated_labels(rt: Runtime, features: nn.Module, bank, split: SemisupSplit, classes: int, k: int,
-                      cfg: Config) -> torch.Tensor:
+                      cfg: Config, feats: torch.Tensor | None = None) -> torch.Tensor:
     """Labels for every image of split.pool (host tensor): the labelled ones spread by label propagation
-    over ``features``' kNN graph of the pool (clean images; the bank gathered on every replica)."""
+    over ``features``' kNN graph of the pool (clean images; the bank gathered on every replica);
+    ``feats``: the pool's features when already computed (pool_features)."""
     lp = cfg.eval.semisup.labelprop
-    feats, _ = embed(rt, features.to(rt.device).eval(), subset(bank, split.pool), cfg.eval.batch_size, 0,
-                     cfg.data.workers)
+    feats = pool_features(rt, features, bank, split, cfg) if feats is None else feats
     seeds = torch.searchsorted(split.pool, split.picked).to(rt.device)  # pool is sorted, holds the labelled
     labels = propagate(feats, seeds, split.labels.to(rt.device), classes, k, lp.alpha, lp.iterations, lp.gamma,
                        rt.mark_step)
     return labels.cpu()  # once per row, before its student trains
+
+
+def pool_features(rt: Runtime, features: nn.Module, bank, split: SemisupSplit, cfg: Config) -> torch.Tensor:
+    """``features`` of every image of split.pool (clean images), gathered on every replica."""
+    feats, _ = embed(rt, features.to(rt.device).eval(), subset(bank, split.pool), cfg.eval.batch_size, 0,
+                     cfg.data.workers)
+    return feats
 
 
 def summary_key(cfg: Config) -> str:

@@ -31,24 +31,31 @@ class Row:
     pixels: str = "never"  # uses the raw pixels: "always", "never" or "pixel_weight" (when labelprop.pixel_weight > 0)
     mixed_title: str = ""  # pixels "pixel_weight": the name when it does ({w}: the pixel weight)
     group: str = "moco"    # the report's margins: "moco" (pre-trained), "scratch" or "other" (no pre-training)
+    setting: str = ""      # the eval.semisup key cross-validation chooses for it (select.py; "": fixed)
+    grid: str = ""         # its candidates: a list of eval.semisup.select
 
 
 ROWS = (
-    Row("moco_probe", "MoCo linear probe (frozen)", "probe", "moco", "probe_lr"),
-    Row("moco_finetune", "MoCo fine-tuned", "finetune", "moco", "finetune_lr"),
+    Row("moco_probe", "MoCo linear probe (frozen)", "probe", "moco", "probe_lr", setting="probe_lr", grid="probe_lr"),
+    Row("moco_finetune", "MoCo fine-tuned", "finetune", "moco", "finetune_lr", setting="finetune_lr",
+        grid="finetune_lr"),
     Row("moco_distill", "MoCo fine-tuned + distilled", "distill", "moco", "distill.lr", teacher="moco_finetune",
         budget="distill"),
     Row("moco_labelprop", "MoCo label propagation + distilled", "labelprop", "moco", "distill.lr", graph="moco",
         budget="distill", pixels="pixel_weight",
-        mixed_title="MoCo + {w:g} x raw pixels label propagation + distilled"),
-    Row("supervised_scratch", "supervised from scratch", "finetune", "random", "lr", group="scratch"),
+        mixed_title="MoCo + {w:g} x raw pixels label propagation + distilled", setting="labelprop.k",
+        grid="labelprop_k"),
+    Row("supervised_scratch", "supervised from scratch", "finetune", "random", "lr", group="scratch", setting="lr",
+        grid="lr"),
     Row("scratch_distill", "from scratch + distilled", "distill", "random", "distill.scratch_lr",
         teacher="supervised_scratch", budget="distill", group="scratch"),
     Row("pixel_labelprop", "raw-pixel label propagation + distilled", "labelprop", "random",
-        "distill.scratch_lr", graph="pixels", budget="distill", pixels="always", group="other"),
+        "distill.scratch_lr", graph="pixels", budget="distill", pixels="always", group="other",
+        setting="labelprop.pixel_k", grid="labelprop_k"),
     Row("pixel_logistic", "raw-pixel logistic regression", "logistic", budget="none", pixels="always",
-        group="other"),
-    Row("random_probe", "random-init encoder probe", "probe", "random", "probe_lr", group="other"),
+        group="other", setting="pixel_c", grid="pixel_c"),
+    Row("random_probe", "random-init encoder probe", "probe", "random", "probe_lr", group="other",
+        setting="probe_lr", grid="probe_lr"),
 )
 BY_KEY = {row.key: row for row in ROWS}
 SEMISUP_ROWS = {row.key: row.title for row in ROWS}  # key -> title, in the report's order
@@ -114,15 +121,30 @@ def margins(values: dict[str, float], titles: dict[str, str]) -> dict[str, dict]
 
 def row_lr(row: Row, semisup) -> float:
     """The value of the row's learning-rate setting in eval.semisup (``semisup``: a SemisupConfig)."""
+    return float(setting_value(semisup, row.lr))
+
+
+def setting_value(semisup, dotted: str):
+    """The value of the eval.semisup key ``dotted`` (e.g. "labelprop.k") in ``semisup``."""
     value = semisup
-    for part in row.lr.split("."):
+    for part in dotted.split("."):
         value = getattr(value, part)
-    return float(value)
+    return value
 
 
 def row_steps(row: Row, semisup) -> int:
-    """The progress ticks the row makes: its optimisation steps (none for the logistic regression)."""
-    return {"steps": semisup.steps, "distill": semisup.distill.steps, "none": 0}[row.budget]
+    """The progress ticks the row makes: its optimisation steps (none for the logistic regression), and
+    those of its cross-validation runs (trained rows: one per fold and candidate)."""
+    steps = {"steps": semisup.steps, "distill": semisup.distill.steps, "none": 0}[row.budget]
+    return steps * (1 + cross_validation_runs(row, semisup))
+
+
+def cross_validation_runs(row: Row, semisup) -> int:
+    """How many times select.py trains the row to choose its setting (label propagation is scored on its
+    propagated labels, the logistic regression on the host: no training steps)."""
+    if not row.grid or semisup.select.folds == 0 or row.kind not in ("probe", "finetune"):
+        return 0
+    return semisup.select.folds * len(getattr(semisup.select, row.grid))
 
 
 def study_margins(study: dict) -> dict[str, dict]:
