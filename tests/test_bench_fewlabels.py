@@ -52,3 +52,15 @@ def test_bad_label_counts_are_one_line_errors(tmp_path):
     p = bench("--labels", "100,x", "--out", str(tmp_path))
     assert p.returncode == 2 and "--labels '100,x': give comma-separated whole numbers >= 1" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_the_docs_table_is_the_commands_output():
+    """docs/fewlabels.md shows benchmarks/results/fewlabels-digits.md unchanged, and that file is what the
+    command makes of its JSON: nothing merged by hand."""
+    from moco_xla.bench.fewlabels import markdown
+    results = ROOT / "benchmarks" / "results" / "fewlabels-digits.json"
+    table = results.with_suffix(".md").read_text()
+    assert markdown(json.loads(results.read_text())) == table
+    docs = (ROOT / "docs" / "fewlabels.md").read_text()
+    block = docs.split("<!-- fewlabels-digits.md: begin -->\n", 1)[1].split("<!-- fewlabels-digits.md: end -->")[0]
+    assert block.strip() == table.strip()

@@ -130,8 +130,11 @@ def label_table(n: str, by_draw: dict[str, dict]) -> list[str]:
     draws = list(by_draw)
     first = by_draw[draws[0]]
     titles = study_titles(first)
+    folds = first.get("select", {}).get("folds", 0)
+    chosen_by = (f"{folds}-fold cross-validation on the {n} labelled images" if folds
+                 else "no selection (the configured values)")
     lines = [f"**{n} labels** ({first['per_class']:g} per class), top-1 % on the {first['test_images']} test images; "
-             f"each row's setting chosen by cross-validation on the {n} labelled images (chosen per draw):", "",
+             f"each row's setting chosen by {chosen_by}, per draw:", "",
              "| row | " + " | ".join(f"draw {d}" for d in draws) + " | mean | chosen |",
              "|---|" + "---:|" * (len(draws) + 1) + "---|"]
     for row in ROWS:

@@ -1,9 +1,11 @@
 """The few-label study (``eval semisup``): N labelled images, every row of rows.py, one test set.
 
-One pass over the selected rows in the catalogue's order: each row starts from its own copy of the
-checkpoint's encoder or of the seeded random one (read and built once per study), is trained by
-the function of its kind below, and leaves one device scalar, its top-1. Teachers are kept for
-the distilled rows after them. The scalars are read once, at the end.
+One pass over the selected rows in the catalogue's order: each row first chooses its setting by
+cross-validation on the N labelled images alone (``choose``; select.py), then starts from its own
+copy of the checkpoint's encoder or of the seeded random one (read and built once per study), is
+trained by the function of its kind below, and leaves one device scalar, its top-1. Teachers are
+kept for the distilled rows after them. The scalars are read once, at the end (the choices once
+per row).
 """
 from __future__ import annotations
 
