@@ -129,7 +129,7 @@ class LabelPropConfig:
                                      # crop (fine-tuning's view) or pretrain (the checkpoint's MoCo augmentation)
     pixel_student_augment: str = "pretrain"  # the same for the raw-pixel row's student
     pixel_weight: float = 0.0        # MoCo's graph: cosine = (1 - w) x features' + w x raw pixels' (0: the
-                                     # features alone; digits_fewlabels sets 0.5)
+                                     # features alone, as every config)
 
 
 @dataclass
