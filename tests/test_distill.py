@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from conftest import run_gloo
-from eval_fns import Points, run_eval, tiny_checkpoint
+from eval_fns import SMALL_SELECT, Points, run_eval, tiny_checkpoint
 from moco_xla import data
 from moco_xla.eval import command as moco_eval
 from moco_xla.eval.rows import SEMISUP_ROWS
@@ -269,7 +269,8 @@ def _study_args(ckpt, labels, out, *extra: str) -> list[str]:
             "--set", "eval.semisup.distill.temperature=2", "--set", "eval.semisup.distill.teacher_view=crop",
             "--set", "eval.semisup.distill.targets=soft", "--set", "eval.semisup.distill.student_augment=crop",
             "--set", "eval.semisup.labelprop.k=7", "--set", "eval.semisup.labelprop.student_augment=pretrain",
-            "--set", "eval.semisup.labelprop.pixel_weight=0.5", *extra]
+            "--set", "eval.semisup.labelprop.pixel_weight=0.5", *[a for s in SMALL_SELECT for a in ("--set", s)],
+            *extra]
 
 
 def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, tmp_path):
@@ -298,6 +299,9 @@ def test_semisup_with_labels_file_on_two_gloo_replicas(tiny_ckpt, digits_train, 
                   "points over the best from scratch"):
         assert title in p.stdout
     assert study["raw_pixels"] == ["moco_labelprop", "pixel_labelprop", "pixel_logistic"]
+    chosen = study["selection"]  # cross-validation on the 20 labels, each fold's rows on both replicas
+    assert chosen["moco_finetune"]["folds"] == 2 and chosen["moco_finetune"]["fold_sizes"] == [10, 10]
+    assert chosen["moco_labelprop"]["chosen"] in (5, 10) and "fixed" in chosen["moco_distill"]["scored_by"]
     assert "raw pixels" in study["titles"]["moco_labelprop"]
     m = study["margins"]
     assert m["best_moco"]["top1"] == max(study["rows"][k] for k in ("moco_probe", "moco_finetune", "moco_distill",
