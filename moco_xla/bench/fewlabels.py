@@ -25,7 +25,9 @@ from .. import cli
 from ..config import load_config
 from ..errors import UserError
 from ..eval.rows import ROWS, study_margins, study_titles
+from ..eval.select import choice_label
 from ..report import read_summary
+from .cli import machine
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -90,11 +92,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def machine() -> dict[str, Any]:
-    from .cli import machine as bench_machine  # the step benchmark's record of the machine
-    return bench_machine()
-
-
 def python_m(module: str, *argv: str) -> None:
     """Run ``python -m module argv`` as a user would; its failure stops the benchmark with its exit code."""
     print(f"bench fewlabels: python -m {module} {' '.join(argv)}", flush=True)
@@ -141,7 +138,7 @@ def label_table(n: str, by_draw: dict[str, dict]) -> list[str]:
         if row.key not in titles:
             continue
         values = [by_draw[d]["rows"][row.key] for d in draws]
-        chosen = " / ".join(choice_text(by_draw[d].get("selection", {}).get(row.key)) for d in draws)
+        chosen = " / ".join(choice_label(by_draw[d].get("selection", {}).get(row.key)) for d in draws)
         lines.append(f"| {titles[row.key]} | " + " | ".join(f"{v:.2f}" for v in values)
                      + f" | {sum(values) / len(values):.2f} | {chosen} |")
     for key, what in (("over_no_pretraining", "best MoCo row over the strongest row without pre-training"),
@@ -152,13 +149,6 @@ def label_table(n: str, by_draw: dict[str, dict]) -> list[str]:
             lines.append(f"| **{what}** | " + " | ".join(f"{m:+.2f}" for m in margins)
                          + f" | {sum(margins) / len(margins):+.2f} | " + " / ".join(m["row"] for m in per) + " |")
     return lines
-
-
-def choice_text(choice: dict[str, Any] | None) -> str:
-    if not choice or choice.get("chosen") is None:
-        return "-"
-    name = choice["setting"].rsplit(".", 1)[-1]
-    return f"{name} {choice['chosen']:g}" + ("" if "folds" in choice else " (fixed)")
 
 
 def fmt(value: Any) -> str:

@@ -36,6 +36,7 @@ from .fewlabels_split import semisup_batch, summary_key
 from .knn import knn_accuracy
 from .lincls import run_linear
 from .rows import selected_rows, study_margins, study_titles
+from .select import choice_label
 
 COMMANDS = ("knn", "linear", "semisup")
 
@@ -205,11 +206,10 @@ def print_study(study: dict[str, Any]) -> None:
 
 def chosen_setting(choice: dict[str, Any] | None) -> str:
     """A row's setting as the table shows it: chosen by cross-validation (with its folds) or fixed."""
-    if not choice or choice.get("setting") is None:
+    if not choice or choice.get("chosen") is None:
         return ""
-    if "folds" not in choice:
-        return f"  ({choice['setting']} {choice['chosen']:g}, fixed)"
-    return f"  ({choice['setting']} {choice['chosen']:g}, {choice['folds']}-fold CV on the labels)"
+    how = f", {choice['folds']}-fold CV on the labels" if "folds" in choice else ""
+    return f"  {choice_label(choice)}{how}"
 
 
 def print_margins(m: dict[str, dict]) -> None:

@@ -28,9 +28,9 @@ from ..runtime import Runtime
 from ..schedule import SGDSpec
 from .distill import DistillSpec, distill, paired
 from .encoder import Encoders
-from .fewlabels_split import (SemisupSplit, distill_batch, distill_views, label_batch, propagated_labels,
-                              pool_features, propagated_views, round_to_replicas, semisup_batch, semisup_split, student_images,
-                              summary_key)
+from .fewlabels_split import (SemisupSplit, distill_batch, distill_views, label_batch, pool_features,
+                              propagated_labels, propagated_views, round_to_replicas, semisup_batch, semisup_split,
+                              student_images, summary_key)
 from .fit import image_accuracy, image_batches, train_classifier
 from .labelprop import graph_features
 from .probe import extract, head_accuracy, pixel_logistic, train_probe

@@ -67,6 +67,14 @@ def cross_validate(setting: str, grid: list, folds: list[torch.Tensor], scored_b
     return Choice(setting, list(grid), means, grid[best], len(folds), [len(f) for f in folds], scored_by)
 
 
+def choice_label(choice: dict[str, Any] | None) -> str:
+    """A summary.json ``selection`` record as a table shows it: "probe_lr 3", or "lr 0.01 (fixed)"."""
+    if not choice or choice.get("chosen") is None:
+        return "-"
+    name = choice["setting"].rsplit(".", 1)[-1]
+    return f"{name} {choice['chosen']:g}" + ("" if "folds" in choice else " (fixed)")
+
+
 def fixed(setting: str, value: Any) -> dict[str, Any]:
     """summary.json's record of a row that chooses nothing: the configured value, the same rule for MoCo's row
     and its baseline."""
