@@ -224,8 +224,8 @@ def chosen_study(row: Row, st: Study, encoders: Encoders) -> tuple[Study, dict[s
     the choice."""
     s = st.cfg.eval.semisup
     if not row.grid or s.select.folds == 0:
-        key = row.setting or row.lr
-        return st, fixed(key, setting_value(s, key) if key else None)
+        key = row.setting or row.lr  # every row has one or the other (rows.py)
+        return st, fixed(key, setting_value(s, key))
     choice = choose(row, st, encoders)
     return st.with_semisup(with_setting(s, row.setting, choice.chosen)), choice.to_dict()
 
