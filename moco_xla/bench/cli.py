@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["fewlabels"]:  # the few-label study end to end (bench/fewlabels.py)
         from . import fewlabels
         return fewlabels.main(argv[1:])
+    if argv[:1] == ["replicas"]:  # N replicas against one at the same global batch (bench/replicas.py)
+        from . import replicas
+        return replicas.main(argv[1:])
     return cli.run(lambda: bench(parse_args(argv)), argv)
 
 

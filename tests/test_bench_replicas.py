@@ -1,0 +1,60 @@
+"""``python -m moco_xla.bench replicas``: N replicas against one at the same global batch and BN group,
+every run as a user would launch it, one JSON and one markdown table, resuming where it stopped."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--config", "tiny", "--epochs", "1", "--backends", "cpu", "--bn-group", "8",
+         "--set", "train.max_steps_per_epoch=2", "--set", "data.workers=0"]
+
+
+def bench(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moco_xla.bench", "replicas", *argv], cwd=ROOT, text=True,
+                          capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def launched(stdout: str) -> list[str]:
+    return [line.split(":")[1].split()[0] for line in stdout.splitlines() if line.startswith("bench replicas:")]
+
+
+def test_every_row_keeps_the_global_batch_and_bn_group_and_the_command_resumes(tmp_path):
+    out, results = tmp_path / "runs", tmp_path / "results" / "rep.json"
+    first = bench(*QUICK, "--replicas", "1,2", "--seeds", "0", "--out", str(out), "--results", str(results))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert launched(first.stdout) == ["cpu-1-auto-seed0", "cpu-2-auto-seed0"]
+    for name, world, splits in (("cpu-1-auto-seed0", 1, 4), ("cpu-2-auto-seed0", 2, 2)):
+        cfg = yaml.safe_load((out / name / "config.yaml").read_text())
+        # the global batch of 32 stays; each BN group holds 8 images on 1 and on 2 replicas
+        assert cfg["train"]["batch_size"] == 32 and cfg["model"]["bn_splits"] == splits
+        assert json.loads((out / name / "summary.json").read_text())["world_size"] == world
+    second = bench(*QUICK, "--replicas", "1,2", "--seeds", "0,1", "--out", str(out), "--results", str(results))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert launched(second.stdout) == ["cpu-1-auto-seed1", "cpu-2-auto-seed1"]  # seed 0 is not run again
+    report = json.loads(results.read_text())
+    assert set(report["runs"]) == {f"cpu-{n}-auto-seed{s}" for n in (1, 2) for s in (0, 1)}
+    two = next(row for row in report["rows"] if row["replicas"] == 2)
+    one = next(row for row in report["rows"] if row["replicas"] == 1)
+    knn = [report["runs"][f"cpu-2-auto-seed{s}"]["knn_top1"] for s in (0, 1)]
+    assert two["knn_top1"] == knn and abs(two["mean"] - sum(knn) / 2) < 1e-9
+    assert abs(two["minus_one_replica"] - (two["mean"] - one["mean"])) < 1e-9
+    table = results.with_suffix(".md").read_text()
+    line = next(li for li in table.splitlines() if li.startswith("| 2 gloo processes | fp32 |"))
+    assert f"| {knn[0]:.2f} | {knn[1]:.2f} | {two['mean']:.2f} |" in line
+    assert f"| {two['minus_one_replica']:+.2f} |" in line
+    assert table in second.stdout
+
+
+def test_a_matrix_that_cannot_keep_the_batch_is_a_one_line_error(tmp_path):
+    p = bench("--config", "tiny", "--replicas", "1,3", "--out", str(tmp_path))
+    assert p.returncode == 2 and p.stderr.startswith("error: --replicas 3 with --bn-group 16")
+    assert "global batch 32" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = bench("--backends", "cpu,tpu", "--out", str(tmp_path))
+    assert p.returncode == 2 and "--backends 'cpu,tpu'; valid: cpu, xla" in p.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
