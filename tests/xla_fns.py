@@ -184,3 +184,15 @@ def cached_steps(rt, cfg, steps: int) -> dict:
     counters = {name: met.counter_value(name) or 0 for name in
                 ("PersistentCacheMiss", "PersistentCacheHit", "PersistentCacheDeserializeFailure")}
     return {"cache": counters, "compiles": out["compiles"], "q": out["q"]}
+
+
+def late_replica(rt, late_s: float) -> dict:
+    """The last replica reaches a graph with an all-reduce ``late_s`` seconds after the others (as one
+    still starting DataLoader workers or loading a checkpoint does); returns the sum and the wait."""
+    x = torch.full((3,), float(rt.rank + 1)).to(rt.device)
+    total = rt.all_reduce(x)
+    if rt.rank == rt.world_size - 1:
+        time.sleep(late_s)
+    start = time.time()
+    rt.mark_step()
+    return {"sum": _cpu(total), "waited_s": time.time() - start}

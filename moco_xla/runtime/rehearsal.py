@@ -18,7 +18,13 @@ this setup by itself; it works on torch_xla 2.9 when these rules hold:
 - ``xm.rendezvous`` and ``xm.save`` gather with the pinned all-gather, which pads by rank
   (one graph per replica); here it is routed to the real, unpinned all-gather.
 - Every replica must reach each collective within XLA's hard-coded 10 s, or the process
-  aborts; ``XLA_THREAD_POOL_SIZE`` must therefore be at least 2N (its default, the core
+  aborts. So at every ``mark_step`` no replica launches its graph before every replica has
+  reached its own (a barrier of the replica threads in front of the lock): a replica still
+  starting its DataLoader workers, loading a checkpoint or tracing then delays the others
+  in Python, where waiting has no limit, instead of inside a collective. Only mark_step is
+  aligned: every replica calls it at the same points, while a sync may be one replica's
+  alone (``xm.save`` moves the master's tensors to the host). ``XLA_THREAD_POOL_SIZE``
+  must be at least 2N (its default, the core
   count, starves replicas), and parameter aliasing is off (a replica held the GIL inside
   buffer release while a collective waited for the others).
 - Graphs must be identical on every replica: the rank enters graphs as a device tensor
@@ -34,12 +40,15 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from typing import Any, Callable, Iterator
 
 VERIFIED = ("2.9.",)  # torch_xla releases this was verified on
 _HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "cpu", "tolist", "numpy")
 _LOCK = threading.RLock()
 _installed = False
+ALIGN_TIMEOUT_S = 900.0  # a barrier that long unmet is a launch only some replicas make: stop aligning
+_align: threading.Barrier | None = None
 
 
 def requested() -> bool:
@@ -97,15 +106,17 @@ def install() -> None:
         check_version()
         xlac = torch_xla._XLAC
         step_marker, sync_multi = xlac._xla_step_marker, xlac._xla_sync_multi
-        xlac._xla_step_marker = _serialised(step_marker, xlac)
-        xlac._xla_sync_multi = _serialised(sync_multi, xlac)
+        xlac._xla_step_marker = _serialised(step_marker, xlac, aligned=True)  # every replica: mark_step
+        xlac._xla_sync_multi = _serialised(sync_multi, xlac)  # may be one replica's (xm.save's master)
         for name in _HOST_READS:
             setattr(torch.Tensor, name, _synced_read(getattr(torch.Tensor, name), sync_multi, xlac))
         xm._all_gather_using_all_reduce = _unpinned_gather(xm)
+        global _align
+        _align = threading.Barrier(cpu_devices())
         _installed = True
 
 
-def _serialised(run: Callable[..., Any], xlac: Any) -> Callable[..., Any]:
+def _serialised(run: Callable[..., Any], xlac: Any, aligned: bool = False) -> Callable[..., Any]:
     """``run`` (a graph launch) under the process-wide lock, this replica's device idle before.
 
     The launch itself never waits under the lock (``wait=False``): its collectives need the
@@ -115,12 +126,31 @@ def _serialised(run: Callable[..., Any], xlac: Any) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         wait = kwargs.pop("wait", True)
         _wait_own_device(xlac)  # outside the lock
+        if aligned:
+            _aligned()
         with _LOCK:
             result = run(*args, wait=False, **kwargs)
         if wait:
             _wait_own_device(xlac)
         return result
     return wrapper
+
+
+def _aligned() -> None:
+    """Return when every replica thread has reached its next graph launch (replicas launch the same
+    graphs in the same order, which the collectives already require). Should some launch ever be
+    made by one replica only, the barrier breaks after ALIGN_TIMEOUT_S and launches go unaligned."""
+    global _align
+    barrier = _align
+    if barrier is None:
+        return
+    try:
+        barrier.wait(timeout=ALIGN_TIMEOUT_S)
+    except threading.BrokenBarrierError:
+        if _align is not None:
+            _align = None
+            warnings.warn(f"XLA:CPU rehearsal: replicas did not all reach a graph launch within "
+                          f"{ALIGN_TIMEOUT_S:.0f} s; launching unaligned from now on", RuntimeWarning, stacklevel=2)
 
 
 def _wait_own_device(xlac: Any) -> None:
