@@ -35,6 +35,7 @@ def test_every_row_keeps_the_global_batch_and_bn_group_and_the_command_resumes(t
         assert cfg["train"]["batch_size"] == 32 and cfg["model"]["bn_splits"] == splits
         assert json.loads((out / name / "summary.json").read_text())["world_size"] == world
     report = json.loads(results.read_text())
+    assert all(rec["launches"] == 1 for rec in report["runs"].values())  # none had to be resumed
     one, two = (next(row for row in report["rows"] if row["replicas"] == n) for n in (1, 2))
     assert abs(two["minus_one_replica"] - (two["knn_top1"][0] - one["knn_top1"][0])) < 1e-9
     table = results.with_suffix(".md").read_text()
@@ -59,3 +60,26 @@ def test_a_matrix_that_cannot_keep_the_batch_is_a_one_line_error(tmp_path):
     p = bench("--backends", "cpu,tpu", "--out", str(tmp_path))
     assert p.returncode == 2 and "--backends 'cpu,tpu'; valid: cpu, xla" in p.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_a_second_invocation_on_the_same_runs_is_refused(tmp_path):
+    import fcntl
+    with (tmp_path / ".lock").open("w") as held:  # as a running benchmark holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = bench(*QUICK, "--replicas", "1", "--seeds", "0", "--out", str(tmp_path))
+    assert p.returncode == 2 and p.stderr.strip() == (f"error: another bench replicas is running on {tmp_path}; "
+                                                     "wait for it or pass another --out")
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".lock"]  # no run started
+
+
+def test_the_docs_table_is_the_commands_output():
+    """docs/benchmarks.md section 8 shows benchmarks/results/replicas-digits.md unchanged, and that file is
+    what the command makes of its JSON: nothing merged by hand."""
+    from moco_xla.bench.replicas import markdown, precision_gaps, rows
+    report = json.loads((ROOT / "benchmarks" / "results" / "replicas-digits.json").read_text())
+    assert report["rows"] == rows(report["runs"]) and report["precision"] == precision_gaps(report["rows"])
+    table = (ROOT / "benchmarks" / "results" / "replicas-digits.md").read_text()
+    assert markdown(report) == table
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    block = docs.split("<!-- replicas-digits.md: begin -->\n", 1)[1].split("<!-- replicas-digits.md: end -->")[0]
+    assert block.strip() == table.strip()

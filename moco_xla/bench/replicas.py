@@ -19,6 +19,8 @@ distance from the one-replica mean of the same backend and precision.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import statistics
@@ -26,7 +28,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .. import cli
 from ..config import load_config
@@ -123,38 +125,64 @@ def run(args: argparse.Namespace) -> int:
         "command": getattr(args, "command", ""), "machine": machine(), "config": cfg.name,
         "overrides": args.overrides, "epochs": args.epochs, "global_batch": cfg.train.batch_size,
         "bn_group": args.bn_group, "runs": {}}
-    for r in runs:
-        where = out / r.name
-        attempts = train(r, where, args, cfg.train.batch_size)
-        report["runs"][r.name] = run_record(r, read_summary(where), attempts)
-        report["rows"] = rows(report["runs"])
-        report["precision"] = precision_gaps(report["rows"])
-        write_results(results, report)  # after every run: a stopped benchmark leaves what it finished
+    with exclusive(out):
+        for r in runs:
+            record(r, out, args, cfg.train.batch_size, report, results)
     print(results.with_suffix(".md").read_text())
     print(f"results in {results} and {results.with_suffix('.md')}")
     return 0
 
 
-def train(r: Run, where: Path, args: argparse.Namespace, global_batch: int) -> int:
-    """Train ``r`` into ``where`` unless it finished before; the number of launches it took this time."""
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``<out>/.lock`` for the whole benchmark: a second invocation on the same runs would train
+    into the same directories at the same time; it ends with a one-line error instead."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another bench replicas is running on {out}; wait for it or pass another --out") from None
+        yield
+
+
+def record(r: Run, out: Path, args: argparse.Namespace, global_batch: int, report: dict[str, Any],
+           results: Path) -> None:
+    """Train one run (unless finished) and rewrite the results with it."""
+    where = out / r.name
+    attempts = train(r, where, args, global_batch)
+    report["runs"][r.name] = run_record(r, read_summary(where), attempts)
+    report["rows"] = rows(report["runs"])
+    report["precision"] = precision_gaps(report["rows"])
+    write_results(results, report)  # after every run: a stopped benchmark leaves what it finished
+
+
+def train(r: Run, where: Path, args: argparse.Namespace, global_batch: int) -> int | None:
+    """Train ``r`` into ``where`` unless it finished before; the launches it took, by every invocation
+    (``<where>/launches.txt``: one line per start, so a resumed run says so in the results; None for a
+    run finished before that file was kept)."""
     sets = [*args.overrides, f"train.epochs={args.epochs}", f"eval.knn_every={args.epochs}",
             f"train.seed={r.seed}", f"model.bn_splits={bn_splits(global_batch, r.replicas, args.bn_group)}",
             f"train.precision={r.precision}"]
     argv = ["--config", args.config, "--backend", r.backend, "--cores", str(r.replicas), "--out", str(where),
             "--resume", "auto", *[a for s in sets for a in ("--set", s)]]
     env = {"PJRT_DEVICE": "CPU"} if r.backend == "xla" else {}
+    log = where / "launches.txt"
     for attempt in range(ATTEMPTS + 1):
         if "final_loss" in read_summary(where):
-            return attempt
+            return len(log.read_text().splitlines()) if log.exists() else None
         if attempt == ATTEMPTS:
             break
         print(f"bench replicas: {r.name} (attempt {attempt + 1}): python -m moco_xla.launch {' '.join(argv)}",
               flush=True)
+        where.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            f.write(" ".join(["python -m moco_xla.launch", *argv]) + "\n")
         subprocess.run([sys.executable, "-m", "moco_xla.launch", *argv], env={**os.environ, **env})
     raise UserError(f"bench replicas: {r.name} did not finish in {ATTEMPTS} attempts; see {where}")
 
 
-def run_record(r: Run, summary: dict[str, Any], attempts: int) -> dict[str, Any]:
+def run_record(r: Run, summary: dict[str, Any], attempts: int | None) -> dict[str, Any]:
     graph = summary.get("xla_graph") or {}
     return {"backend": r.backend, "replicas": r.replicas, "precision": summary.get("precision"), "seed": r.seed,
             "row": r.row, "knn_top1": summary.get("knn_top1"), "final_loss": summary.get("final_loss"),
