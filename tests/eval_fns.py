@@ -76,21 +76,25 @@ def probe_on_points(rt, train: tuple, test: tuple, classes: int, epochs: int, ba
             "count": tr.count}
 
 
-_RUNS: dict[str, Path] = {}
+def pretrained_run(tmp_path_factory) -> Path:
+    """A short run of the quickstart (the default config, digits), once per test session, through the real CLI.
 
-
-def pretrained_run(root: Path) -> Path:
-    """A short run of the quickstart (the default config, digits), once per test session, through the real CLI."""
-    if "digits" not in _RUNS:
-        out = root / "pretrained"
-        args = [sys.executable, "-m", "moco_xla.launch", "--out", str(out)]
-        for item in PRETRAIN_SET:
-            args += ["--set", item]
-        p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                           env={**os.environ, "PJRT_DEVICE": "CPU"})
-        assert p.returncode == 0, p.stderr[-3000:]
-        _RUNS["digits"] = out
-    return _RUNS["digits"]
+    The suite's xdist workers share it: the first to ask trains it under a file lock in the directory
+    above the workers' own temporary directories; the others wait and read it.
+    """
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = root / "pretrained"
+    with FileLock(str(root / "pretrained.lock")):
+        if not (out / "summary.json").exists():
+            args = [sys.executable, "-m", "moco_xla.launch", "--out", str(out)]
+            for item in PRETRAIN_SET:
+                args += ["--set", item]
+            p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                               env={**os.environ, "PJRT_DEVICE": "CPU"})
+            assert p.returncode == 0, p.stderr[-3000:]
+    return out
 
 
 def random_init_knn(config: str, sets: list[str]) -> float:

@@ -26,7 +26,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-    return pretrained_run(tmp_path_factory.getbasetemp())
+    return pretrained_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from eval_fns import PRETRAIN_SET, pretrained_run, random_init_knn
 
 
 def test_digits_quickstart_learns(tmp_path_factory):
-    out = pretrained_run(tmp_path_factory.getbasetemp())
+    out = pretrained_run(tmp_path_factory)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"] == "digits" and summary["epochs"] == 12, summary
     assert summary["final_loss"] < 0.85 * summary["uniform_loss"]  # well below uniform logits

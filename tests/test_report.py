@@ -19,7 +19,7 @@ WIDTH, HEIGHT = 640, 400
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-    return pretrained_run(tmp_path_factory.getbasetemp())
+    return pretrained_run(tmp_path_factory)
 
 
 def assert_png(path, size=(WIDTH, HEIGHT)) -> None:
