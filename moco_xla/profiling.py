@@ -45,6 +45,10 @@ class GraphHygieneError(RunStopped):
     """
 
 
+# rank -> the graph check of each replica thread of the rehearsal (its latest launch's)
+_REPLICA_WATCHES: dict[int, "GraphWatch"] = {}
+
+
 class GraphWatch:
     """Counts compilations, fallback ops and device-to-host transfers per step and per region.
 
@@ -63,11 +67,13 @@ class GraphWatch:
         if mode not in GRAPH_CHECKS:
             raise ValueError(f"graph check {mode!r}; valid: {', '.join(GRAPH_CHECKS)}")
         self.rt, self.warmup, self.mode = rt, warmup, mode
-        # torch_xla's counters are process-wide: where replicas are threads of one process
-        # (TPU v2/v3, the XLA:CPU rehearsal) the first of them watches for all, and only
-        # compilations and fallbacks are checked (another thread's log read is not a leak).
-        self.enabled = mode != "off" and rt.first_in_process and bool(rt.counters())
+        # torch_xla's counters are process-wide. Where replicas are threads of one process only
+        # compilations and fallbacks are checked (another thread's log read is not a leak). In the
+        # rehearsal each replica thread counts the compilations it launched and watches its own
+        # steps (the first one's report adds up all of them); on TPU v2/v3 the first watches for all.
+        self.enabled = mode != "off" and (rt.first_in_process or rt.compiles_per_thread) and bool(rt.counters())
         self.check_transfers = rt.replicas_in_process == 1
+        self.check_fallbacks = rt.first_in_process
         self.last = rt.counters() if self.enabled else {}
         self.steps = 0
         self.current = "train"
@@ -80,6 +86,8 @@ class GraphWatch:
         self.totals = {"compiles": 0, "compiles_after_warmup": 0, "fallback_ops": 0,
                        "unexpected_transfers": 0}
         self.violations: list[str] = []
+        if self.enabled and rt.compiles_per_thread:
+            _REPLICA_WATCHES[rt.rank] = self
 
     def step(self, log: bool = False, checkpoint: bool = False, poll: bool = False) -> None:
         """One training step has been queued; ``log``/``poll``/``checkpoint``: it also read values back.
@@ -136,9 +144,28 @@ class GraphWatch:
         if not self.enabled:
             return {}
         self._close()
-        return {**self.totals, "steps": self.steps, "compile_steps": self.compile_steps[:20],
-                "region_compiles": {k: v[:10] for k, v in self.region_compiles.items()},
-                "fallback_op_names": self.rt.fallback_ops(), "violations": self.violations[:5]}
+        totals, violations, steps, regions = dict(self.totals), list(self.violations), {}, {}
+        for watch in [self, *self._other_replicas()]:  # as counted so far by each replica thread
+            if watch is not self:
+                totals.update({k: totals[k] + watch.totals[k] for k in ("compiles", "compiles_after_warmup")})
+                violations += [f"replica {watch.rt.rank}: {v}" for v in watch.violations]
+            for step, n in watch.compile_steps:
+                steps[step] = steps.get(step, 0) + n
+            for region, per_visit in watch.region_compiles.items():
+                merged = regions.setdefault(region, [])
+                merged.extend([0] * (len(per_visit) - len(merged)))
+                for i, n in enumerate(per_visit):
+                    merged[i] += n
+        return {**totals, "steps": self.steps, "compile_steps": [list(kv) for kv in sorted(steps.items())][:20],
+                "region_compiles": {k: v[:10] for k, v in regions.items()},
+                "fallback_op_names": self.rt.fallback_ops(), "violations": violations[:5]}
+
+    def _other_replicas(self) -> list["GraphWatch"]:
+        """The watches of this launch's other replica threads in this process (rehearsal only)."""
+        if not self.rt.compiles_per_thread or not self.rt.first_in_process:
+            return []
+        ranks = range(self.rt.rank + 1, self.rt.rank + self.rt.replicas_in_process)
+        return [_REPLICA_WATCHES[r] for r in ranks if r in _REPLICA_WATCHES]
 
     def _close(self) -> None:
         """End a window that is not a step: the tail of the steps, or a region's visit."""
@@ -162,7 +189,7 @@ class GraphWatch:
         d = {k: now[k] - self.last.get(k, 0) for k in now}
         self.last = now
         self.totals["compiles"] += d["compiles"]
-        if d["fallback_ops"]:
+        if d["fallback_ops"] and self.check_fallbacks:
             self.totals["fallback_ops"] += d["fallback_ops"]
             self._violate(f"{self.current} after step {self.steps}: ops fell back to the host "
                           f"({', '.join(self.rt.fallback_ops())}): each one is a device round trip")

@@ -51,9 +51,20 @@ XLA_INSTALLED = importlib.util.find_spec("torch_xla") is not None
 NEEDS_XLA = "needs torch_xla (not installed in this environment)"
 
 
+# The test files that take longest (--durations=0 summed per file, longest first). They run first, so
+# that the two xdist workers (pyproject.toml: each file on one worker, in collection order) finish
+# together instead of one of them starting a long file when the other has nothing left.
+LONGEST_FIRST = ("test_eval.py", "test_xla_launch.py", "test_preempt.py", "test_launch.py", "test_resume.py",
+                 "test_compile_cache.py", "test_xla_replicas.py", "test_overlap.py", "test_shuffle_bn.py",
+                 "test_distill.py", "test_preflight.py", "test_mocov3_xla.py", "test_rehearsal_align.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``needs_xla`` (XLA:CPU replicas, lowering, the xla backend) skip, with that
-    reason, where torch_xla is not installed: the CI environment with a current torch runs the rest."""
+    """The longest test files first (LONGEST_FIRST); tests marked ``needs_xla`` (XLA:CPU replicas,
+    lowering, the xla backend) skip, with that reason, where torch_xla is not installed: the CI
+    environment with a current torch runs the rest."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if XLA_INSTALLED:
         return
     for item in items:

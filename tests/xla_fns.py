@@ -196,3 +196,28 @@ def late_replica(rt, late_s: float) -> dict:
     start = time.time()
     rt.mark_step()
     return {"sum": _cpu(total), "waited_s": time.time() - start}
+
+
+def credited_compiles(rt, late_s: float) -> dict:
+    """Replica 0 is still in its training window while the others enter a region and compile a graph
+    no replica ran before (through a host read: launches there are not aligned). Returns the
+    compilations credited to this replica and the graph check's report (replica 0's adds up all)."""
+    import torch_xla.debug.metrics as met
+    from moco_xla.profiling import GraphWatch
+    process_before = met.metric_data("CompileTime")
+    watch = GraphWatch(rt, warmup=0, mode="warn")
+    watch.step()
+    watch.step()  # past the warm-up: a compilation in the training window now is a violation
+    if rt.rank == 0:
+        time.sleep(late_s)
+    before = rt.counters()["compiles"]
+    watch.enter("epoch_end")
+    x = torch.full((7,), 2.0).to(rt.device)
+    value = float((x * x + 1).sum())  # a new graph: the first replica to reach it compiles it
+    watch.enter("train")
+    own = rt.counters()["compiles"] - before
+    with watch.region("sync"):
+        rt.barrier()  # compiles the barrier's graph (one replica does)
+    rt.barrier()  # its graph cached: every replica's windows are closed before replica 0 adds them up
+    process = met.metric_data("CompileTime")[0] - (process_before[0] if process_before else 0)
+    return {"value": value, "own": own, "report": watch.report(), "process": process}

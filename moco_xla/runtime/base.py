@@ -31,6 +31,7 @@ class Runtime:
         self._trace: Any = None  # a running torch.profiler session (start_trace)
         self.replicas_in_process = 1  # > 1 where replicas are threads of one process (TPU v2/v3, XLA:CPU)
         self.first_in_process = True  # the replica that runs process-wide things (profiler, counters)
+        self.compiles_per_thread = False  # counters()["compiles"] counts this replica thread's only
         self.hosts = 1
         self.rehearsal = False  # several XLA:CPU replicas rehearsing a TPU run (runtime/rehearsal.py)
         self._cpu_rng_state: torch.Tensor | None = None  # private CPU RNG (see manual_seed)

@@ -30,6 +30,10 @@ this setup by itself; it works on torch_xla 2.9 when these rules hold:
 - Graphs must be identical on every replica: the rank enters graphs as a device tensor
   (Runtime.rank_index), and bf16 autocast runs without its cast cache (XlaRuntime.autocast:
   the cache is process-wide, its nesting counter per thread), as on a TPU v2/v3.
+- torch_xla counts compilations per process. Every launch runs under the lock, so the
+  compilations it made are credited to the replica thread that launched it
+  (``thread_compiles``): each replica's graph check sees its own, whichever replica happened
+  to reach a new graph first.
 
 All of this is private torch_xla API, verified on the versions in VERIFIED only, and active
 only on XLA:CPU with more than one device. Nothing changes on a TPU.
@@ -49,6 +53,7 @@ _LOCK = threading.RLock()
 _installed = False
 ALIGN_TIMEOUT_S = 900.0  # a barrier that long unmet is a launch only some replicas make: stop aligning
 _align: threading.Barrier | None = None
+_compiles_by_thread: dict[int, int] = {}  # compilations made by each replica thread's launches
 
 
 def requested() -> bool:
@@ -129,11 +134,38 @@ def _serialised(run: Callable[..., Any], xlac: Any, aligned: bool = False) -> Ca
         if aligned:
             _aligned()
         with _LOCK:
-            result = run(*args, wait=False, **kwargs)
+            result = _credited(run, *args, wait=False, **kwargs)
         if wait:
             _wait_own_device(xlac)
         return result
     return wrapper
+
+
+def _credited(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``run(*args, **kwargs)`` (under _LOCK), crediting its compilations to the calling thread."""
+    before = _process_compiles()
+    try:
+        return run(*args, **kwargs)
+    finally:
+        ident = threading.get_ident()
+        _compiles_by_thread[ident] = _compiles_by_thread.get(ident, 0) + _process_compiles() - before
+
+
+def _process_compiles() -> int:
+    import torch_xla.debug.metrics as met
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+def thread_compiles(first_in_process: bool) -> int:
+    """Graph compilations launched by the calling replica thread so far. The first replica of the
+    process is also credited with those no locked launch made (none are expected), so that the
+    replicas' counts always add up to the process's."""
+    with _LOCK:
+        own = _compiles_by_thread.get(threading.get_ident(), 0)
+        if first_in_process:
+            own += _process_compiles() - sum(_compiles_by_thread.values())
+        return own
 
 
 def _aligned() -> None:
@@ -165,7 +197,7 @@ def _synced_read(read: Callable[..., Any], sync_multi: Callable[..., Any], xlac:
         if self.device.type == "xla":
             _wait_own_device(xlac)
             with _LOCK:
-                sync_multi([self], devices=[], wait=False)
+                _credited(sync_multi, [self], devices=[], wait=False)
             _wait_own_device(xlac)
         return read(self, *args, **kwargs)
     return wrapper

@@ -38,6 +38,7 @@ class XlaRuntime(Runtime):
         # TPU v2/v3 and XLA:CPU run several replica threads in one process
         self.replicas_in_process = xr.addressable_device_count()
         self.first_in_process = self.device.index == 0
+        self.compiles_per_thread = self.rehearsal and self.replicas_in_process > 1
         self.hosts = max(1, self.world_size // max(1, xr.local_device_count()))
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
@@ -115,7 +116,11 @@ class XlaRuntime(Runtime):
 
     # -- performance introspection: torch_xla's metrics, read on the host (no device sync) --
     def counters(self) -> dict[str, int]:
-        return {"compiles": _metric_count("CompileTime"),
+        # Replica threads of the rehearsal each count the compilations they launched; elsewhere
+        # the count is the process's (one replica per process, or TPU v2/v3's threads).
+        compiles = (rehearsal.thread_compiles(self.first_in_process) if self.compiles_per_thread
+                    else _metric_count("CompileTime"))
+        return {"compiles": compiles,
                 "executions": _metric_count("ExecuteTime") + _metric_count("ExecuteReplicatedTime"),
                 "transfers_from_device": _metric_count("TransferFromDeviceTime"),
                 "fallback_ops": sum(met.counter_value(op) or 0 for op in self.fallback_ops())}
