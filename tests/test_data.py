@@ -138,6 +138,39 @@ def test_channel_conversion():
     assert ToChannels(1)(colour).shape == (1, 8, 8) and 0 < int(ToChannels(1)(colour).max()) < 200
 
 
+
+def test_decoder_is_torchcodec_where_installed_with_the_pixels_of_torchvision_and_pil():
+    """torchvision 0.29 deprecated its image codecs for TorchCodec's: where torchcodec loads, images
+    decode through it (the current-torch CI environment installs it), with the same pixels."""
+    import importlib.util
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from moco_xla.data.images import decode_bytes, decoder, encode_png
+    name, decode = decoder()
+    assert name == ("torchcodec" if importlib.util.find_spec("torchcodec") else "torchvision.io")
+    photo = load_sample_images().images[0][:120, :160]
+    for source, channels in (("RGB", 3), ("L", 1)):
+        png = encode_png(torch.from_numpy(np.asarray(Image.fromarray(photo).convert(source)).copy()).reshape(
+            120, 160, channels).permute(2, 0, 1))
+        with Image.open(io.BytesIO(png)) as im:
+            pil = torch.from_numpy(np.asarray(im).copy()).reshape(120, 160, channels).permute(2, 0, 1)
+        assert torch.equal(decode_bytes(png), pil)  # lossless both ways, in the image's own channels
+        buf = io.BytesIO()
+        Image.fromarray(photo).convert(source).save(buf, format="JPEG", quality=90)
+        jpeg = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        ours = decode_bytes(buf.getvalue(), 3)
+        assert ours.shape == (3, 120, 160) and torch.equal(ours, decode(jpeg, "RGB"))
+        try:
+            from torchvision.io import ImageReadMode, decode_image
+        except ImportError:  # a torchvision whose deprecated codecs are gone
+            continue
+        assert torch.equal(ours, decode_image(jpeg, mode=ImageReadMode.RGB))  # libjpeg-turbo in both
+
+
 # ------------------------------------------------------------------ loaders
 
 def test_map_style_pretrain_loader_once_per_epoch(tmp_path):

@@ -1,12 +1,16 @@
 """Image bytes <-> uint8 tensors [C, H, W].
 
-Decoding goes through torchvision.io (libjpeg-turbo / libpng, no PIL round trip)
-and falls back to PIL for the formats it lacks (BMP, TIFF, PPM, ...). A file that
-neither can decode raises ``BadImage`` with a short reason; callers name the path.
+Decoding goes through TorchCodec's image decoders where torchcodec (>= 0.16, for torch >= 2.11) is
+installed, else through torchvision.io, whose image decoders torchvision 0.29 deprecated in their
+favour (both libjpeg-turbo / libpng, no PIL round trip, the same pixels), and falls back to PIL for
+the formats they lack (BMP, TIFF, PPM, ...). A file that none can decode raises ``BadImage`` with a
+short reason; callers name the path.
 """
 from __future__ import annotations
 
+import functools
 import io
+from typing import Callable
 
 import torch
 
@@ -17,15 +21,25 @@ class BadImage(ValueError):
 
 def decode_bytes(data: bytes, channels: int | None = None) -> torch.Tensor:
     """uint8 [C, H, W]; ``channels`` 1 or 3 converts, None keeps gray as 1 and colour as 3."""
-    from torchvision.io import ImageReadMode, decode_image
     if not data:
         raise BadImage("empty file")
-    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(channels, ImageReadMode.UNCHANGED)
+    mode = {1: "GRAY", 3: "RGB"}.get(channels, "UNCHANGED")
     try:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        img = decoder()[1](torch.frombuffer(bytearray(data), dtype=torch.uint8), mode)
     except (RuntimeError, ValueError):
         img = _decode_pil(data, channels)
     return _fix_channels(img)
+
+
+@functools.lru_cache(maxsize=1)
+def decoder() -> tuple[str, Callable[[torch.Tensor, str], torch.Tensor]]:
+    """(name, decode(encoded uint8 tensor, mode)): TorchCodec's where it loads, else torchvision.io's."""
+    try:
+        from torchcodec.decoders import decode_image as codec_decode
+        return "torchcodec", lambda encoded, mode: codec_decode(encoded, mode=mode)
+    except (ImportError, OSError, RuntimeError):  # not installed, or its libraries do not load with this torch
+        from torchvision.io import ImageReadMode, decode_image as tv_decode
+        return "torchvision.io", lambda encoded, mode: tv_decode(encoded, mode=ImageReadMode[mode])
 
 
 def _decode_pil(data: bytes, channels: int | None) -> torch.Tensor:
@@ -60,9 +74,15 @@ def decode_file(path: str, channels: int | None = None) -> torch.Tensor:
 
 def encode_png(img: torch.Tensor) -> bytes:
     """Lossless PNG bytes of a uint8 [C, H, W] (C = 1 or 3) or [H, W] tensor."""
-    from torchvision.io import encode_png as tv_encode_png
     if img.dim() == 2:
         img = img.unsqueeze(0)
+    try:
+        from torchvision.io import encode_png as tv_encode_png
+    except ImportError:  # a torchvision without its deprecated image codecs: PIL's encoder, as lossless
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).save(buf, format="PNG")
+        return buf.getvalue()
     return tv_encode_png(img.contiguous()).numpy().tobytes()
 
 
