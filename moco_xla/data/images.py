@@ -4,7 +4,7 @@ Decoding goes through TorchCodec's image decoders where torchcodec (>= 0.16, for
 installed, else through torchvision.io, whose image decoders torchvision 0.29 deprecated in their
 favour (both libjpeg-turbo / libpng, no PIL round trip, the same pixels), and falls back to PIL for
 the formats they lack (BMP, TIFF, PPM, ...). A file that none can decode raises ``BadImage`` with a
-short reason; callers name the path.
+short reason; callers name the path. PNG encoding (shards of decoded images) is PIL's.
 """
 from __future__ import annotations
 
@@ -73,17 +73,13 @@ def decode_file(path: str, channels: int | None = None) -> torch.Tensor:
 
 
 def encode_png(img: torch.Tensor) -> bytes:
-    """Lossless PNG bytes of a uint8 [C, H, W] (C = 1 or 3) or [H, W] tensor."""
-    if img.dim() == 2:
-        img = img.unsqueeze(0)
-    try:
-        from torchvision.io import encode_png as tv_encode_png
-    except ImportError:  # a torchvision without its deprecated image codecs: PIL's encoder, as lossless
-        from PIL import Image
-        buf = io.BytesIO()
-        Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).save(buf, format="PNG")
-        return buf.getvalue()
-    return tv_encode_png(img.contiguous()).numpy().tobytes()
+    """Lossless PNG bytes of a uint8 [C, H, W] (C = 1 or 3) or [H, W] tensor (PIL's encoder: torchvision
+    0.29 deprecated its own, and TorchCodec, its successor, needs torch >= 2.11)."""
+    from PIL import Image
+    pixels = img if img.dim() == 2 else img.permute(1, 2, 0).squeeze(-1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.contiguous().numpy()).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (DHT, JPG, DAC are not)
