@@ -39,6 +39,7 @@ def test_one_command_pretrains_runs_every_draw_and_resumes(tmp_path):
         assert set(study["rows"]) == {"moco_probe", "pixel_logistic"}
         assert study["selection"]["moco_probe"]["folds"] == 2  # chosen on the 20 labelled images
     assert report["pretrain"]["knn_top1"] is not None and report["pretrain"]["pixel_knn_top1"] is not None
+    assert report["pretrain"]["knn_curve"][-1] == [report["pretrain"]["epochs"], report["pretrain"]["knn_top1"]]
     table = results.with_suffix(".md").read_text()
     assert "| row | draw 0 | draw 1 | mean | chosen |" in table
     probe = next(line for line in table.splitlines() if line.startswith("| MoCo linear probe"))

@@ -6,7 +6,7 @@ import importlib.util
 from conftest import ROOT
 from moco_xla.config import load_config
 
-CHOSEN = "cb_16px_w8_150ep"
+CHOSEN = "affine_16px_w8_T0.2_300ep"
 
 
 def recipe_module():

@@ -26,7 +26,7 @@ from ..config import load_config
 from ..errors import UserError
 from ..eval.rows import ROWS, study_margins, study_titles
 from ..eval.select import choice_label
-from ..report import read_summary
+from ..report import read_metrics, read_summary
 from .cli import machine
 
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                  *common, *sets)
     studies: dict[str, dict[str, Any]] = {}
     report = {"command": getattr(args, "command", ""), "machine": machine(), "config": cfg.name,
-              "overrides": args.overrides, "pretrain": pretrain_record(read_summary(pretrain)), "studies": studies}
+              "overrides": args.overrides, "pretrain": pretrain_record(pretrain), "studies": studies}
     for n in labels:
         for draw in draws:
             where = out / "studies" / f"labels-{n}-draw-{draw}"
@@ -100,9 +100,13 @@ def python_m(module: str, *argv: str) -> None:
         raise SystemExit(done.returncode)
 
 
-def pretrain_record(summary: dict[str, Any]) -> dict[str, Any]:
+def pretrain_record(run_dir: Path) -> dict[str, Any]:
+    """The pre-training's summary figures and its kNN curve ([epoch, kNN top-1] at each monitor)."""
+    summary = read_summary(run_dir)
     keys = ("config", "knn_top1", "pixel_knn_top1", "epochs", "wall_s", "world_size", "backend")
-    return {key: summary.get(key) for key in keys}
+    curve = [[r["epoch"], r["knn_top1"]] for r in read_metrics(run_dir)
+             if r.get("type") == "epoch" and r.get("knn_top1") is not None]
+    return {**{key: summary.get(key) for key in keys}, "knn_curve": curve}
 
 
 def write_results(path: Path, report: dict[str, Any]) -> None:
