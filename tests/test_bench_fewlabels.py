@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from eval_fns import SMALL_SELECT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +57,16 @@ def test_bad_label_counts_are_one_line_errors(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
-def test_the_docs_table_is_the_commands_output():
-    """docs/fewlabels.md shows benchmarks/results/fewlabels-digits.md unchanged, and that file is what the
+@pytest.mark.parametrize("name", ["fewlabels-digits", "fewlabels-mnist-dev"])
+def test_the_docs_table_is_the_commands_output(name):
+    """docs/fewlabels.md shows benchmarks/results/NAME.md unchanged, and that file is what the
     command makes of its JSON: nothing merged by hand."""
     from moco_xla.bench.fewlabels import markdown
-    results = ROOT / "benchmarks" / "results" / "fewlabels-digits.json"
+    results = ROOT / "benchmarks" / "results" / f"{name}.json"
     table = results.with_suffix(".md").read_text()
     assert markdown(json.loads(results.read_text())) == table
     docs = (ROOT / "docs" / "fewlabels.md").read_text()
-    block = docs.split("<!-- fewlabels-digits.md: begin -->\n", 1)[1].split("<!-- fewlabels-digits.md: end -->")[0]
+    block = docs.split(f"<!-- {name}.md: begin -->\n", 1)[1].split(f"<!-- {name}.md: end -->")[0]
     assert block.strip() == table.strip()
 
 
