@@ -70,12 +70,14 @@ def test_the_docs_table_is_the_commands_output(name):
     assert block.strip() == table.strip()
 
 
-def test_the_readme_quotes_the_commands_margins():
+@pytest.mark.parametrize("name, digits", [("fewlabels-digits", 1), ("fewlabels-mnist-dev", 2)])
+def test_the_readme_quotes_the_commands_margins(name, digits):
     """The README's few-label margins at 100 labels are the results JSON's, draw by draw."""
     from moco_xla.eval.rows import study_margins
-    report = json.loads((ROOT / "benchmarks" / "results" / "fewlabels-digits.json").read_text())
+    report = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
     by_draw = report["studies"]["100"]
     readme = " ".join((ROOT / "README.md").read_text().split())
     for key in ("over_no_pretraining", "over_scratch"):
-        quoted = " / ".join(f"{study_margins(by_draw[d])[key]['margin']:+.1f}" for d in sorted(by_draw, key=int))
+        quoted = " / ".join(f"{study_margins(by_draw[d])[key]['margin']:+.{digits}f}"
+                            for d in sorted(by_draw, key=int))
         assert quoted in readme, (key, quoted)
