@@ -3,6 +3,7 @@ digits' training images, then the quickstart as shipped (``--config digits``) on
 each scored by the kNN monitor against the centred raw-pixel kNN of the same split.
 
     python benchmarks/digits_recipe.py run NAME [NAME ...]   # trials (validation split), one after another
+    python benchmarks/digits_recipe.py stopped NAME           # record a trial stopped by hand (its curve so far)
     python benchmarks/digits_recipe.py seeds [0,1,2]          # the quickstart as shipped, on the test digits
     python benchmarks/digits_recipe.py report                 # merge into digits-recipe.json and docs/digits.md
 
@@ -30,6 +31,9 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
     "T0.1": ("temperature 0.1 (the official CIFAR-10 demo's)", ["moco.T=0.1"]),
     "T0.2": ("temperature 0.2 (MoCo v2's)", ["moco.T=0.2"]),
     "T0.3": ("temperature 0.3", ["moco.T=0.3"]),
+    "affine": ("small affine warps of the strokes as well (digits_affine, the few-label pre-training's)",
+               ["data.augment=digits_affine"]),
+    "w16_80ep": ("width 16 (about half the compute of width 32) for 80 epochs", ["model.width=16", "train.epochs=80"]),
 }
 
 
@@ -42,6 +46,20 @@ def run(names: list[str]) -> None:
         (TRIALS_DIR / f"{name}-val.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"{name} [val]: knn {result['knn_top1']:.2f}  pixels {result['pixel_knn_top1']:.2f}  "
               f"gain {result['gain']:+.2f}  wall {result['wall_s']:.0f}s", flush=True)
+
+
+def stopped(name: str) -> None:
+    """Record a trial stopped by hand (behind at every monitor): its kNN curve so far."""
+    records = [json.loads(line) for line in (RUNS / f"digits-{name}-val" / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in records if r.get("type") == "epoch" and "knn_top1" in r]
+    last, (what, extra) = knn[-1], TRIALS[name]
+    result = {"split": "val", "what": what + f" (stopped by hand after epoch {last['epoch']})", "seed": 0,
+              "name": name, "overrides": VAL + extra, "knn_top1": last["knn_top1"],
+              "pixel_knn_top1": last["pixel_knn_top1"], "gain": last["knn_top1"] - last["pixel_knn_top1"],
+              "wall_s": sum(r.get("epoch_s", 0) for r in records if r.get("type") == "epoch"),
+              "epochs": last["epoch"], "knn_curve": [[r["epoch"], r["knn_top1"]] for r in knn],
+              "final_loss": last["loss"], "load_before": None, "load_after": None}
+    (TRIALS_DIR / f"{name}-val.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def seeds(text: str = "0,1,2") -> None:
@@ -111,9 +129,12 @@ if __name__ == "__main__":
     cmd, names = sys.argv[1], sys.argv[2:]
     if cmd == "run":
         run(names)
+    elif cmd == "stopped":
+        for name in names:
+            stopped(name)
     elif cmd == "seeds":
         seeds(*names)
     elif cmd == "report":
         report()
     else:
-        raise SystemExit("usage: digits_recipe.py run NAME... | seeds [0,1,2] | report")
+        raise SystemExit("usage: digits_recipe.py run NAME... | stopped NAME... | seeds [0,1,2] | report")
