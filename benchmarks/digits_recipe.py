@@ -34,6 +34,8 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
     "affine": ("small affine warps of the strokes as well (digits_affine, the few-label pre-training's)",
                ["data.augment=digits_affine"]),
     "w16_80ep": ("width 16 (about half the compute of width 32) for 80 epochs", ["model.width=16", "train.epochs=80"]),
+    "w16_100ep": ("width 16 for 100 epochs", ["model.width=16", "train.epochs=100"]),
+    "w8_160ep": ("width 8 (about a quarter of width 32's compute) for 160 epochs", ["model.width=8", "train.epochs=160"]),
 }
 
 
@@ -90,14 +92,15 @@ def report() -> None:
     RESULTS.write_text(json.dumps(trials, indent=1) + "\n")
     val = [t for t in trials if t["split"] == "val"]
     test = [t for t in trials if t["split"] == "test"]
-    gains = [t["gain"] for t in test]
+    gains = [t["gain"] for t in test if t["name"].startswith("quickstart-seed")]
     lines = [DOC_HEAD, "", "## Validation split (300 of the 1,257 training digits; pre-training and bank: "
              "the other 957)", "", *table(val), "",
-             "## The quickstart as shipped, on the 540 test digits (pre-training and bank: all 1,257 "
-             "training digits)", "", *table(test), ""]
+             "## Test digits (540; pre-training and bank: all 1,257 training digits)", "", *table(test), ""]
     if gains:
-        lines += [f"MoCo - pixels on the test digits: min {min(gains):+.2f}, mean {sum(gains) / len(gains):+.2f} "
-                  f"over {len(gains)} seeds (issue 30's goal: at least +1 on every seed).", ""]
+        met = "met" if min(gains) >= 1.0 else "not met"
+        lines += [f"The quickstart as shipped, MoCo - pixels on the test digits: "
+                  f"{' / '.join(f'{g:+.2f}' for g in gains)} on seeds {', '.join(str(t['seed']) for t in test if t['name'].startswith('quickstart-seed'))} "
+                  f"(issue 30's goal: at least +1 on every seed, {met}).", ""]
     DOC.write_text("\n".join(lines) + DOC_TAIL)
     print(f"wrote {RESULTS} and {DOC}: {len(val)} validation trials, {len(test)} test runs")
 
@@ -117,11 +120,18 @@ to themselves (all threads, not niced), so their wall column (`wall_s`, kNN moni
 what a user sees."""
 
 DOC_TAIL = """
-## What was chosen
+## What the trials say, and what was chosen
 
-The temperature of the InfoNCE loss is the one setting the trials vary: the quickstart's other
-settings are the ones measured in docs/benchmarks.md. The shipped `moco_xla/configs/digits.yaml`
-takes the best validation trial's temperature; the test rows above are that file as a user runs it.
+- The temperature that lifted MoCo above the pixels on 28-px MNIST (docs/mnist.md) does not transfer:
+  on the digits, T 0.2 and 0.3 trail the quickstart's T 0.1 at every monitor of a 40-epoch run.
+- Small affine warps (digits_affine) make the 40-epoch task too hard: far behind at epochs 10 and 20.
+- A narrower network for more epochs led on the validation split: width 16 for 80 epochs +2.00 points
+  over the pixels, against +1.00 for the quickstart (width 32, 40 epochs), +1.67 for width 16 at 100
+  epochs and -1.00 for width 8 at 160.
+- That trial, run as the quickstart on the test digits (seed 0), took 194 s of pre-training on the idle
+  machine, against 179 s for the quickstart: over the quickstart's budget of three minutes on 2 cores, so
+  `moco_xla/configs/digits.yaml` keeps width 32, 40 epochs, T 0.1, and its rows above are that file as a
+  user runs it.
 """
 
 

@@ -1,0 +1,31 @@
+"""docs/digits.md and the README's three-seed figures are what benchmarks/digits_recipe.py recorded
+for the quickstart as shipped (configs/digits.yaml with only the seed set)."""
+from __future__ import annotations
+
+import json
+
+from conftest import ROOT
+
+RESULTS = ROOT / "benchmarks" / "results" / "digits-recipe.json"
+
+
+def shipped_seeds() -> list[dict]:
+    return [t for t in json.loads(RESULTS.read_text()) if t["name"].startswith("quickstart-seed")]
+
+
+def test_seed_rows_are_the_shipped_quickstart():
+    rows = shipped_seeds()
+    assert sorted(t["seed"] for t in rows) == [0, 1, 2]
+    for t in rows:
+        assert t["overrides"] == [f"train.seed={t['seed']}"] and t["split"] == "test"
+        assert abs(t["gain"] - (t["knn_top1"] - t["pixel_knn_top1"])) < 1e-9
+
+
+def test_docs_and_readme_quote_the_recorded_gains():
+    rows = sorted(shipped_seeds(), key=lambda t: t["seed"])
+    quoted = " / ".join(f"{t['gain']:+.2f}" for t in rows)
+    docs = (ROOT / "docs" / "digits.md").read_text()
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert quoted in docs and quoted in readme
+    for t in rows:
+        assert f"| {t['name']} |" in docs and f"| {t['knn_top1']:.2f} | {t['pixel_knn_top1']:.2f} |" in docs
