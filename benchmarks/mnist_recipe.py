@@ -131,6 +131,7 @@ def table(trials: list[dict]) -> list[str]:
 
 
 PIXELS = TRIALS_DIR.parent / "mnist-recipe-pixels.json"
+CHOSEN = "affine_16px_w8_T0.2_300ep"  # the trial moco_xla/configs/mnist_fewlabels.yaml ships
 
 
 def pixels(split: str = "val") -> None:
@@ -201,8 +202,26 @@ def report() -> None:
     if test or shipped:
         lines += ["## Test images (400; bank and pre-training: all 1,600 training images)", "",
                   *table(test + shipped), "", *verdict(shipped)]
+    if shipped:
+        lines += [f"![kNN curves against the raw pixels]({FIGURE.name})", ""]
+        figure(val, shipped[0])
     DOC.write_text("\n".join(lines) + DOC_TAIL)
     print(f"wrote {RESULTS} and {DOC}: {len(val)} validation trials, {len(test)} test runs")
+
+
+FIGURE = DOC.parent / "mnist-knn.png"
+
+
+def figure(val: list[dict], shipped: dict) -> None:
+    """FIGURE: the shipped recipe's kNN curve on the test images and its trial's on the validation
+    split, each against its raw-pixel kNN line."""
+    from moco_xla.plots import knn_plot
+
+    def records(t: dict) -> list[dict]:
+        return [{"epoch": e, "knn_top1": k, "pixel_knn_top1": t["pixel_knn_top1"]} for e, k in t["knn_curve"]]
+    chosen = next(t for t in val if t["name"] == CHOSEN)
+    knn_plot({"shipped recipe, test images": records(shipped), f"{CHOSEN}, validation split": records(chosen)},
+             FIGURE, title="mnist-dev: MoCo's kNN against the raw pixels'")
 
 
 DOC_HEAD = """# MNIST: does MoCo learn more than the pixels? (mnist-dev, 2 CPU cores)

@@ -27,8 +27,7 @@ def plot_run(plots_dir: str | os.PathLike, records: list[dict[str, Any]], summar
     linear = _last_per_epoch([r for r in records if r.get("type") == "linear"])
     made = [
         loss_plot(epochs, steps, summary.get("uniform_loss"), out / "loss.png"),
-        series_plot(epochs, "knn_top1", "kNN top-1 (%)", "kNN accuracy on the test set",
-                    out / "knn.png"),
+        knn_plot({"MoCo (pooled backbone features)": epochs}, out / "knn.png"),
         series_plot(epochs, "lr", "learning rate", "learning rate", out / "lr.png"),
         series_plot(epochs, "images_per_s", "images / s", "throughput (all replicas)",
                     out / "throughput.png"),
@@ -86,6 +85,26 @@ def series_plot(epochs: list[dict], key: str, ylabel: str, title: str, path: Pat
         return None
     fig, ax = _figure(title, "epoch", ylabel)
     ax.plot(*zip(*points), "o-")
+    return _save(fig, path)
+
+
+def knn_plot(runs: dict[str, list[dict]], path: Path, title: str = "kNN accuracy on the test set") -> Path | None:
+    """Each run's kNN curve (epoch records with ``knn_top1``) and, dashed in the same colour, the same
+    kNN on its raw centred pixels (``pixel_knn_top1``): has pre-training learned more than the input?"""
+    fig, ax = _figure(title, "epoch", "kNN top-1 (%)")
+    drawn = False
+    for i, (name, epochs) in enumerate(runs.items()):
+        points = [(e["epoch"], e["knn_top1"]) for e in epochs if e.get("knn_top1") is not None]
+        if not points:
+            continue
+        ax.plot(*zip(*points), "o-", color=f"C{i}", label=name)
+        pixels = next((e["pixel_knn_top1"] for e in reversed(epochs) if e.get("pixel_knn_top1") is not None), None)
+        if pixels is not None:
+            ax.axhline(pixels, color=f"C{i}", ls="--", lw=1, label=f"raw centred pixels ({pixels:.1f}%)")
+        drawn = True
+    if not drawn:
+        return None
+    ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
 
 

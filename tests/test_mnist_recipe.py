@@ -6,8 +6,6 @@ import importlib.util
 from conftest import ROOT
 from moco_xla.config import load_config
 
-CHOSEN = "affine_16px_w8_T0.2_300ep"
-
 
 def recipe_module():
     spec = importlib.util.spec_from_file_location("mnist_recipe", ROOT / "benchmarks" / "mnist_recipe.py")
@@ -19,7 +17,7 @@ def recipe_module():
 def test_shipped_config_equals_the_chosen_trial():
     recipe = recipe_module()
     run_only = ("data.root", "data.val_size", "data.workers", "checkpoint.", "train.log_every", "eval.knn_every")
-    trial = [o for o in recipe.BASE + recipe.TRIALS[CHOSEN][1] if not o.startswith(run_only)]
+    trial = [o for o in recipe.BASE + recipe.TRIALS[recipe.CHOSEN][1] if not o.startswith(run_only)]
     measured, shipped = load_config("mnist", trial).to_dict(), load_config("mnist_fewlabels").to_dict()
     for section in ("data", "model", "moco", "train"):
         for key, value in measured[section].items():

@@ -127,3 +127,18 @@ def test_resumed_run_replaces_tensorboard_steps(tmp_path):
     acc.Reload()
     shown = [(e.step, e.value) for e in acc.Scalars("step/loss")]
     assert shown == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 4.0), (5, 5.0), (6, 6.0)]  # no stale 14, 15, 16
+
+
+def test_knn_plot_draws_the_raw_pixel_line(tmp_path, monkeypatch):
+    """The run's kNN plot shows, beside the encoder's curve, the same kNN on the raw pixels as a line."""
+    from moco_xla import plots
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    epochs = [{"epoch": e, "knn_top1": 80.0 + e} for e in (5, 10)]
+    epochs[-1]["pixel_knn_top1"] = 88.25
+    assert plots.knn_plot({"MoCo": epochs}, tmp_path / "knn.png") == tmp_path / "knn.png"
+    ax = drawn[0].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["MoCo"].get_ydata()) == [85.0, 90.0]
+    assert set(lines["raw centred pixels (88.2%)"].get_ydata()) == {88.25}
+    assert plots.knn_plot({"MoCo": [{"epoch": 1, "loss": 3.0}]}, tmp_path / "none.png") is None  # no kNN yet
