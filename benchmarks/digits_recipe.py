@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from mnist_recipe import RUNS, launch, load
+from mnist_recipe import RUNS, launch, load, stopped_record
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIALS_DIR = ROOT / "benchmarks" / "results" / "digits-recipe"
@@ -52,15 +52,8 @@ def run(names: list[str]) -> None:
 
 def stopped(name: str) -> None:
     """Record a trial stopped by hand (behind at every monitor): its kNN curve so far."""
-    records = [json.loads(line) for line in (RUNS / f"digits-{name}-val" / "metrics.jsonl").read_text().splitlines()]
-    knn = [r for r in records if r.get("type") == "epoch" and "knn_top1" in r]
-    last, (what, extra) = knn[-1], TRIALS[name]
-    result = {"split": "val", "what": what + f" (stopped by hand after epoch {last['epoch']})", "seed": 0,
-              "name": name, "overrides": VAL + extra, "knn_top1": last["knn_top1"],
-              "pixel_knn_top1": last["pixel_knn_top1"], "gain": last["knn_top1"] - last["pixel_knn_top1"],
-              "wall_s": sum(r.get("epoch_s", 0) for r in records if r.get("type") == "epoch"),
-              "epochs": last["epoch"], "knn_curve": [[r["epoch"], r["knn_top1"]] for r in knn],
-              "final_loss": last["loss"], "load_before": None, "load_after": None}
+    what, extra = TRIALS[name]
+    result = {**stopped_record(name, what, VAL + extra, RUNS / f"digits-{name}-val"), "seed": 0}
     (TRIALS_DIR / f"{name}-val.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
@@ -88,7 +81,9 @@ def table(trials: list[dict]) -> list[str]:
 
 
 def report() -> None:
-    trials = [json.loads(p.read_text()) for p in sorted(TRIALS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    order = list(TRIALS)  # the TRIALS table's order, then the test runs by name
+    trials = sorted((json.loads(p.read_text()) for p in TRIALS_DIR.glob("*.json")),
+                    key=lambda t: (t["split"] != "val", order.index(t["name"]) if t["name"] in order else 0, t["name"]))
     RESULTS.write_text(json.dumps(trials, indent=1) + "\n")
     val = [t for t in trials if t["split"] == "val"]
     test = [t for t in trials if t["split"] == "test"]

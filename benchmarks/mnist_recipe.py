@@ -153,19 +153,22 @@ def pixels(split: str = "val") -> None:
     print(rows)
 
 
-def stopped(name: str) -> None:
-    """Record a trial stopped by hand (collapsing or hopeless): its kNN curve so far, from its metrics.jsonl."""
-    out = RUNS / f"{name}-val"
+def stopped_record(name: str, what: str, overrides: list[str], out: Path) -> dict:
+    """A trial stopped by hand (collapsing or hopeless): its kNN curve so far, from ``out``'s metrics.jsonl."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in records if r.get("type") == "epoch" and "knn_top1" in r]
     last = knn[-1]
+    return {"split": "val", "what": what + f" (stopped by hand after epoch {last['epoch']})", "name": name,
+            "overrides": overrides, "knn_top1": last["knn_top1"], "pixel_knn_top1": last["pixel_knn_top1"],
+            "gain": last["knn_top1"] - last["pixel_knn_top1"],
+            "wall_s": sum(r.get("epoch_s", 0) for r in records if r.get("type") == "epoch"),
+            "epochs": last["epoch"], "knn_curve": [[r["epoch"], r["knn_top1"]] for r in knn],
+            "final_loss": last["loss"], "load_before": None, "load_after": os.getloadavg()[0]}
+
+
+def stopped(name: str) -> None:
     what, extra = TRIALS[name]
-    result = {"split": "val", "what": what + f" (stopped by hand after epoch {last['epoch']})", "name": name,
-              "overrides": BASE + extra, "knn_top1": last["knn_top1"], "pixel_knn_top1": last["pixel_knn_top1"],
-              "gain": last["knn_top1"] - last["pixel_knn_top1"],
-              "wall_s": sum(r.get("epoch_s", 0) for r in records if r.get("type") == "epoch"),
-              "epochs": last["epoch"], "knn_curve": [[r["epoch"], r["knn_top1"]] for r in knn],
-              "final_loss": last["loss"], "load_before": None, "load_after": os.getloadavg()[0]}
+    result = stopped_record(name, what, BASE + extra, RUNS / f"{name}-val")
     (TRIALS_DIR / f"{name}-val.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
@@ -186,7 +189,9 @@ def shipped_recipe() -> list[dict]:
 
 def report() -> None:
     """Merge the per-trial JSON into RESULTS and write DOC's tables from it."""
-    trials = [json.loads(p.read_text()) for p in sorted(TRIALS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    order = list(TRIALS)  # the TRIALS table's order, then the test runs by name
+    trials = sorted((json.loads(p.read_text()) for p in TRIALS_DIR.glob("*.json")),
+                    key=lambda t: (t["split"] != "val", order.index(t["name"]) if t["name"] in order else 0, t["name"]))
     RESULTS.write_text(json.dumps(trials, indent=1) + "\n")
     val = [t for t in trials if t["split"] == "val"]
     test = [t for t in trials if t["split"] == "test"]
