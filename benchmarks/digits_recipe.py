@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from mnist_recipe import RUNS, launch, load, stopped_record
+from mnist_recipe import RUNS, launch, load, save, stopped_record
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIALS_DIR = ROOT / "benchmarks" / "results" / "digits-recipe"
@@ -46,9 +46,7 @@ def run(names: list[str]) -> None:
         what, extra = TRIALS[name]
         result = {"split": "val", "what": what, "seed": 0,
                   **launch(name, VAL + extra, RUNS / f"digits-{name}-val", config="digits")}
-        (TRIALS_DIR / f"{name}-val.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{name} [val]: knn {result['knn_top1']:.2f}  pixels {result['pixel_knn_top1']:.2f}  "
-              f"gain {result['gain']:+.2f}  wall {result['wall_s']:.0f}s", flush=True)
+        save(result, TRIALS_DIR / f"{name}-val.json")
 
 
 def stopped(name: str) -> None:
@@ -64,9 +62,7 @@ def test(name: str, seed: str = "0") -> None:
     run = f"{name}-seed{seed}"
     result = {"split": "test", "what": f"trial {name} ({what}) as the quickstart, not shipped", "seed": int(seed),
               **launch(run, [*extra, f"train.seed={seed}"], RUNS / f"digits-{run}-test", config="digits", alone=True)}
-    (TRIALS_DIR / f"{run}-test.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{run}: knn {result['knn_top1']:.2f}  pixels {result['pixel_knn_top1']:.2f}  "
-          f"gain {result['gain']:+.2f}  wall {result['wall_s']:.0f}s", flush=True)
+    save(result, TRIALS_DIR / f"{run}-test.json")
 
 
 def seeds(text: str = "0,1,2") -> None:
@@ -76,9 +72,7 @@ def seeds(text: str = "0,1,2") -> None:
         name = f"quickstart-seed{seed}"
         result = {"split": "test", "what": "the quickstart as shipped (configs/digits.yaml)", "seed": seed,
                   **launch(name, [f"train.seed={seed}"], RUNS / f"digits-{name}", config="digits", alone=True)}
-        (TRIALS_DIR / f"{name}-test.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{name}: knn {result['knn_top1']:.2f}  pixels {result['pixel_knn_top1']:.2f}  "
-              f"gain {result['gain']:+.2f}  wall {result['wall_s']:.0f}s", flush=True)
+        save(result, TRIALS_DIR / f"{name}-test.json")
 
 
 def table(trials: list[dict]) -> list[str]:

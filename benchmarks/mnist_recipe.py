@@ -101,6 +101,13 @@ def launch(name: str, overrides: list[str], out: Path, config: str = "mnist", al
             "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
+def save(result: dict, path: Path) -> None:
+    """Write one trial's record and print its line."""
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{path.stem}: knn {result['knn_top1']:.2f}  pixels {result['pixel_knn_top1']:.2f}  "
+          f"gain {result['gain']:+.2f}  wall {result['wall_s']:.0f}s", flush=True)
+
+
 def run(names: list[str], split: str = "val") -> None:
     TRIALS_DIR.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -109,9 +116,7 @@ def run(names: list[str], split: str = "val") -> None:
         if split == "test":  # the chosen recipe, scored once on the 400 test images: no validation split
             overrides = [o for o in overrides if not o.startswith("data.val_size")] + ["data.val_size=0"]
         result = {"split": split, "what": what, **launch(name, overrides, RUNS / f"{name}-{split}")}
-        (TRIALS_DIR / f"{name}-{split}.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{name} [{split}]: knn {result['knn_top1']:.2f}  pixels {result['pixel_knn_top1']:.2f}  "
-              f"gain {result['gain']:+.2f}  wall {result['wall_s']:.0f}s", flush=True)
+        save(result, TRIALS_DIR / f"{name}-{split}.json")
 
 
 def load(value: float | None) -> str:
