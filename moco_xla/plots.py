@@ -91,19 +91,16 @@ def series_plot(epochs: list[dict], key: str, ylabel: str, title: str, path: Pat
 def knn_plot(runs: dict[str, list[dict]], path: Path, title: str = "kNN accuracy on the test set") -> Path | None:
     """Each run's kNN curve (epoch records with ``knn_top1``) and, dashed in the same colour, the same
     kNN on its raw centred pixels (``pixel_knn_top1``): has pre-training learned more than the input?"""
+    curves = {name: (points, epochs) for name, epochs in runs.items()
+              if (points := [(e["epoch"], e["knn_top1"]) for e in epochs if e.get("knn_top1") is not None])}
+    if not curves:
+        return None
     fig, ax = _figure(title, "epoch", "kNN top-1 (%)")
-    drawn = False
-    for i, (name, epochs) in enumerate(runs.items()):
-        points = [(e["epoch"], e["knn_top1"]) for e in epochs if e.get("knn_top1") is not None]
-        if not points:
-            continue
+    for i, (name, (points, epochs)) in enumerate(curves.items()):
         ax.plot(*zip(*points), "o-", color=f"C{i}", label=name)
         pixels = next((e["pixel_knn_top1"] for e in reversed(epochs) if e.get("pixel_knn_top1") is not None), None)
         if pixels is not None:
             ax.axhline(pixels, color=f"C{i}", ls="--", lw=1, label=f"raw centred pixels ({pixels:.1f}%)")
-        drawn = True
-    if not drawn:
-        return None
     ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
 
