@@ -2,7 +2,7 @@
 digits' training images, then the quickstart as shipped (``--config digits``) on three seeds,
 each scored by the kNN monitor against the centred raw-pixel kNN of the same split.
 
-    python benchmarks/digits_recipe.py run NAME [NAME ...]   # trials (validation split), one after another
+    python benchmarks/digits_recipe.py run NAME[@SEED] ...   # trials (validation split), one after another
     python benchmarks/digits_recipe.py stopped NAME           # record a trial stopped by hand (its curve so far)
     python benchmarks/digits_recipe.py test NAME [SEED]       # a trial as the quickstart on the test digits (budget)
     python benchmarks/digits_recipe.py seeds [0,1,2]          # the quickstart as shipped, on the test digits
@@ -37,16 +37,29 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
     "w16_80ep": ("width 16 (about half the compute of width 32) for 80 epochs", ["model.width=16", "train.epochs=80"]),
     "w16_100ep": ("width 16 for 100 epochs", ["model.width=16", "train.epochs=100"]),
     "w8_160ep": ("width 8 (about a quarter of width 32's compute) for 160 epochs", ["model.width=8", "train.epochs=160"]),
+    "m0.95": ("key encoder momentum 0.95 (a 400-step run: 0.99 averages over a quarter of it)", ["moco.m=0.95"]),
+    "m0.9": ("key encoder momentum 0.9", ["moco.m=0.9"]),
+    "m0.995": ("key encoder momentum 0.995", ["moco.m=0.995"]),
+    "m0.999": ("key encoder momentum 0.999", ["moco.m=0.999"]),
+    "lr0.06": ("learning rate 0.06", ["train.lr=0.06"]),
+    "asym_80ep": ("one-sided loss (MoCo v2's) for 80 epochs: the same compute as the symmetric 40",
+                  ["moco.symmetric=false", "train.epochs=80"]),
+    "b64": ("batch 64 (twice the steps), learning rate 0.06, 4 BN splits of 16",
+            ["train.batch_size=64", "train.lr=0.06", "model.bn_splits=4"]),
 }
 
 
 def run(names: list[str]) -> None:
+    """Each NAME of TRIALS (seed 0) or NAME@SEED: the trial with train.seed=SEED, the same validation split."""
     TRIALS_DIR.mkdir(parents=True, exist_ok=True)
-    for name in names:
+    for arg in names:
+        name, _, seed = arg.partition("@")
         what, extra = TRIALS[name]
-        result = {"split": "val", "what": what, "seed": 0,
-                  **launch(name, VAL + extra, RUNS / f"digits-{name}-val", config="digits")}
-        save(result, TRIALS_DIR / f"{name}-val.json")
+        seed = int(seed or 0)
+        run = name if seed == 0 else f"{name}@{seed}"
+        result = {"split": "val", "what": what, "seed": seed,
+                  **launch(run, [*VAL, *extra, f"train.seed={seed}"], RUNS / f"digits-{run}-val", config="digits")}
+        save(result, TRIALS_DIR / f"{run}-val.json")
 
 
 def stopped(name: str) -> None:
@@ -86,10 +99,16 @@ def table(trials: list[dict]) -> list[str]:
     return rows
 
 
+def _trial_index(order: list[str], run: str) -> int:
+    """Position of a run's trial (NAME or NAME@SEED) in the TRIALS table; test runs (not trials) first."""
+    name = run.partition("@")[0]
+    return order.index(name) if name in order else 0
+
+
 def report() -> None:
     order = list(TRIALS)  # the TRIALS table's order, then the test runs by name
     trials = sorted((json.loads(p.read_text()) for p in TRIALS_DIR.glob("*.json")),
-                    key=lambda t: (t["split"] != "val", order.index(t["name"]) if t["name"] in order else 0, t["name"]))
+                    key=lambda t: (t["split"] != "val", _trial_index(order, t["name"]), t["name"]))
     RESULTS.write_text(json.dumps(trials, indent=1) + "\n")
     val = [t for t in trials if t["split"] == "val"]
     test = [t for t in trials if t["split"] == "test"]

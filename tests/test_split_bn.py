@@ -104,3 +104,27 @@ def test_keys_are_normalised_in_other_sub_batches_than_their_queries(tiny_cfg):
     shared = [(key_group == key_group[i]) & (query_group == query_group[i]) for i in range(16)]
     assert sum(int(s.sum()) for s in shared) < 16 * 4  # the groups are not the same partition
     assert (keys - in_place).abs().max() > 1e-3  # other sub-batches, other statistics
+
+
+def test_fused_per_slice_path_matches_the_grouped_one():
+    """On the CPU each sub-batch goes through torch's fused batch norm: the same outputs, gradients
+    (input, weight, bias) and running statistics as the one-graph path XLA and CUDA take."""
+    fused, grouped = SplitBatchNorm(3, num_splits=4), SplitBatchNorm(3, num_splits=4)
+    with torch.no_grad():
+        for bn in (fused, grouped):
+            bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+            bn.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    for step in range(2):
+        x = _batch() + step
+        xf, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yf, yg = fused(xf), grouped._grouped(xg)
+        assert yf.grad_fn.name().startswith("Cat")  # forward on the CPU took the fused path
+        torch.testing.assert_close(yf, yg, rtol=1e-4, atol=1e-4)
+        w = torch.randn(16, 3, 5, 5, generator=torch.Generator().manual_seed(step))
+        (yf * w).sum().backward()
+        (yg * w).sum().backward()
+        torch.testing.assert_close(xf.grad, xg.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused.weight.grad, grouped.weight.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused.bias.grad, grouped.bias.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused.running_mean, grouped.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused.running_var, grouped.running_var, rtol=1e-5, atol=1e-5)
