@@ -4,6 +4,7 @@ each scored by the kNN monitor against the centred raw-pixel kNN of the same spl
 
     python benchmarks/digits_recipe.py run NAME[@SEED] ...   # trials (validation split), one after another
     python benchmarks/digits_recipe.py stopped NAME           # record a trial stopped by hand (its curve so far)
+    python benchmarks/digits_recipe.py bn NAME[@SEED] ...    # a trial's final encoder, kNN with either BN statistics
     python benchmarks/digits_recipe.py test NAME [SEED]       # a trial as the quickstart on the test digits (budget)
     python benchmarks/digits_recipe.py seeds [0,1,2]          # the quickstart as shipped, on the test digits
     python benchmarks/digits_recipe.py report                 # merge into digits-recipe.json and docs/digits.md
@@ -15,20 +16,28 @@ the machine with all its threads, one after another, since the quickstart's budg
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from mnist_recipe import RUNS, launch, load, save, stopped_record
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIALS_DIR = ROOT / "benchmarks" / "results" / "digits-recipe"
 RESULTS = ROOT / "benchmarks" / "results" / "digits-recipe.json"
+BN_RESULTS = ROOT / "benchmarks" / "results" / "digits-recipe-bn.json"
 DOC = ROOT / "docs" / "digits.md"
 
 VAL = ["data.val_size=300"]  # 300 of the 1,257 training digits score the trials; the test digits are not read
+# The quickstart's settings when the trials ran, which each trial's overrides then change: moco.m and
+# eval.knn_bn are what the trials chose for configs/digits.yaml since.
+TRIAL_BASE = ["moco.m=0.99", "eval.knn_bn=running"]
 
 TRIALS: dict[str, tuple[str, list[str]]] = {
-    # name: (what it tests, overrides on top of moco_xla/configs/digits.yaml and VAL)
+    # name: (what it tests, overrides on top of moco_xla/configs/digits.yaml, TRIAL_BASE and VAL)
     "T0.1": ("temperature 0.1 (the official CIFAR-10 demo's)", ["moco.T=0.1"]),
     "T0.2": ("temperature 0.2 (MoCo v2's)", ["moco.T=0.2"]),
     "T0.3": ("temperature 0.3", ["moco.T=0.3"]),
@@ -41,6 +50,8 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
     "m0.9": ("key encoder momentum 0.9", ["moco.m=0.9"]),
     "m0.995": ("key encoder momentum 0.995", ["moco.m=0.995"]),
     "m0.999": ("key encoder momentum 0.999", ["moco.m=0.999"]),
+    "m0.995_pbn": ("momentum 0.995, the kNN's BN statistics recomputed on the bank's clean digits (precise BN)",
+                   ["moco.m=0.995", "eval.knn_bn=recompute"]),
     "lr0.06": ("learning rate 0.06", ["train.lr=0.06"]),
     "asym_80ep": ("one-sided loss (MoCo v2's) for 80 epochs: the same compute as the symmetric 40",
                   ["moco.symmetric=false", "train.epochs=80"]),
@@ -58,15 +69,40 @@ def run(names: list[str]) -> None:
         seed = int(seed or 0)
         run = name if seed == 0 else f"{name}@{seed}"
         result = {"split": "val", "what": what, "seed": seed,
-                  **launch(run, [*VAL, *extra, f"train.seed={seed}"], RUNS / f"digits-{run}-val", config="digits")}
+                  **launch(run, [*TRIAL_BASE, *VAL, *extra, f"train.seed={seed}"], RUNS / f"digits-{run}-val",
+                           config="digits")}
         save(result, TRIALS_DIR / f"{run}-val.json")
 
 
 def stopped(name: str) -> None:
     """Record a trial stopped by hand (behind at every monitor): its kNN curve so far."""
     what, extra = TRIALS[name]
-    result = {**stopped_record(name, what, VAL + extra, RUNS / f"digits-{name}-val"), "seed": 0}
+    result = {**stopped_record(name, what, TRIAL_BASE + VAL + extra, RUNS / f"digits-{name}-val"), "seed": 0}
     (TRIALS_DIR / f"{name}-val.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def bn(runs: list[str]) -> None:
+    """Each finished trial's last checkpoint scored by ``python -m moco_xla.eval knn`` on its validation
+    split twice: with pre-training's running BN statistics and with them recomputed on the bank
+    (eval.knn_bn): the same weights, so the difference is the statistics' alone."""
+    table = json.loads(BN_RESULTS.read_text()) if BN_RESULTS.exists() else {}
+    for run in runs:
+        ckpt = RUNS / f"digits-{run}-val"
+        row = {mode: knn_of(ckpt, mode) for mode in ("running", "recompute")}
+        table[run] = {**row, "difference": row["recompute"] - row["running"]}
+        print(f"{run}: running {row['running']:.2f}  recompute {row['recompute']:.2f}", flush=True)
+        BN_RESULTS.write_text(json.dumps(table, indent=1) + "\n")
+
+
+def knn_of(run_dir: Path, mode: str) -> float:
+    out = RUNS / f"{run_dir.name}-knn-{mode}"
+    args = [sys.executable, "-m", "moco_xla.eval", "knn", "--ckpt", str(run_dir), "--backend", "cpu",
+            "--set", f"eval.knn_bn={mode}", "--out", str(out)]
+    p = subprocess.run(["nice", "-n", "19", *args], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    if p.returncode != 0:
+        raise SystemExit(f"kNN of {run_dir} failed:\n{p.stderr[-3000:]}")
+    return json.loads((out / "summary.json").read_text())["knn_top1"]
 
 
 def test(name: str, seed: str = "0") -> None:
@@ -74,7 +110,8 @@ def test(name: str, seed: str = "0") -> None:
     what, extra = TRIALS[name]
     run = f"{name}-seed{seed}"
     result = {"split": "test", "what": f"trial {name} ({what}) as the quickstart, not shipped", "seed": int(seed),
-              **launch(run, [*extra, f"train.seed={seed}"], RUNS / f"digits-{run}-test", config="digits", alone=True)}
+              **launch(run, [*TRIAL_BASE, *extra, f"train.seed={seed}"], RUNS / f"digits-{run}-test", config="digits",
+                       alone=True)}
     save(result, TRIALS_DIR / f"{run}-test.json")
 
 
@@ -83,9 +120,30 @@ def seeds(text: str = "0,1,2") -> None:
     TRIALS_DIR.mkdir(parents=True, exist_ok=True)
     for seed in [int(s) for s in text.split(",")]:
         name = f"quickstart-seed{seed}"
+        out = RUNS / f"digits-{name}"
+        retire(name, out)
         result = {"split": "test", "what": "the quickstart as shipped (configs/digits.yaml)", "seed": seed,
-                  **launch(name, [f"train.seed={seed}"], RUNS / f"digits-{name}", config="digits", alone=True)}
+                  **launch(name, [f"train.seed={seed}"], out, config="digits", alone=True),
+                  "config": yaml.safe_load((out / "config.yaml").read_text())}
         save(result, TRIALS_DIR / f"{name}-test.json")
+
+
+def retire(name: str, out: Path) -> None:
+    """Keep an earlier quickstart's row (and run) as ``previous-NAME`` when configs/digits.yaml has
+    changed since: the table then shows the quickstart before and after the change."""
+    from moco_xla.config import load_config
+    record = TRIALS_DIR / f"{name}-test.json"
+    if not record.exists():
+        return
+    old = json.loads(record.read_text())
+    current = load_config("digits", [f"train.seed={old['seed']}"]).to_dict()
+    if old.get("config") == current:
+        return
+    old.update(name=f"previous-{name}", what="the quickstart as shipped before the current configs/digits.yaml")
+    (TRIALS_DIR / f"previous-{name}-test.json").write_text(json.dumps(old, indent=1) + "\n")
+    record.unlink()
+    if out.exists():
+        out.rename(out.with_name(f"digits-previous-{name}"))
 
 
 def table(trials: list[dict]) -> list[str]:
@@ -105,6 +163,39 @@ def _trial_index(order: list[str], run: str) -> int:
     return order.index(name) if name in order else 0
 
 
+def seed_means(val: list[dict]) -> list[str]:
+    """Each finished trial's MoCo - pixels on every seed it ran, and their mean (stopped trials left out)."""
+    by_trial: dict[str, list[dict]] = {}
+    for t in val:
+        if "stopped" not in t["what"]:
+            by_trial.setdefault(t["name"].partition("@")[0], []).append(t)
+    rows = ["| trial | seeds | MoCo - pixels, by seed | mean |", "|---|---|---|---|"]
+    for name, runs in by_trial.items():
+        runs = sorted(runs, key=lambda t: t["seed"])
+        gains = [t["gain"] for t in runs]
+        rows.append(f"| {name} | {', '.join(str(t['seed']) for t in runs)} | "
+                    f"{' / '.join(f'{g:+.2f}' for g in gains)} | {sum(gains) / len(gains):+.2f} |")
+    return rows
+
+
+def bn_table() -> list[str]:
+    """The ``bn`` command's pairs: one encoder, kNN with pre-training's and with recomputed BN statistics."""
+    if not BN_RESULTS.exists():
+        return []
+    pairs = json.loads(BN_RESULTS.read_text())
+    diffs = [p["difference"] for p in pairs.values()]
+    rows = ["## One encoder, two sets of BN statistics (validation split, `digits_recipe.py bn`)", "",
+            "Each trial's final checkpoint scored by `python -m moco_xla.eval knn` with pre-training's running "
+            "BN statistics (`eval.knn_bn=running`) and with statistics recomputed on the bank's clean digits "
+            f"(`recompute`): recompute - running {min(diffs):+.2f} to {max(diffs):+.2f}, mean "
+            f"{sum(diffs) / len(diffs):+.2f} over {len(diffs)} encoders, higher on "
+            f"{sum(d > 0 for d in diffs)}, equal on {sum(d == 0 for d in diffs)}, lower on {sum(d < 0 for d in diffs)}.",
+            "", "| trial | running | recompute | recompute - running |", "|---|---|---|---|"]
+    rows += [f"| {run} | {p['running']:.2f} | {p['recompute']:.2f} | {p['difference']:+.2f} |"
+             for run, p in pairs.items()]
+    return rows + [""]
+
+
 def report() -> None:
     order = list(TRIALS)  # the TRIALS table's order, then the test runs by name
     trials = sorted((json.loads(p.read_text()) for p in TRIALS_DIR.glob("*.json")),
@@ -114,7 +205,8 @@ def report() -> None:
     test = [t for t in trials if t["split"] == "test"]
     gains = [t["gain"] for t in test if t["name"].startswith("quickstart-seed")]
     lines = [DOC_HEAD, "", "## Validation split (300 of the 1,257 training digits; pre-training and bank: "
-             "the other 957)", "", *table(val), "",
+             "the other 957)", "", *table(val), "", "Per trial, over its seeds:", "", *seed_means(val), "",
+             *bn_table(), 
              "## Test digits (540; pre-training and bank: all 1,257 training digits)", "", *table(test), ""]
     if gains:
         met = "met" if min(gains) >= 1.0 else "not met"
@@ -163,6 +255,8 @@ if __name__ == "__main__":
     elif cmd == "stopped":
         for name in names:
             stopped(name)
+    elif cmd == "bn":
+        bn(names)
     elif cmd == "test":
         test(*names)
     elif cmd == "seeds":
@@ -170,4 +264,5 @@ if __name__ == "__main__":
     elif cmd == "report":
         report()
     else:
-        raise SystemExit("usage: digits_recipe.py run NAME... | stopped NAME... | test NAME [SEED] | seeds [0,1,2] | report")
+        raise SystemExit("usage: digits_recipe.py run NAME[@SEED]... | stopped NAME... | bn NAME[@SEED]... | "
+                         "test NAME [SEED] | seeds [0,1,2] | report")

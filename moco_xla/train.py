@@ -306,7 +306,8 @@ def evaluate(s: Session, epoch: int) -> float:
         rt.sync_batchnorm_stats(s.model)
         pos.knn_top1 = float(knn_accuracy(
             rt, s.model.encoder_q.backbone, s.bundle.bank, s.bundle.test, s.bundle.num_classes,
-            cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers))
+            cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers,
+            cfg.eval.knn_bn))
         s.pixels.measure()
     pos.knn_epoch = epoch + 1
     return pos.knn_top1

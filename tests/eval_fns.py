@@ -181,3 +181,11 @@ def study_propagation(rt) -> dict:
     return {"labels": labels, "accuracy": float((labels == truth).float().mean() * 100), "joined": joined,
             "joined_accuracy": float((joined == truth).float().mean() * 100),
             "seeds_kept": bool(torch.equal(labels[torch.searchsorted(split.pool, split.picked)], split.labels))}
+
+
+def precise_bn_on_points(rt, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict:
+    """BatchNorm1d's statistics as precise BN recomputes them on this replica's share of the points."""
+    from moco_xla.eval.precise_bn import precise_bn
+    bn = nn.BatchNorm1d(x.shape[1])
+    with precise_bn(rt, bn, Points(x, y), batch):
+        return {"mean": bn.running_mean.clone(), "var": bn.running_var.clone()}

@@ -22,6 +22,7 @@ STEP_FUNCTIONS = {
                    "unshuffle_all_to_all", "shuffled_keys"},
     "models.py": {"forward"},
     "eval/knn.py": {"knn_predict", "embed", "knn_accuracy"},
+    "eval/precise_bn.py": {"recompute", "_stats"},
     "guards.py": {"observe"},  # StopGuard.observe: every step
 }
 TENSOR_NAMES = {"loss", "stats", "acc", "sums", "im_q", "im_k", "logits", "keys", "k", "q"}

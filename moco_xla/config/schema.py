@@ -180,6 +180,8 @@ class EvalConfig:
     knn_every: int = 5               # epochs between kNN monitors (0 = only at the end)
     knn_k: int = 200
     knn_t: float = 0.1
+    knn_bn: str = "running"          # the kNN's BN statistics: running (pre-training's) | recompute (on the
+                                     # bank's clean images first: precise BN, eval/precise_bn.py)
     batch_size: int = 256
     max_bank: int = 0                # 0 = whole train set as the feature bank
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -219,6 +221,7 @@ CHOICES = {
     "train.schedule": ("cosine", "step", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
+    "eval.knn_bn": ("running", "recompute"),
     "eval.semisup.distill.teacher_view": ("crop", "clean"),
     "eval.semisup.distill.targets": ("soft", "hard"),
     "eval.semisup.distill.student_augment": ("crop", "pretrain"),

@@ -130,13 +130,14 @@ def default_out(ckpt: str, cfg: Config) -> Path:
 
 
 def run_knn(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
-    """The training monitor's weighted kNN on the checkpoint's backbone (eval.knn_k, eval.knn_t)."""
+    """The training monitor's weighted kNN on the checkpoint's backbone (eval.knn_k, eval.knn_t, eval.knn_bn)."""
     cfg, e = job.cfg, job.cfg.eval
     bundle = data.build(cfg)
-    top1 = float(knn_accuracy(rt, Encoders(cfg, job.ckpt).pretrained(rt), bundle.bank, bundle.test, bundle.num_classes, e.knn_k,
-                              e.knn_t, e.batch_size, e.max_bank, cfg.data.workers))
-    writer.write({"type": "knn_eval", "knn_top1": top1, "k": e.knn_k, "t": e.knn_t})
-    return {"knn_top1": top1, "knn": {"top1": top1, "k": e.knn_k, "t": e.knn_t, "ckpt": job.ckpt,
+    net = Encoders(cfg, job.ckpt).pretrained(rt)
+    top1 = float(knn_accuracy(rt, net, bundle.bank, bundle.test, bundle.num_classes, e.knn_k, e.knn_t, e.batch_size,
+                              e.max_bank, cfg.data.workers, e.knn_bn))
+    writer.write({"type": "knn_eval", "knn_top1": top1, "k": e.knn_k, "t": e.knn_t, "bn": e.knn_bn})
+    return {"knn_top1": top1, "knn": {"top1": top1, "k": e.knn_k, "t": e.knn_t, "bn": e.knn_bn, "ckpt": job.ckpt,
                                       "bank_images": len(bundle.bank), "test_images": len(bundle.test)}}
 
 

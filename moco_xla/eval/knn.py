@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data import eval_loader, gathered_order
 from ..runtime import Runtime
+from .precise_bn import precise_bn
 
 
 def knn_predict(feature: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, classes: int,
@@ -47,18 +48,21 @@ def embed(rt: Runtime, net: nn.Module, ds, batch: int, limit: int = 0, workers: 
 
 @torch.no_grad()
 def knn_accuracy(rt: Runtime, net: nn.Module, bank_ds, test_ds, classes: int, k: int = 200,
-                 t: float = 0.1, batch: int = 256, max_bank: int = 0, workers: int = 0) -> torch.Tensor:
+                 t: float = 0.1, batch: int = 256, max_bank: int = 0, workers: int = 0,
+                 bn: str = "running") -> torch.Tensor:
     """Top-1 kNN accuracy (percent) on ``test_ds`` with ``bank_ds`` as the memory bank.
 
-    ``net`` maps images to features (the backbone). Returns a device scalar.
+    ``net`` maps images to features (the backbone); ``bn`` (eval.knn_bn) "recompute" first
+    recomputes its BN statistics on the bank's images (precise_bn). Returns a device scalar.
     """
     was_training = net.training
-    net.eval()
-    bank, bank_labels = embed(rt, net, bank_ds, batch, max_bank, workers)
-    correct = torch.zeros((), device=rt.device)
-    for x, y, valid in rt.device_loader(eval_loader(test_ds, batch, rt.rank, rt.world_size, workers)):
-        f = F.normalize(net(x).float(), dim=1)
-        pred = knn_predict(f, bank, bank_labels, classes, k, t, rt.precise_matmul).argmax(dim=1)
-        correct = correct + ((pred == y) & valid).sum()
+    with precise_bn(rt, net, bank_ds, batch, workers, max_bank, enabled=bn == "recompute"):
+        net.eval()
+        bank, bank_labels = embed(rt, net, bank_ds, batch, max_bank, workers)
+        correct = torch.zeros((), device=rt.device)
+        for x, y, valid in rt.device_loader(eval_loader(test_ds, batch, rt.rank, rt.world_size, workers)):
+            f = F.normalize(net(x).float(), dim=1)
+            pred = knn_predict(f, bank, bank_labels, classes, k, t, rt.precise_matmul).argmax(dim=1)
+            correct = correct + ((pred == y) & valid).sum()
     net.train(was_training)
     return rt.all_reduce(correct, op="sum") * (100.0 / len(test_ds))
