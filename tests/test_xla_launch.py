@@ -48,6 +48,22 @@ def test_four_replicas_train_without_recompiling_and_resume_exactly(tmp_path):
     assert_same_training_state(final_checkpoint(a), final_checkpoint(b))
 
 
+def test_precise_bn_knn_compiles_once_and_reads_no_host_value(tmp_path):
+    """eval.knn_bn=recompute on 4 replicas: the second kNN monitor compiles no graph the first did
+    not (the statistics pass is one fixed shape, momentum a constant), and nothing after warm-up."""
+    out = tmp_path / "run"
+    p = launch(TINY + ["--set", "eval.knn_every=1", "--set", "eval.knn_bn=recompute", "--out", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    graph = s["xla_graph"]
+    assert graph["compiles_after_warmup"] == 0 and graph["fallback_ops"] == 0, graph
+    first, second = graph["region_compiles"]["knn"][:2]
+    assert first > 0 and second == 0, graph["region_compiles"]
+    knn = [r["knn_top1"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+           if r.get("type") == "epoch" and "knn_top1" in r]
+    assert len(knn) == 2 and all(0 <= k <= 100 for k in knn)
+
+
 def test_sigterm_stops_every_replica_at_one_step_with_a_checkpoint(tmp_path):
     out, log = tmp_path / "run", tmp_path / "log"
     args = TINY + ["--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=30",
