@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pipelines", action="store_true",
                    help="instead of the steps: host CPU per image of MoCo v2's two views, official pipeline vs "
                         "moco_xla's vs decoding alone (one thread; <out>/pipelines.json; minutes, seconds with --quick)")
+    p.add_argument("--pipeline-limits", action="store_true",
+                   help="instead of the steps: the faster decodes and resizes the pipeline does not use, "
+                        "timed beside its own (<out>/pipeline-limits.json and .md; a minute, seconds with --quick)")
     return p.parse_args(argv)
 
 
@@ -207,6 +210,8 @@ def bench(args: argparse.Namespace) -> int:
     out = cli.out_dir(Path(args.out))
     if args.pipelines:
         return run_pipelines(args.quick, out)
+    if args.pipeline_limits:
+        return run_pipeline_limits(args.quick, out)
     results = run(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -214,6 +219,18 @@ def bench(args: argparse.Namespace) -> int:
     print(f"bench.json in {out}")
     failed = [r for part in ("backends", "official") for r in results[part].values() if "error" in r]
     return 1 if failed else 0
+
+
+def run_pipeline_limits(quick: bool, out: Path) -> int:
+    """``--pipeline-limits``: the paths not taken, to <out>/pipeline-limits.json and its markdown."""
+    from . import pipeline_limits
+    results = {"machine": machine(), "quick": quick, **pipeline_limits.run(quick)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline-limits.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "pipeline-limits.md").write_text(pipeline_limits.table(results) + "\n")
+    print(pipeline_limits.table(results))
+    print(f"pipeline-limits.json and .md in {out}")
+    return 0
 
 
 def run_pipelines(quick: bool, out: Path) -> int:

@@ -1,0 +1,101 @@
+"""The faster host paths CropViews does not take, measured: what each would save and what it changes.
+
+    nice -n 19 python -m moco_xla.bench --pipeline-limits --out benchmarks/results   # pipeline-limits.json
+
+Issue 28 asks for two MoCo v2 views within 1.5x of decoding the JPEG alone. CropViews spends
+the time above the decode on two copies and two antialiased resizes (docs/benchmarks.md section
+7). This bench times, side by side on the same ImageNet-size JPEGs (one process, one thread,
+interleaved rounds, the median; CPU time), the candidates for doing less:
+- decoders: torchvision.io (CropViews'), simplejpeg (libjpeg-turbo with RGB output and
+  libjpeg-turbo's scaled decodes at 7/8, 6/8, 5/8 and 4/8 of full size), PIL;
+- one view from a crop box of the decoded pixels: CropViews' exact path (copy, then torch's
+  antialiased bilinear uint8 kernel, the RandomResizedCrop of the recipe), and OpenCV's resize
+  straight from the crop (no copy) with area averaging (antialiased, another filter) and with
+  plain bilinear sampling (no antialiasing), each with its mean absolute difference from the
+  exact view in 0-255 levels (the larger the difference, the more the view means something else).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .pipelines import SIZE, interleaved, photo_jpegs
+
+SCALES = (8, 7, 6, 5, 4)  # simplejpeg decodes at scale/8 of full size
+
+
+def decode_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
+    """CPU ms per image of decoding alone, by decoder and by libjpeg-turbo's DCT scale."""
+    import io
+
+    import simplejpeg
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+    tensors = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+
+    def scaled(m: int):
+        def decode(data: bytes):
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            return simplejpeg.decode_jpeg(data, "RGB", min_height=height * m // 8, min_width=width * m // 8)
+        return decode
+
+    rows = {"torchvision.io, full size": (decode_jpeg, tensors),
+            "PIL, full size": (lambda data: Image.open(io.BytesIO(data)).convert("RGB").load(), jpegs)}
+    rows.update({f"simplejpeg, {m}/8 size": (scaled(m), jpegs) for m in SCALES})
+    return interleaved(rows, rounds)
+
+
+def view_rows(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[str, Any]:
+    """CPU ms per view and mean |difference| from the exact view, for one crop box per image."""
+    import cv2
+    from ..data.images import decode_bytes
+    from ..data.transforms import channels_last_pixels, copy_crop, crop_params, resize_view
+    cv2.setNumThreads(1)
+    torch.manual_seed(0)
+    pixels = [channels_last_pixels(decode_bytes(data, 3)) for data in jpegs]
+    boxes = [crop_params(p.shape[1], p.shape[2]) for p in pixels]
+    items = list(zip(pixels, boxes))
+
+    def exact(item):
+        return resize_view(copy_crop(item[0], item[1], False), size)
+
+    def opencv(interpolation: int):
+        def view(item):
+            top, left, h, w = item[1]
+            return cv2.resize(item[0][0, top:top + h, left:left + w].numpy(), (size, size), interpolation=interpolation)
+        return view
+
+    candidates = {"OpenCV INTER_AREA from the crop, no copy": opencv(cv2.INTER_AREA),
+                  "OpenCV INTER_LINEAR from the crop, no copy (not antialiased)": opencv(cv2.INTER_LINEAR)}
+    ms = interleaved({"exact (CropViews: copy + torch antialiased bilinear)": (exact, items),
+                      **{name: (fn, items) for name, fn in candidates.items()}}, rounds)
+    reference = [exact(item).numpy().astype(np.float32) for item in items]
+    diff = {name: float(np.mean([np.abs(fn(item).astype(np.float32) - ref).mean()
+                                 for item, ref in zip(items, reference)])) for name, fn in candidates.items()}
+    return {"cpu_ms_per_view": ms, "mean_abs_diff_levels": diff}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    n, rounds = (8, 1) if quick else (128, 5)
+    jpegs = photo_jpegs(n)
+    return {"images": n, "rounds": rounds, "decode_cpu_ms": decode_rows(jpegs, rounds),
+            **view_rows(jpegs, rounds)}
+
+
+def table(r: dict[str, Any]) -> str:
+    """Markdown of the two tables: decoders and DCT scales; ways of making one view."""
+    dec = r["decode_cpu_ms"]
+    base = dec["torchvision.io, full size"]
+    lines = ["| decode alone (ImageNet-size JPEGs) | CPU ms / image | / torchvision.io |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.2f} | {ms / base:.2f}x |" for name, ms in dec.items()]
+    views, diffs = r["cpu_ms_per_view"], r["mean_abs_diff_levels"]
+    exact = next(ms for name, ms in views.items() if name.startswith("exact"))
+    lines += ["", "| one 224-px view from a crop of the decoded pixels | CPU ms / view | / exact | "
+              "mean abs difference from exact (0-255) |", "|---|---|---|---|"]
+    for name, ms in views.items():
+        diff = f"{diffs[name]:.2f}" if name in diffs else "0"
+        lines.append(f"| {name} | {ms:.3f} | {ms / exact:.2f}x | {diff} |")
+    return "\n".join(lines)
