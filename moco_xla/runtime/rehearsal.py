@@ -151,10 +151,15 @@ def _credited(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         _compiles_by_thread[ident] = _compiles_by_thread.get(ident, 0) + _process_compiles() - before
 
 
-def _process_compiles() -> int:
+def metric_count(name: str) -> int:
+    """How many samples torch_xla posted to a metric in this process (0 before its first sample)."""
     import torch_xla.debug.metrics as met
-    data = met.metric_data("CompileTime")
+    data = met.metric_data(name)
     return int(data[0]) if data else 0
+
+
+def _process_compiles() -> int:
+    return metric_count("CompileTime")
 
 
 def thread_compiles(first_in_process: bool) -> int:

@@ -118,11 +118,12 @@ class XlaRuntime(Runtime):
     def counters(self) -> dict[str, int]:
         # Replica threads of the rehearsal each count the compilations they launched; elsewhere
         # the count is the process's (one replica per process, or TPU v2/v3's threads).
+        count = rehearsal.metric_count
         compiles = (rehearsal.thread_compiles(self.first_in_process) if self.compiles_per_thread
-                    else _metric_count("CompileTime"))
+                    else count("CompileTime"))
         return {"compiles": compiles,
-                "executions": _metric_count("ExecuteTime") + _metric_count("ExecuteReplicatedTime"),
-                "transfers_from_device": _metric_count("TransferFromDeviceTime"),
+                "executions": count("ExecuteTime") + count("ExecuteReplicatedTime"),
+                "transfers_from_device": count("TransferFromDeviceTime"),
                 "fallback_ops": sum(met.counter_value(op) or 0 for op in self.fallback_ops())}
 
     def fallback_ops(self) -> list[str]:
@@ -244,12 +245,6 @@ def _in_32_bits(t: torch.Tensor, collective: Callable[[torch.Tensor], torch.Tens
     if t.dtype not in _WIDE_INTS:
         return collective(t)
     return collective(t.to(torch.int32)).to(t.dtype)
-
-
-def _metric_count(name: str) -> int:
-    """How many samples torch_xla posted to a metric (0 before its first sample)."""
-    data = met.metric_data(name)
-    return int(data[0]) if data else 0
 
 
 COMPILE_CACHE_ENV = "MOCO_XLA_COMPILE_CACHE"  # a local directory, or "off"
