@@ -133,3 +133,16 @@ def test_pipeline_limits_times_the_paths_not_taken_beside_the_exact_one(tmp_path
     assert len(r["cpu_ms_per_view"]) == 3 and len(diffs) == 2
     assert all(0 < d < 10 for d in diffs.values())  # near the exact view, and not it
     assert (tmp_path / "pipeline-limits.md").read_text() == table(r) + "\n"
+
+
+def test_benchmarks_doc_shows_the_recorded_pipeline_limits():
+    """docs/benchmarks.md section 7 embeds benchmarks/results/pipeline-limits.md unchanged, and that
+    file is the table of the JSON beside it (both written by --pipeline-limits)."""
+    from moco_xla.bench.pipeline_limits import table
+    results = ROOT / "benchmarks" / "results"
+    recorded = json.loads((results / "pipeline-limits.json").read_text())
+    md = (results / "pipeline-limits.md").read_text()
+    assert md == table(recorded) + "\n" and not recorded["quick"]
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    block = docs.split("<!-- pipeline-limits.md: begin -->\n", 1)[1].split("<!-- pipeline-limits.md: end -->")[0]
+    assert block == md
