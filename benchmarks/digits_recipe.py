@@ -52,9 +52,6 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
     "m0.999": ("key encoder momentum 0.999", ["moco.m=0.999"]),
     "m0.995_pbn": ("momentum 0.995, the kNN's BN statistics recomputed on the bank's clean digits (precise BN)",
                    ["moco.m=0.995", "eval.knn_bn=recompute"]),
-    "lr0.06": ("learning rate 0.06", ["train.lr=0.06"]),
-    "asym_80ep": ("one-sided loss (MoCo v2's) for 80 epochs: the same compute as the symmetric 40",
-                  ["moco.symmetric=false", "train.epochs=80"]),
     "b64": ("batch 64 (twice the steps), learning rate 0.06, 4 BN splits of 16",
             ["train.batch_size=64", "train.lr=0.06", "model.bn_splits=4"]),
 }
