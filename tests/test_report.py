@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from PIL import Image
@@ -119,6 +120,10 @@ def test_resumed_run_replaces_tensorboard_steps(tmp_path):
     for step in range(1, 7):
         w.write({"type": "step", "step": step, "loss": 10.0 + step})
     w.close()
+    # TensorBoard reads event files in name order, whose first field is the second they were opened
+    # in; a resumed run opens its file later than the run before it did, never in the same second
+    # (in one second the names would order by a per-process counter: "10" before "9")
+    time.sleep(1.0)
     w = MetricsWriter(tmp_path, plots=False, purge_step=4)  # resumed from the checkpoint at step 3
     for step in range(4, 7):
         w.write({"type": "step", "step": step, "loss": 1.0 * step})
