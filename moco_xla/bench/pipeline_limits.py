@@ -6,8 +6,8 @@ Issue 28 asks for two MoCo v2 views within 1.5x of decoding the JPEG alone. Crop
 the time above the decode on two copies and two antialiased resizes (docs/benchmarks.md section
 7). This bench times, side by side on the same ImageNet-size JPEGs (one process, one thread,
 interleaved rounds, the median; CPU time), the candidates for doing less:
-- decoders: torchvision.io (CropViews'), simplejpeg (libjpeg-turbo with RGB output and
-  libjpeg-turbo's scaled decodes at 7/8, 6/8, 5/8 and 4/8 of full size), PIL;
+- decoders: torchvision.io (CropViews') and PIL, as the --pipelines decode rows call them, and
+  simplejpeg (libjpeg-turbo, full size and its scaled decodes at 7/8, 6/8, 5/8 and 4/8);
 - one view from a crop box of the decoded pixels: CropViews' exact path (copy, then torch's
   antialiased bilinear uint8 kernel, the RandomResizedCrop of the recipe), and OpenCV's resize
   straight from the crop (no copy) with area averaging (antialiased, another filter) and with
@@ -21,19 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .pipelines import SIZE, interleaved, photo_jpegs
+from .pipelines import SIZE, decode_pil, decode_torchvision, interleaved, photo_jpegs
 
 SCALES = (8, 7, 6, 5, 4)  # simplejpeg decodes at scale/8 of full size
 
 
 def decode_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
     """CPU ms per image of decoding alone, by decoder and by libjpeg-turbo's DCT scale."""
-    import io
-
     import simplejpeg
-    from PIL import Image
-    from torchvision.io import decode_jpeg
-    tensors = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
 
     def scaled(m: int):
         def decode(data: bytes):
@@ -41,8 +36,7 @@ def decode_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
             return simplejpeg.decode_jpeg(data, "RGB", min_height=height * m // 8, min_width=width * m // 8)
         return decode
 
-    rows = {"torchvision.io, full size": (decode_jpeg, tensors),
-            "PIL, full size": (lambda data: Image.open(io.BytesIO(data)).convert("RGB").load(), jpegs)}
+    rows = {"torchvision.io, full size": (decode_torchvision(), jpegs), "PIL, full size": (decode_pil(), jpegs)}
     rows.update({f"simplejpeg, {m}/8 size": (scaled(m), jpegs) for m in SCALES})
     return interleaved(rows, rounds)
 
