@@ -2,11 +2,13 @@
 averaged over replicas, and pre-training's statistics are back afterwards."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
 from conftest import run_gloo
 from eval_fns import Points, clusters, precise_bn_on_points
+from moco_xla.errors import UserError
 from moco_xla.eval.knn import knn_accuracy
 from moco_xla.eval.precise_bn import precise_bn
 from moco_xla.models import SplitBatchNorm
@@ -68,3 +70,12 @@ def test_two_gloo_replicas_average_their_shares():
     for r in results:
         torch.testing.assert_close(r["mean"], mean)
         torch.testing.assert_close(r["var"], var)
+
+
+def test_a_bank_too_small_for_the_replicas_is_a_user_error():
+    bn = nn.BatchNorm1d(3)
+    empty = Points(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(UserError, match="eval.knn_bn=recompute needs at least one bank image per replica"):
+        with precise_bn(make_runtime("local"), bn, empty, batch=8):
+            pass
+    assert bn.momentum == 0.1 and bn.training  # restored after the failure

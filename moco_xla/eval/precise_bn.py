@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..data import eval_loader
+from ..errors import UserError
 from ..models import SplitBatchNorm
 from ..runtime import Runtime
 
@@ -62,12 +63,13 @@ def recompute(rt: Runtime, net: nn.Module, bns: list[_BatchNorm], ds, batch: int
     batch = max(1, min(batch, per_replica))
     steps = per_replica // batch
     if steps == 0:
-        raise ValueError(f"precise BN needs at least one image per replica; {len(ds)} for {rt.world_size}")
+        raise UserError(f"eval.knn_bn=recompute needs at least one bank image per replica, got {len(ds)} for "
+                        f"{rt.world_size} replicas; valid: running, or fewer replicas")
     for m in bns:
         m.momentum = 1.0  # running statistics := this batch's
         if isinstance(m, SplitBatchNorm):
             m.num_splits = 1  # one BN batch: the kNN's images are not split across devices
-    sums = [torch.zeros_like(s) for m in bns for s in (m.running_mean, m.running_var)]
+    sums = [torch.zeros_like(s) for s in _stats(bns)]
     net.train()
     loader = eval_loader(ds, batch, rt.rank, rt.world_size, workers, limit=steps * batch * rt.world_size)
     for x, _label, _valid in rt.device_loader(loader):
