@@ -11,11 +11,11 @@ not it). Rows, on each input set:
   Normalize, two crops);
 - moco_xla before: decode_bytes, then the torchvision.transforms.v2 preset on tensors, twice;
 - moco_xla: transforms.CropViews (the host half: uint8 views, channels last; the device does the
-  colour and the transposition);
+  flip, the colour and the transposition);
 - decode: the JPEG decoded alone (the least any pipeline must do), with PIL, with
   torchvision.io, and as CropViews decodes (at the DCT scale its two crops allow);
-- moco_xla's stages, each timed alone on the same JPEGs: the header and the draws, the decode,
-  the two crop copies, the two resizes (where the time above the decode goes).
+- moco_xla's stages, each timed alone on the same JPEGs: the header and the crop draws, the
+  decode, the two resized crops (where the time above the decode goes).
 Inputs are made offline from scikit-learn's two photographs: ImageNet-size JPEGs (random
 crops about 500x375, rescaled, quality 85-95) and CIFAR-size images (32x32 uint8, the
 ``small_v2`` preset). The shard rows run the real pre-training loader (0 workers) over
@@ -171,21 +171,19 @@ def moco_xla_stages(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[s
     """CPU ms per image of each stage of CropViews' full-decode path, each timed alone over the
     same JPEGs (interleaved rounds, median), on inputs the stage before made: where its time goes."""
     from ..data.images import decode_bytes, jpeg_size
-    from ..data.transforms import channels_last_pixels, copy_crop, crop_params, resize_view
+    from ..data.transforms import channels_last_pixels, crop_params, resized_crop
 
     def draws(data: bytes):
         width, height = jpeg_size(data)
-        return [(crop_params(height, width), torch.rand(1).item() < 0.5) for _ in range(2)]
+        return [crop_params(height, width) for _ in range(2)]
 
     pixels = [channels_last_pixels(decode_bytes(data, 3)) for data in jpegs]
     drawn = [draws(data) for data in jpegs]
-    crops = [[copy_crop(p, box, flip) for box, flip in d] for p, d in zip(pixels, drawn)]
     return interleaved({
-        "JPEG header and the crop and flip draws": (draws, jpegs),
+        "JPEG header and the crop draws": (draws, jpegs),
         "decode (torchvision.io)": (lambda data: channels_last_pixels(decode_bytes(data, 3)), jpegs),
-        "two crop copies (the flips folded in)":
-            (lambda pd: [copy_crop(pd[0], box, flip) for box, flip in pd[1]], list(zip(pixels, drawn))),
-        "two antialiased resizes (uint8, channels last)": (lambda cs: [resize_view(c, size) for c in cs], crops),
+        "two antialiased resized crops (uint8, channels last)":
+            (lambda pd: [resized_crop(pd[0], box, size) for box in pd[1]], list(zip(pixels, drawn))),
     }, rounds)
 
 
@@ -229,7 +227,7 @@ def shard_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
 def run(quick: bool = False) -> dict[str, Any]:
     """Every row, one thread; {'imagenet': {row: ms}, 'cifar': {...}, 'shards': {...}, summary}."""
     torch.set_num_threads(1)
-    n, rounds = (8, 1) if quick else (128, 3)
+    n, rounds = (8, 1) if quick else (128, 5)
     torch.manual_seed(0)
     random.seed(0)
     jpegs, cifar = photo_jpegs(n), cifar_images(n)

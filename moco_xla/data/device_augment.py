@@ -1,17 +1,18 @@
-"""The colour half of MoCo's augmentation, as batched ops on the accelerator.
+"""The per-pixel half of MoCo's augmentation, as batched ops on the accelerator.
 
-The host crops, resizes and flips each view and ships it as uint8, channels last
+The host decodes, crops and resizes each view and ships it as uint8, channels last
 ([N, H, W, C]: the layout its resize writes; transforms.CropViews); inside the compiled step
-``DeviceAugment`` turns the batch channels-first and does the rest of the recipe on it:
-colour jitter (random order of brightness, contrast, saturation, hue) with
-probability p, random grayscale, Gaussian blur with a random sigma, and normalisation.
+``DeviceAugment`` does the rest of the recipe on the batch: the random horizontal flip, the
+turn to channels-first, colour jitter (random order of brightness, contrast, saturation, hue)
+with probability p, random grayscale, Gaussian blur with a random sigma, and normalisation.
 Every sample draws its own parameters from an RNG the checkpoint keeps: on the
 device for XLA (``torch.rand`` on the batch's device: no host sync, the same shapes every
 step, so XLA compiles the graph once) and the CPU backend; from torch's CPU RNG for CUDA
 (whose generator the checkpoint does not hold), copied over with the batch, so a resumed
 run draws what an uninterrupted one would. Each op is the torchvision.transforms.v2 op on
-float images, written for a batch of per-sample factors; the spatial ops before it
-(crop, flip) commute with it as the recipe's order requires.
+float images, written for a batch of per-sample factors. The flip runs first, on the uint8
+pixels: the recipe flips last, and a mirror commutes exactly with the colour ops and with the
+blur (a symmetric kernel, reflect padding), so the distribution is the recipe's.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
 @dataclass(frozen=True)
-class ColourRecipe:
+class DeviceRecipe:
     """One preset's device ops; jitter is (brightness, contrast, saturation, hue) strengths."""
 
     mean: tuple[float, ...]
@@ -36,13 +37,14 @@ class ColourRecipe:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = 3
+    flip_p: float = 0.0              # horizontal flip
 
 
-def draw_params(recipe: ColourRecipe, n: int, device, generator: torch.Generator | None = None
+def draw_params(recipe: DeviceRecipe, n: int, device, generator: torch.Generator | None = None
                 ) -> dict[str, torch.Tensor]:
     """Per-sample random parameters, as torchvision's RandomApply / ColorJitter / RandomGrayscale /
-    GaussianBlur draw them: neutral factors (1, 1, 1, 0) where the jitter is not applied, sigma 0
-    where the blur is not."""
+    GaussianBlur / RandomHorizontalFlip draw them: neutral factors (1, 1, 1, 0) where the jitter is
+    not applied, sigma 0 where the blur is not."""
     def rand(*shape):
         return torch.rand(*shape, device=device, generator=generator)
     b, c, s, h = recipe.jitter
@@ -54,12 +56,15 @@ def draw_params(recipe: ColourRecipe, n: int, device, generator: torch.Generator
     lo, hi = recipe.blur_sigma
     sigma = torch.where(rand(n) < recipe.blur_p, lo + (hi - lo) * rand(n), torch.zeros(n, device=device))
     return {"factors": torch.where(on[:, None], factors, neutral), "order": order,
-            "gray": rand(n) < recipe.gray_p, "sigma": sigma}
+            "gray": rand(n) < recipe.gray_p, "sigma": sigma, "flip": rand(n) < recipe.flip_p}
 
 
-def apply(recipe: ColourRecipe, images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+def apply(recipe: DeviceRecipe, images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """uint8 [N, H, W, C] -> float32 normalised [N, C, H, W], with the parameters ``p`` (draw_params).
-    The transposition to channels-first is part of the step (fused with the conversion to float)."""
+    The flip and the transposition to channels-first are part of the step (fused with the
+    conversion to float)."""
+    if recipe.flip_p > 0:
+        images = torch.where(_per_sample(p["flip"]), images.flip(2), images)
     x = images.permute(0, 3, 1, 2).float() / 255.0
     if x.shape[1] == 3:
         if recipe.gray_first:
@@ -79,7 +84,7 @@ class DeviceAugment:
     """Called in the step on each view: ``im = augment(im)`` (uint8 [N, H, W, C] in, float32
     normalised [N, C, H, W] out)."""
 
-    def __init__(self, recipe: ColourRecipe) -> None:
+    def __init__(self, recipe: DeviceRecipe) -> None:
         self.recipe = recipe
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

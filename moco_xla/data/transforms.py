@@ -1,10 +1,10 @@
 """MoCo augmentations (torchvision.transforms.v2), two views per image.
 
 Pre-training splits the MoCo presets (DEVICE_PRESETS) between host and accelerator:
-``CropViews`` decodes each image once and makes both views' random resized crop and flip
-as uint8, channels last (a quarter of float32's bytes to the device), and data.device_augment
-turns the batch channels-first and does the colour jitter, grayscale, blur and normalisation
-on it inside the step.
+``CropViews`` decodes each image once and makes both views' random resized crop as uint8,
+channels last (a quarter of float32's bytes to the device), and data.device_augment does the
+flip, the turn to channels-first, the colour jitter, grayscale, blur and normalisation on the
+batch inside the step.
 ``pretrain_transform`` is the same augmentation made whole on the host (float, normalised):
 the digits presets use it for pre-training, evaluation uses it where it wants augmented views.
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .device_augment import ColourRecipe
+from .device_augment import DeviceRecipe
 from .images import BadImage, decode_bytes, jpeg_size
 from .handwriting import PRESETS as HANDWRITING_PRESETS, handwriting_ops
 
@@ -116,16 +116,16 @@ DEVICE_PRESETS = ("moco_v1", "moco_v2", "small", "small_v2")  # the device finis
 CROP_SCALE, CROP_RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
 
-def device_recipe(preset: str, size: int, channels: int) -> ColourRecipe | None:
-    """The colour ops ``preset`` leaves to the device (data.device_augment), or None where the
-    host makes the whole view (digits presets): the same recipe as ``pretrain_transform``."""
+def device_recipe(preset: str, size: int, channels: int) -> DeviceRecipe | None:
+    """The flip and colour ops ``preset`` leaves to the device (data.device_augment), or None where
+    the host makes the whole view (digits presets): the same recipe as ``pretrain_transform``."""
     if preset not in DEVICE_PRESETS:
         return None
     norm = normalize_for(channels, preset)
-    base = {"mean": tuple(norm.mean), "std": tuple(norm.std)}
+    base = {"mean": tuple(norm.mean), "std": tuple(norm.std), "flip_p": 0.5}
     if preset in ("moco_v1", "small"):
-        return ColourRecipe(**base, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, gray_first=True)
-    return ColourRecipe(**base, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
+        return DeviceRecipe(**base, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, gray_first=True)
+    return DeviceRecipe(**base, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
                         blur_sigma=(0.1, 2.0), blur_kernel=max(3, (size // 10) | 1))
 
 
@@ -160,44 +160,37 @@ def channels_last_pixels(img: torch.Tensor) -> torch.Tensor:
     return img.permute(1, 2, 0).contiguous()[None]
 
 
-def copy_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
-    """The crop ``box`` (top, left, height, width) of [1, H, W, C] pixels, mirrored left to right
-    where ``flip``, as its own contiguous [1, h, w, C]: one copy (a flip commutes exactly with
-    the resize after it, so it costs nothing extra here)."""
+def resized_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """The crop ``box`` (top, left, height, width) of [1, H, W, C] uint8 pixels resized to
+    [size, size, C] uint8: torch's antialiased bilinear uint8 kernel (what RandomResizedCrop
+    calls), channels last in and out (its fastest layout, no transposition). The kernel reads
+    the crop where it lies in ``pixels``: no copy of it beforehand."""
     top, left, h, w = box
-    crop = pixels[:, top:top + h, left:left + w]
-    return (crop.flip(2) if flip else crop).contiguous()
-
-
-def resize_view(crop: torch.Tensor, size: int) -> torch.Tensor:
-    """[1, h, w, C] uint8 -> [size, size, C] uint8: torch's antialiased bilinear uint8 kernel (what
-    RandomResizedCrop calls), channels last in and out: its fastest layout, no transposition."""
-    view = F.interpolate(crop.permute(0, 3, 1, 2), size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True)
+    crop = pixels[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
+    view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return view[0].permute(1, 2, 0)
 
 
 class CropViews:
-    """Two views of one image, each a random resized crop and a random flip, uint8 [size, size, C].
+    """Two views of one image, each a random resized crop, uint8 [size, size, C].
 
-    The host half of a DEVICE_PRESETS augmentation (the device does colour, blur and
-    normalisation, and turns the views channels-first: data.device_augment). Takes encoded
+    The host half of a DEVICE_PRESETS augmentation (the device flips, turns the views
+    channels-first, and does colour, blur and normalisation: data.device_augment). Takes encoded
     bytes (``decodes``: datasets hand them over undecoded) or a decoded image. An image is
     decoded once for both views (torchvision.io, libjpeg-turbo), its size read from the JPEG
     header beforehand (images.jpeg_size) for the crop draws; a JPEG whose two crops both keep
     at least twice ``size`` pixels on each side is decoded at a reduced DCT scale (1/2, 1/4,
     1/8: PIL's ``draft``) instead, since the views are downscaled from the crops anyway.
 
-    Each view costs one copy of its crop (flipped or not: a flip commutes exactly with the
-    resize) into channels-last pixels, then torch's antialiased bilinear uint8 kernel (what
-    RandomResizedCrop does, here on its fastest layout), whose channels-last output is the
-    view as it ships: height, width, channels, no transposition on the host.
+    Each view is torch's antialiased bilinear uint8 kernel run on its crop of the channels-last
+    pixels (what RandomResizedCrop does, here on its fastest layout), whose channels-last output
+    is the view as it ships: height, width, channels, no transposition on the host.
     """
 
     decodes = True
 
-    def __init__(self, size: int, channels: int, flip: bool = True) -> None:
-        self.size, self.channels, self.flip = size, channels, flip
+    def __init__(self, size: int, channels: int) -> None:
+        self.size, self.channels = size, channels
         self._prepare = v2.Compose(_prepare(channels))
 
     def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,11 +216,7 @@ class CropViews:
     def _views(self, img: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [C, H, W] (any strides) -> both views, uint8 [size, size, C]."""
         pixels = channels_last_pixels(img)
-        q, k = (resize_view(copy_crop(pixels, box, self._flips()), self.size) for box in boxes)
-        return q, k
-
-    def _flips(self) -> bool:
-        return self.flip and torch.rand(1).item() < 0.5
+        return resized_crop(pixels, boxes[0], self.size), resized_crop(pixels, boxes[1], self.size)
 
     def _reduced_views(self, data: bytes, boxes: list, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views from one decode at the smallest DCT scale >= (width, height); each crop box
@@ -244,15 +233,14 @@ class CropViews:
                 views = []
                 for top, left, h, w in boxes:
                     box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-                    view = im.resize((self.size, self.size), Image.BILINEAR, box=box)
-                    arr = torch.from_numpy(np.array(view.transpose(Image.FLIP_LEFT_RIGHT) if self._flips() else view))
+                    arr = torch.from_numpy(np.array(im.resize((self.size, self.size), Image.BILINEAR, box=box)))
                     views.append(arr.unsqueeze(-1) if arr.dim() == 2 else arr)
         except (OSError, ValueError, SyntaxError) as e:
             raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         return views[0], views[1]
 
     def __repr__(self) -> str:
-        return f"CropViews(size={self.size}, channels={self.channels}, flip={self.flip})"
+        return f"CropViews(size={self.size}, channels={self.channels})"
 
 
 def views_transform(preset: str, size: int, channels: int):
