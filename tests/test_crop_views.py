@@ -43,20 +43,32 @@ def test_jpeg_size_reads_what_pil_reads():
     assert jpeg_size(png.getvalue()) is None and jpeg_size(b"") is None and jpeg_size(b"\xff\xd8\x00\x01") is None
 
 
-def test_full_decode_views_equal_torchvision_resized_crop_on_the_same_draws():
-    """224-px views of a 500x375 JPEG (no crop keeps 448 px: always the full decode)."""
-    data = encode(photo(), quality=90)
+def views_beside_torchvision(data: bytes, size: int, seeds: range):
+    """(CropViews' view, torchvision's resized_crop of the full decode on the same crop draw) pairs."""
     full = decode_bytes(data, 3)
-    views = CropViews(224, 3)
-    for seed in range(8):
+    views = CropViews(size, 3)
+    for seed in seeds:
         torch.manual_seed(seed)
         new = views(data)
         torch.manual_seed(seed)
-        boxes = [crop_params(375, 500) for _ in range(2)]
+        boxes = [crop_params(*full.shape[-2:]) for _ in range(2)]
         for view, (t, l, h, w) in zip(new, boxes):
-            old = v2.functional.resized_crop(full, t, l, h, w, [224, 224], antialias=True)
-            assert view.shape == (224, 224, 3) and view.is_contiguous()
-            assert torch.equal(view.permute(2, 0, 1), old)
+            yield view, v2.functional.resized_crop(full, t, l, h, w, [size, size], antialias=True)
+
+
+def test_full_decode_views_equal_torchvision_resized_crop_on_the_same_draws():
+    """224-px views of a 500x375 JPEG (no crop keeps 448 px: always the full decode)."""
+    for view, old in views_beside_torchvision(encode(photo(), quality=90), 224, range(8)):
+        assert view.shape == (224, 224, 3) and view.is_contiguous()
+        assert torch.equal(view.permute(2, 0, 1), old)
+
+
+def test_reduced_scale_jpeg_views_match_full_decode():
+    """48-px views: decoding at 1/2-1/8 DCT scale (PIL draft) then resizing gives the crop a full
+    decode gives."""
+    errors = [(view.permute(2, 0, 1).float() - old.float()).abs().mean().item()
+              for view, old in views_beside_torchvision(encode(photo(), quality=90), 48, range(6))]
+    assert max(errors) < 4.0, errors  # of 255: resampling detail, not another crop
 
 
 def test_encoded_and_decoded_inputs_give_the_same_views():
