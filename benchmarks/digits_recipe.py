@@ -62,6 +62,9 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
     "pbn_lr0.015": ("m0.995_pbn at learning rate 0.015", [*SHIPPED, "train.lr=0.015"]),
     "pbn_lr0.0075": ("m0.995_pbn at learning rate 0.0075", [*SHIPPED, "train.lr=0.0075"]),
     "pbn_45ep": ("m0.995_pbn for 45 epochs (the rest of the 3-minute budget)", [*SHIPPED, "train.epochs=45"]),
+    "pbn_crop0.6": ("m0.995_pbn with milder crops: 0.6-1 of the digit (data.crop_min_scale)",
+                    [*SHIPPED, "data.crop_min_scale=0.6"]),
+    "pbn_crop0.8": ("m0.995_pbn with milder crops: 0.8-1 of the digit", [*SHIPPED, "data.crop_min_scale=0.8"]),
 }
 
 

@@ -20,7 +20,7 @@ from scipy import stats
 from torchvision.transforms import v2
 
 from moco_xla.data import device_augment as da
-from moco_xla.data.transforms import CropViews, crop_params, device_recipe
+from moco_xla.data.transforms import CropViews, crop_params, device_recipe, views_transform
 
 ROOT = Path(__file__).resolve().parent.parent
 V2 = device_recipe("moco_v2", 224, 3)
@@ -36,12 +36,12 @@ def photo_jpeg(width: int = 500, height: int = 375, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def reference_crop(height: int, width: int, rng: np.random.Generator) -> tuple[float, float]:
-    """(area fraction, log aspect ratio) of RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) as the
+def reference_crop(height: int, width: int, rng: np.random.Generator, low: float = 0.2) -> tuple[float, float]:
+    """(area fraction, log aspect ratio) of RandomResizedCrop(scale low-1, ratio 3/4-4/3) as the
     paper's recipe defines it: 10 tries of a uniform area and log-uniform ratio that fit, else
     the whole image clipped to the ratio range."""
     for _ in range(10):
-        area = rng.uniform(0.2, 1.0) * height * width
+        area = rng.uniform(low, 1.0) * height * width
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         w, h = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
         if 0 < w <= width and 0 < h <= height:
@@ -49,13 +49,16 @@ def reference_crop(height: int, width: int, rng: np.random.Generator) -> tuple[f
     return 1.0, math.log(width / height)
 
 
-def test_crop_scales_and_ratios_follow_the_recipe():
+@pytest.mark.parametrize("low", [0.2, 0.6])
+def test_crop_scales_and_ratios_follow_the_recipe(low):
+    """The recipe's crops (scale 0.2-1), and a milder range as data.crop_min_scale=0.6 asks for."""
     torch.manual_seed(0)
+    views = views_transform("moco_v2", 224, 3, None if low == 0.2 else low)
     got = np.array([(h * w / (375 * 500), math.log(w / h), t, l)
-                    for t, l, h, w in (crop_params(375, 500) for _ in range(3000))])
+                    for t, l, h, w in (crop_params(375, 500, views.scale) for _ in range(3000))])
     rng = np.random.default_rng(0)
-    ref = np.array([reference_crop(375, 500, rng) for _ in range(3000)])
-    assert got[:, 0].min() >= 0.199 and got[:, 0].max() <= 1.0
+    ref = np.array([reference_crop(375, 500, rng, low) for _ in range(3000)])
+    assert got[:, 0].min() >= low - 0.005 and got[:, 0].max() <= 1.0  # whole pixels: a side rounds by 0.5
     assert np.abs(got[:, 1]).max() <= math.log(4 / 3) + 0.01
     assert (got[:, 2] >= 0).all() and (got[:, 3] >= 0).all()
     assert stats.ks_2samp(got[:, 0], ref[:, 0]).pvalue > 0.01  # same area distribution

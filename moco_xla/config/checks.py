@@ -5,6 +5,8 @@ from __future__ import annotations
 from ..errors import UserError
 from .schema import CHOICES, Config, DistillConfig, LabelPropConfig, ProbeConfig, SelectConfig, SemisupConfig
 
+CROPPING_PRESETS = tuple(a for a in CHOICES["data.augment"] if a != "handwriting")  # a random resized crop
+
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Range and consistency checks; with ``world_size`` also the per-replica split."""
@@ -37,6 +39,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}"),
         (0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"),
         (d.val_size >= 0, "data.val_size", f"must be >= 0, got {d.val_size}"),
+        (d.crop_min_scale is None or 0 < d.crop_min_scale <= 1, "data.crop_min_scale",
+         f"must be in (0, 1] or null (the preset's own), got {d.crop_min_scale}"),
+        (d.crop_min_scale is None or d.augment in CROPPING_PRESETS, "data.crop_min_scale",
+         f"is set, but data.augment={d.augment} makes no random resized crop; valid with: "
+         f"{', '.join(CROPPING_PRESETS)}, or leave it null"),
         (e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}"),
         (e.knn_t > 0, "eval.knn_t", f"must be > 0, got {e.knn_t}"),
         (e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}"),

@@ -20,6 +20,8 @@ class DataConfig:
     val_size: int = 0                # > 0: this many training images (seeded, class-balanced) replace the test set
     subset: str | None = None        # null: every training image; "1000" or "100/class": a balanced seeded slice
     subset_seed: int = 0             # which slice data.subset draws (the same in pre-training and eval)
+    crop_min_scale: float | None = None  # pre-training's random resized crop keeps this fraction of the
+                                     # image area or more; null: the preset's own (0.2 MoCo, 0.4 digits)
 
 
 @dataclass

@@ -76,7 +76,7 @@ def build(cfg) -> DataBundle:
     """Datasets for the config's ``data`` section, with the model's channel count."""
     d, ch = cfg.data, cfg.model.in_channels
     skips = SkipCounter(d.on_bad_sample)
-    pre_t = views_transform(d.augment, d.image_size, ch)
+    pre_t = views_transform(d.augment, d.image_size, ch, d.crop_min_scale)
     eval_t = eval_transform(d.augment, d.image_size, ch)
     if d.root and is_shard_root(d.root):
         if d.val_size:

@@ -101,13 +101,13 @@ class ElasticDistortion(torch.nn.Module):
         return f"p={self.p}, alpha={self.alpha:.3g}, sigma={self.sigma:.3g}"
 
 
-def handwriting_ops(preset: str, size: int, blur_k: int) -> tuple[list, list]:
+def handwriting_ops(preset: str, size: int, blur_k: int, scale: tuple[float, float] = (0.4, 1.0)) -> tuple[list, list]:
     """(ops on the uint8 image, ops on the float image in [0, 1]) of a handwriting preset, in order:
     crop and blur (handwriting_crop), affine warp; elastic distortion, stroke width, erasing."""
     if preset not in PRESETS:
         raise ValueError(f"unknown handwriting augment {preset!r}; valid: {', '.join(PRESETS)}")
     if preset == "handwriting_crop":
-        geometric = [v2.RandomResizedCrop(size, scale=(0.4, 1.0), ratio=(0.8, 1.25), antialias=True),
+        geometric = [v2.RandomResizedCrop(size, scale=scale, ratio=(0.8, 1.25), antialias=True),
                      v2.RandomApply([v2.GaussianBlur(blur_k, sigma=(0.1, 1.0))], p=0.5)]
     else:  # the whole digit, at the model's size (as evaluation sees it)
         geometric = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]

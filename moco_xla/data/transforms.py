@@ -82,22 +82,28 @@ def _finish(norm: v2.Normalize) -> list:
     return [v2.ToDtype(torch.float32, scale=True), norm]
 
 
-def pretrain_transform(preset: str, size: int, channels: int) -> v2.Compose:
+def crop_scale(preset: str, crop_min_scale: float | None = None) -> tuple[float, float]:
+    """The random resized crop's range of area fractions: (crop_min_scale or the preset's own, 1)."""
+    own = 0.4 if preset.startswith(("digits", "handwriting")) else CROP_SCALE[0]
+    return (own if crop_min_scale is None else crop_min_scale, 1.0)
+
+
+def pretrain_transform(preset: str, size: int, channels: int, crop_min_scale: float | None = None) -> v2.Compose:
     """The random augmentation applied independently to each of the two views."""
     if preset not in PRESETS:
         raise ValueError(f"unknown augment {preset!r}; valid: {', '.join(PRESETS)}")
     norm = normalize_for(channels, preset)
     blur_k = max(3, (size // 10) | 1)  # odd kernel about 10% of the image, as in MoCo v2
+    scale = crop_scale(preset, crop_min_scale)
     if preset in ("digits", "digits_affine"):
-        ops = [v2.RandomResizedCrop(size, scale=(0.4, 1.0), ratio=(0.8, 1.25), antialias=True),
+        ops = [v2.RandomResizedCrop(size, scale=scale, ratio=(0.8, 1.25), antialias=True),
                v2.RandomApply([v2.GaussianBlur(blur_k, sigma=(0.1, 1.0))], p=0.5)]
         if preset == "digits_affine":
             ops.insert(1, v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10))
         return v2.Compose(_prepare(channels) + ops + _finish(norm))
     if preset in HANDWRITING_PRESETS:  # uint8 warps, then the pen on the float image, then normalise
-        geometric, pen = handwriting_ops(preset, size, blur_k)
+        geometric, pen = handwriting_ops(preset, size, blur_k, scale)
         return v2.Compose(_prepare(channels) + geometric + [v2.ToDtype(torch.float32, scale=True), *pen, norm])
-    scale = (0.2, 1.0)
     color: list = []  # colour jitter and random grayscale mean nothing on a gray image
     if preset in ("moco_v1", "small"):
         if channels == 3:
@@ -129,8 +135,8 @@ def device_recipe(preset: str, size: int, channels: int) -> DeviceRecipe | None:
                         blur_sigma=(0.1, 2.0), blur_kernel=max(3, (size // 10) | 1))
 
 
-def crop_params(height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of one RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) draw.
+def crop_params(height: int, width: int, scale: tuple[float, float] = CROP_SCALE) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of one RandomResizedCrop(scale, ratio 3/4-4/3) draw.
 
     torchvision's algorithm (up to 10 tries of a uniform area and a log-uniform aspect ratio
     that fit, else the whole image clipped to the ratio range, centred), its uniforms taken
@@ -139,7 +145,7 @@ def crop_params(height: int, width: int) -> tuple[int, int, int, int]:
     area = height * width
     log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     for u_area, u_ratio, u_top, u_left in torch.rand(10, 4).tolist():
-        target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u_area)
+        target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
         ratio = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
         w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
         if 0 < w <= width and 0 < h <= height:
@@ -189,22 +195,22 @@ class CropViews:
 
     decodes = True
 
-    def __init__(self, size: int, channels: int) -> None:
-        self.size, self.channels = size, channels
+    def __init__(self, size: int, channels: int, scale: tuple[float, float] = CROP_SCALE) -> None:
+        self.size, self.channels, self.scale = size, channels, scale
         self._prepare = v2.Compose(_prepare(channels))
 
     def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(img, (bytes, bytearray, memoryview)):
             return self._from_bytes(bytes(img))
         img = self._prepare(img).as_subclass(torch.Tensor)
-        return self._views(img, [crop_params(*img.shape[-2:]) for _ in range(2)])
+        return self._views(img, [crop_params(*img.shape[-2:], self.scale) for _ in range(2)])
 
     def _from_bytes(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         size = jpeg_size(data)
         if size is None:  # not a JPEG (or no readable header): decode first, then draw
             return self(decode_bytes(data, self.channels))
         width, height = size
-        boxes = [crop_params(height, width) for _ in range(2)]
+        boxes = [crop_params(height, width, self.scale) for _ in range(2)]
         shrink = min(min(h, w) for _t, _l, h, w in boxes) / self.size
         if shrink >= 2:
             return self._reduced_views(data, boxes, math.ceil(width / shrink), math.ceil(height / shrink))
@@ -240,15 +246,15 @@ class CropViews:
         return views[0], views[1]
 
     def __repr__(self) -> str:
-        return f"CropViews(size={self.size}, channels={self.channels})"
+        return f"CropViews(size={self.size}, channels={self.channels}, scale={self.scale})"
 
 
-def views_transform(preset: str, size: int, channels: int):
+def views_transform(preset: str, size: int, channels: int, crop_min_scale: float | None = None):
     """Pre-training's per-image transform: CropViews (uint8, the device finishes them) for
     DEVICE_PRESETS, else TwoCrops of the whole host augmentation (float, normalised)."""
     if preset in DEVICE_PRESETS:
-        return CropViews(size, channels)
-    return TwoCrops(pretrain_transform(preset, size, channels))
+        return CropViews(size, channels, crop_scale(preset, crop_min_scale))
+    return TwoCrops(pretrain_transform(preset, size, channels, crop_min_scale))
 
 
 def eval_transform(preset: str, size: int, channels: int) -> v2.Compose:

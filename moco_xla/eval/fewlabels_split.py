@@ -64,7 +64,8 @@ def student_images(cfg: Config, bank, images, augment: str):
     teachers' students, eval.semisup.labelprop.(pixel_)student_augment for label propagation's."""
     if augment == "crop":
         return images
-    return with_transform(bank, pretrain_transform(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels))
+    return with_transform(bank, pretrain_transform(cfg.data.augment, cfg.data.image_size, cfg.model.in_channels,
+                                                   cfg.data.crop_min_scale))
 
 
 def distill_views(cfg: Config, bank, noised, split: SemisupSplit) -> tuple[Dataset, Dataset]:
