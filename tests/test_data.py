@@ -129,11 +129,11 @@ def test_digits_preset_never_flips():
     assert any(isinstance(t, v2.RandomHorizontalFlip) for t in pretrain_transform("moco_v2", 16, 3).transforms)
 
 
-@pytest.mark.parametrize("crop_min_scale, whole", [(None, False), (1.0, True)])
+@pytest.mark.parametrize("crop_min_scale, whole", [("null", False), ("1.0", True)])
 def test_crop_min_scale_reaches_the_digits_views(crop_min_scale, whole):
     """data.crop_min_scale=1: every pre-training crop is the whole digit, so the views Gaussian blur
-    leaves alone (half of them) are the evaluation image; the preset's own 0.4-1 crops almost never are."""
-    cfg = load_config("digits", [] if crop_min_scale is None else [f"data.crop_min_scale={crop_min_scale}"])
+    leaves alone (half of them) are the evaluation image; the preset's own 0.4-1 crops (null) almost never are."""
+    cfg = load_config("digits", [f"data.crop_min_scale={crop_min_scale}"])
     bundle = data.build(cfg)
     torch.manual_seed(0)
     same = [torch.equal(view, bundle.bank[i][0]) for i in range(100) for view in bundle.pretrain[i][0]]
