@@ -78,7 +78,7 @@ def test_preset_views_are_normalised_seeded_and_differ(preset):
     assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0
     assert torch.equal(a, seeded(t, img, 0)) and not torch.equal(a, b)
     with pytest.raises(ValueError, match="valid: handwriting, handwriting_crop"):
-        handwriting_ops("handwritting", 28, 3)
+        handwriting_ops("handwritting", 28, 3, (0.4, 1.0))
 
 
 def test_handwriting_preset_trains_on_the_tiny_config(tmp_path):

@@ -101,9 +101,10 @@ class ElasticDistortion(torch.nn.Module):
         return f"p={self.p}, alpha={self.alpha:.3g}, sigma={self.sigma:.3g}"
 
 
-def handwriting_ops(preset: str, size: int, blur_k: int, scale: tuple[float, float] = (0.4, 1.0)) -> tuple[list, list]:
+def handwriting_ops(preset: str, size: int, blur_k: int, scale: tuple[float, float]) -> tuple[list, list]:
     """(ops on the uint8 image, ops on the float image in [0, 1]) of a handwriting preset, in order:
-    crop and blur (handwriting_crop), affine warp; elastic distortion, stroke width, erasing."""
+    crop (``scale``: transforms.crop_scale) and blur (handwriting_crop), affine warp; elastic distortion,
+    stroke width, erasing."""
     if preset not in PRESETS:
         raise ValueError(f"unknown handwriting augment {preset!r}; valid: {', '.join(PRESETS)}")
     if preset == "handwriting_crop":
