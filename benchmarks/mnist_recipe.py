@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from moco_xla.bench.cli import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 TRIALS_DIR = ROOT / "benchmarks" / "results" / "mnist-recipe"
 RESULTS = ROOT / "benchmarks" / "results" / "mnist-recipe.json"
@@ -98,7 +100,7 @@ def launch(name: str, overrides: list[str], out: Path, config: str = "mnist", al
             "pixel_knn_top1": summary["pixel_knn_top1"], "gain": summary["knn_top1"] - summary["pixel_knn_top1"],
             "wall_s": summary["wall_s"], "process_s": time.time() - t0, "epochs": summary["epochs"],
             "knn_curve": curve, "final_loss": summary["final_loss"],
-            "load_before": load_before, "load_after": os.getloadavg()[0]}
+            "load_before": load_before, "load_after": os.getloadavg()[0], "cpu": cpu_model()}
 
 
 def save(result: dict, path: Path) -> None:

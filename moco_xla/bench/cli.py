@@ -138,9 +138,22 @@ def merge_shuffle(count: list[dict], hlo: list[dict]) -> list[dict]:
                      if k in ("hlo_bytes", "ops", "key_dtype")}} for r in count]
 
 
+def cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo's "model name" on Linux): the same command runs at another
+    speed, and with other float rounding, on another CPU model."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__}
+    info = {"platform": platform.platform(), "cpu": cpu_model(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "torch": torch.__version__}
     if importlib.util.find_spec("torch_xla") is not None:
         from importlib.metadata import version
         info["torch_xla"] = version("torch_xla")
