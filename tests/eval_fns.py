@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The shortest digits pre-training (the quickstart at width 16 for 12 epochs instead of 32 for 40)
+# The shortest digits pre-training (the quickstart at width 16 for 12 epochs instead of 32 for 20)
 # whose probe still clearly beats a random-init encoder and raw pixels with 50 labels.
 PRETRAIN_SET = ["train.epochs=12", "model.width=16", "eval.knn_every=6", "checkpoint.every=12",
                 "train.log_every=3"]
