@@ -331,7 +331,7 @@ its three seeds gain at least six validation digits more in all than `crop0.8_20
 mean, to at least +2.56), and only then are the test digits read. Split BN 4 +2.33 / +2.00 / +1.33
 (mean +1.89, the same as the shipped settings'), width 40 +1.00 / +1.67 / +2.00 (+1.56), K 512
 +3.33 / +1.67 / +0.33 (+1.78): none passed, configs/digits.yaml is unchanged and the test digits were
-not read. (Their seed-0 and width-40 seed-1 runs shared the machine with a CI rehearsal, hence their
+not read. (Split BN 4 and width 40 on seed 0, and width 40 on seed 1, shared the machine with a CI rehearsal, hence their
 long wall.)
 """
 
