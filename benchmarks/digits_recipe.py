@@ -36,7 +36,8 @@ VAL = ["data.val_size=300"]  # 300 of the 1,257 training digits score the trials
 # eval.knn_bn and data.crop_min_scale are what the trials chose for configs/digits.yaml since.
 TRIAL_BASE = ["moco.m=0.99", "eval.knn_bn=running", "data.crop_min_scale=null"]
 SHIPPED = ["moco.m=0.995", "eval.knn_bn=recompute"]  # trial m0.995_pbn: the second and third rounds' base
-QUICK20 = [*SHIPPED, "data.crop_min_scale=0.8", "train.epochs=20"]  # trial crop0.8_20ep: the fifth round's base
+CROP08 = [*SHIPPED, "data.crop_min_scale=0.8"]  # trial pbn_crop0.8: the fourth round's base
+QUICK20 = [*CROP08, "train.epochs=20"]  # trial crop0.8_20ep: the fifth round's base
 
 TRIALS: dict[str, tuple[str, list[str]]] = {
     # name: (what it tests, overrides on top of moco_xla/configs/digits.yaml, TRIAL_BASE and VAL)
@@ -65,16 +66,16 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
     "pbn_45ep": ("m0.995_pbn for 45 epochs (the rest of the 3-minute budget)", [*SHIPPED, "train.epochs=45"]),
     "pbn_crop0.6": ("m0.995_pbn with milder crops: 0.6-1 of the digit (data.crop_min_scale)",
                     [*SHIPPED, "data.crop_min_scale=0.6"]),
-    "pbn_crop0.8": ("m0.995_pbn with milder crops: 0.8-1 of the digit", [*SHIPPED, "data.crop_min_scale=0.8"]),
+    "pbn_crop0.8": ("m0.995_pbn with milder crops: 0.8-1 of the digit", CROP08),
     "pbn_crop0.4": ("m0.995_pbn with the digits preset's own crops, 0.4-1 (the quickstart before crop_min_scale 0.8)",
                     [*SHIPPED, "data.crop_min_scale=0.4"]),
     # fourth round, for the budget: shorter runs of the shipped settings, beside them rerun on the same VM
     "crop0.8_40ep": ("the quickstart as shipped (pbn_crop0.8), rerun beside the shorter runs on the same VM",
-                     [*SHIPPED, "data.crop_min_scale=0.8"]),
-    "crop0.8_30ep": ("the quickstart for 30 epochs", [*SHIPPED, "data.crop_min_scale=0.8", "train.epochs=30"]),
-    "crop0.8_20ep": ("the quickstart for 20 epochs", [*SHIPPED, "data.crop_min_scale=0.8", "train.epochs=20"]),
+                     CROP08),
+    "crop0.8_30ep": ("the quickstart for 30 epochs", [*CROP08, "train.epochs=30"]),
+    "crop0.8_20ep": ("the quickstart for 20 epochs", QUICK20),
     "crop0.8_20ep_m0.99": ("the quickstart for 20 epochs, key momentum 0.99 (averaging over the same share of "
-                           "a half-length run)", [*SHIPPED, "data.crop_min_scale=0.8", "train.epochs=20", "moco.m=0.99"]),
+                           "a half-length run)", [*QUICK20, "moco.m=0.99"]),
     # fifth round, on top of crop0.8_20ep (configs/digits.yaml after the fourth round), within the budget:
     "q20_bn4": ("the 20-epoch quickstart with Split BN 4 (statistics over 32 images, not 16)",
                 [*QUICK20, "model.bn_splits=4"]),
