@@ -189,7 +189,7 @@ def setup(cfg: Config, rt: Runtime, out_dir: Path, resume: str | None,
                       mirror=mirror),
         CollapseDetector(cfg, model.uniform_loss()), guard,
         GraphWatch(rt), StepProfiler(rt),  # XLA graph hygiene; --profile DIR traces
-        resume, pos.global_step, pos.wall_s, PixelReference(rt, bundle, cfg.eval, cfg.data.workers))
+        resume, pos.global_step, pos.wall_s, PixelReference(rt, bundle, cfg))
     restore_rng()  # last thing before the first step
     return session
 

@@ -1,5 +1,6 @@
 """The raw-pixel kNN reference: equals a direct numpy computation, the same on 2 gloo and 2 XLA:CPU
-replicas as in one process, and reported by the training monitor (metrics.jsonl and summary.json)."""
+replicas as in one process, read on the images as stored where the run upsamples them, and reported
+by the training monitor (metrics.jsonl and summary.json)."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ def images(n: int, seed: int) -> TensorImages:
     return TensorImages(x, y)
 
 
-def numpy_pixel_knn(bank: TensorImages, test: TensorImages, k: int, t: float) -> float:
+def numpy_pixel_knn(bank: TensorImages, test: TensorImages, k: int, t: float, classes: int = 3) -> float:
     """The protocol written out: centre on the bank's mean image, L2-normalise, top-k exp(sim / t) vote."""
     b = bank.images.numpy().reshape(len(bank), -1).astype(np.float64)
     q = test.images.numpy().reshape(len(test), -1).astype(np.float64)
@@ -34,7 +35,7 @@ def numpy_pixel_knn(bank: TensorImages, test: TensorImages, k: int, t: float) ->
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     sim = q @ b.T
     idx = np.argsort(-sim, axis=1)[:, :k]
-    votes = np.zeros((len(q), 3))
+    votes = np.zeros((len(q), classes))
     for i in range(len(q)):
         for j in idx[i]:
             votes[i, bank.labels[j]] += np.exp(sim[i, j] / t)
@@ -62,6 +63,24 @@ def test_pixel_knn_same_on_two_gloo_and_two_xla_replicas():
     assert run_replicas(pixel_knn_on, 2, 45, 31) == [single, single]
 
 
+def test_reference_reads_the_digits_as_stored_not_upsampled():
+    from moco_xla import data
+    from moco_xla.config import load_config
+    from moco_xla.data.subsets import at_stored_size
+    bundle = data.build(load_config("tiny"))  # image_size 16: the 8x8 digits upsampled
+    assert bundle.test[0][0].shape == (1, 16, 16)
+    stored = at_stored_size(bundle.test, "digits", 16, 1)
+    assert stored[0][0].shape == (1, 8, 8) and stored[0][1] == bundle.test[0][1]
+    assert at_stored_size(bundle.test, "digits", 8, 1) is bundle.test  # nothing upsampled: unchanged
+    assert at_stored_size(bundle.test, "digits", 6, 1) is bundle.test  # downsampled: the pixels fed
+
+
+def stored_digits(ds, limit: int) -> TensorImages:
+    """The first ``limit`` images of a data.build() digits split as scikit-learn stores them (8x8 uint8)."""
+    pairs = [ds.base[i] for i in range(min(limit, len(ds.base)))]
+    return TensorImages(torch.stack([img for img, _ in pairs]), torch.tensor([label for _, label in pairs]))
+
+
 def test_monitor_reports_pixel_knn_in_metrics_and_summary(tmp_path):
     from moco_xla import data
     from moco_xla.config import load_config
@@ -71,11 +90,15 @@ def test_monitor_reports_pixel_knn_in_metrics_and_summary(tmp_path):
     summary = train(cfg, rt, tmp_path)
     bundle = data.build(cfg)
     e = cfg.eval
-    expected = float(pixel_knn_accuracy(rt, bundle.bank, bundle.test, bundle.num_classes, e.knn_k, e.knn_t,
+    bank, test = stored_digits(bundle.bank, e.max_bank), stored_digits(bundle.test, len(bundle.test))
+    expected = summary["pixel_knn_top1"]  # the protocol written out, on the 8x8 digits as stored
+    assert round(expected * len(test) / 100) == round(numpy_pixel_knn(bank, test, e.knn_k, e.knn_t, 10)
+                                                       * len(test) / 100)
+    upsampled = float(pixel_knn_accuracy(rt, bundle.bank, bundle.test, bundle.num_classes, e.knn_k, e.knn_t,
                                          e.batch_size, e.max_bank))
-    assert summary["pixel_knn_top1"] == expected
+    assert expected != upsampled  # not the 16-px copies the network reads
     assert json.loads((tmp_path / "summary.json").read_text())["pixel_knn_top1"] == expected
     epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r["type"] == "epoch"]
     assert [r["pixel_knn_top1"] for r in epochs] == [expected, expected]
-    assert 80.0 < expected < 100.0  # the centred 16-px digits, max_bank 256: a real kNN
+    assert 80.0 < expected < 100.0  # the centred 8x8 digits, max_bank 256: a real kNN

@@ -15,10 +15,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
+from torchvision.transforms import v2
 
 from ..errors import UserError
 from .shardset import ShardSet
-from .transforms import CleanAndAugmented
+from .transforms import CleanAndAugmented, eval_transform
 
 
 # ----------------------------------------------------------------------------- other transforms
@@ -30,6 +31,25 @@ def with_transform(ds, transform: Callable):
     if not hasattr(ds, "base"):
         raise UserError(f"cannot re-transform a {type(ds).__name__}; expected a data.build() dataset")
     return type(ds)(ds.base, transform, ds.num_classes, ds.skips)
+
+
+def stored_size(ds) -> int | None:
+    """The short side of ``ds``'s first image as stored (before its transform), or None for shards."""
+    if isinstance(ds, ShardSet):
+        return None
+    img, _ = ds.base[0]
+    return min(v2.functional.get_size(img))
+
+
+def at_stored_size(ds, preset: str, size: int, channels: int):
+    """``ds`` (a data.build() dataset, eval transform at ``size``) at its images' stored size where
+    ``size`` would upsample them (the digits' 8x8 at image_size 16), else ``ds`` itself. Upsampling
+    adds no information, and its interpolation blurs the pixels: a raw-pixel baseline reads the
+    images as stored, never a blurred copy."""
+    stored = stored_size(ds)
+    if stored is None or stored >= size:
+        return ds
+    return with_transform(ds, eval_transform(preset, stored, channels))
 
 
 def clean_and_augmented(ds, augment: Callable):

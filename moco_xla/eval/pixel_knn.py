@@ -4,8 +4,10 @@ A pre-trained encoder is worth its compute only if its features classify better 
 the input itself. ``pixel_knn_accuracy`` scores the monitor's protocol (same bank, same
 test set, same k and T) on each image's pixels, flattened, minus the bank's mean image
 and L2-normalised, so every run prints whether pre-training has learned more than the
-pixels. Images larger than ``MAX_SIDE`` are area-averaged down to it first, which keeps
-the bank (N x C x side^2 floats) as small as a ResNet-50's feature bank on ImageNet.
+pixels. The monitor reads the images as stored where the run upsamples them (the digits' 8x8
+at image_size 16): interpolation only blurs them. Images larger than ``MAX_SIDE`` are
+area-averaged down to it first, which keeps the bank (N x C x side^2 floats) as small as a
+ResNet-50's feature bank on ImageNet.
 
 Everything runs on the device with static shapes: one pass over the bank for the mean
 (an all_reduce), then ``knn_accuracy`` with the centring as its network.
@@ -17,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import eval_loader
+from ..data.subsets import at_stored_size
 from .knn import knn_accuracy
 from ..runtime import Runtime
 
@@ -65,16 +68,19 @@ def pixel_knn_accuracy(rt: Runtime, bank_ds, test_ds, classes: int, k: int = 200
 
 
 class PixelReference:
-    """The training monitor's raw-pixel kNN: measured at the run's first kNN, then reused
-    (the pixels do not change during training)."""
+    """The training monitor's raw-pixel kNN: on the images as stored where the run upsamples them
+    (``data.subsets.at_stored_size``), measured at the run's first kNN, then reused (the pixels do
+    not change during training)."""
 
-    def __init__(self, rt: Runtime, bundle, eval_cfg, workers: int) -> None:
-        self.rt, self.bundle, self.eval_cfg, self.workers = rt, bundle, eval_cfg, workers
+    def __init__(self, rt: Runtime, bundle, cfg) -> None:
+        self.rt, self.bundle, self.cfg = rt, bundle, cfg
         self.top1: float | None = None
 
     def measure(self) -> float:
         if self.top1 is None:
-            e, b = self.eval_cfg, self.bundle
-            self.top1 = float(pixel_knn_accuracy(self.rt, b.bank, b.test, b.num_classes, e.knn_k, e.knn_t,
-                                                 e.batch_size, e.max_bank, self.workers))
+            e, d, b = self.cfg.eval, self.cfg.data, self.bundle
+            bank, test = (at_stored_size(ds, d.augment, d.image_size, self.cfg.model.in_channels)
+                          for ds in (b.bank, b.test))
+            self.top1 = float(pixel_knn_accuracy(self.rt, bank, test, b.num_classes, e.knn_k, e.knn_t,
+                                                 e.batch_size, e.max_bank, d.workers))
         return self.top1
