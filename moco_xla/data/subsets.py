@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from ..errors import UserError
+from .images import BadImage
 from .shardset import ShardSet
 from .transforms import CleanAndAugmented, eval_transform
 
@@ -34,10 +35,14 @@ def with_transform(ds, transform: Callable):
 
 
 def stored_size(ds) -> int | None:
-    """The short side of ``ds``'s first image as stored (before its transform), or None for shards."""
+    """The short side of ``ds``'s first image as stored (before its transform), or None for shards
+    and for a first image that cannot be read (the caller then keeps the transform's size)."""
     if isinstance(ds, ShardSet):
         return None
-    img, _ = ds.base[0]
+    try:
+        img, _ = ds.base[0]
+    except (BadImage, OSError):
+        return None
     return min(v2.functional.get_size(img))
 
 
