@@ -372,8 +372,9 @@ m 0.995** qualified, and is what configs/digits.yaml ships (`epochs: 20`); past 
 40-epoch reruns gained at most one validation digit (their kNN curves).
 
 The quickstart as shipped (`quickstart-seed*`, alone on the machine): 103-106 s on the AMD VM, the
-budget met with a minute to spare; on the test digits +1.30 / +1.48 / +0.00 over the raw pixels:
-issue 30's goal for the digits (+1 on every seed) is **not met**, seed 2 tying the pixels. What
+budget met with a minute to spare (the rerun for the new reference below, the same VM in a slower
+hour: 123-131 s, every epoch about a fifth slower); on the test digits +1.30 / +1.48 / +0.00 over the
+16-px pixels: issue 30's goal for the digits (+1 on every seed) is **not met**, seed 2 tying them. What
 bounds these trials: one digit is a third of a point of the 300 validation digits and a fifth of a
 point of the 540 test digits, one setting moves by one to two points from seed to seed and from one
 CPU model to another, and the validation lead (about +1.9 for every setting of the last two rounds)
@@ -395,7 +396,29 @@ A sixth round on the same base, three seeds each, for levers the rounds before l
 decay 1e-4 (MoCo's ImageNet setting) and 1e-3 around the shipped 5e-4, a 2-epoch linear warm-up,
 and MoCo v3 in place of v2 (the batch of keys as negatives instead of the queue, a predictor, LARS:
 `mocov3_digits`'s settings, for 20 epochs). The same rule, fixed before they ran: at least +2.56 on
-the three-seed mean, within the 3-minute budget, and only then are the test digits read.
+the three-seed mean, within the 3-minute budget, and only then are the test digits read. Weight decay
+1e-4 +3.00 / +1.33 / +2.00 (mean +2.11), 1e-3 +2.67 / +1.00 / +1.33 (+1.67), the warm-up +2.67 /
++1.00 / +1.00 (+1.56); MoCo v3 reached 76.67% on seed 0 after 20 epochs, 19 points below the pixels
+(its own config runs 40 epochs; v3's loss on the batch of keys had not caught up), and its other
+seeds were not run. None passed; configs/digits.yaml is unchanged and the test digits were not read.
+
+## The reference, measured again
+
+Issue 30 quotes 97.0% for the centred raw pixels on the 540 test digits; the monitor printed 96.11%.
+It read the pixels the network reads, the 8x8 digits upsampled to 16 px, and the antialiased bilinear
+interpolation blurs them: the same kNN on the digits as stored scores 97.04% on the test digits and
+97.00% on the validation split, against 96.11% and 96.00% at 16 px (`digits_recipe.py pixels`;
+area-averaging the 16-px digits back to 8x8 does not recover it: the blur stays). The monitor now
+reads the images as stored wherever a run upsamples them (`data.subsets.at_stored_size`; the digits
+here, EMNIST's 28 px at the emnist config's 32; runs that downsample, such as mnist-dev at 16 px, keep
+the pixels fed, which score higher there). Every table above scores each run against both.
+
+Against the stored digits, the quickstart's three seeds (rerun with the new monitor: the same kNN,
+97.41 / 97.59 / 96.11%) are **+0.37 / +0.56 / -0.93**: issue 30's digits goal, 98.04% or more on
+every seed, is further off than the rounds above had it. On the validation split the best trials'
+three-seed means sit about +0.9 above the stored pixels; no setting tried has reached +1.56 there
+(the rule's bar of the last rounds in these terms), and the test digits have always come out lower
+than the validation digits.
 """
 
 
