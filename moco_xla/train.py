@@ -33,6 +33,7 @@ from .moco_v3 import MoCoV3, build_moco_v3, momentum_at
 from .optim import build_optimizer as build_train_optimizer
 from .schedule import lr_at_epoch, lr_at_step, set_lr
 from .eval.pixel_knn import PixelReference
+from .eval.readout import knn_readout
 from .profiling import GraphWatch, StepProfiler
 from .records import RecordsMirror, records_url
 from .report import MetricsWriter, lines_up_to, write_summary
@@ -298,16 +299,16 @@ def end_epoch(s: Session, epoch: int, run: EpochRun) -> None:
 
 
 def evaluate(s: Session, epoch: int) -> float:
-    """kNN on the query backbone; every replica first takes rank 0's BN statistics, so N replicas score
-    exactly what one would."""
+    """kNN on the query encoder's features (eval.knn_layer); every replica first takes rank 0's BN
+    statistics, so N replicas score exactly what one would."""
     cfg, rt, pos = s.cfg, s.rt, s.pos
     # fork_rng: evaluating (its DataLoaders draw seeds) must not shift training's RNG stream
     with s.watch.region("knn"), torch.random.fork_rng(devices=[]):
         rt.sync_batchnorm_stats(s.model)
+        features = knn_readout(s.model.encoder_q, cfg.eval.knn_layer)
         pos.knn_top1 = float(knn_accuracy(
-            rt, s.model.encoder_q.backbone, s.bundle.bank, s.bundle.test, s.bundle.num_classes,
-            cfg.eval.knn_k, cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers,
-            cfg.eval.knn_bn))
+            rt, features, s.bundle.bank, s.bundle.test, s.bundle.num_classes, cfg.eval.knn_k,
+            cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers, cfg.eval.knn_bn))
         s.pixels.measure()
     pos.knn_epoch = epoch + 1
     return pos.knn_top1

@@ -49,6 +49,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}"),
         (e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}"),
         (e.max_bank >= 0, "eval.max_bank", f"must be >= 0, got {e.max_bank}"),
+        (e.knn_layer != "mlp_hidden" or (cfg.model.mlp and m.version in (1, 2)), "eval.knn_layer",
+         f"is mlp_hidden, but moco.version={m.version} with model.mlp={cfg.model.mlp} has no MoCo v2 MLP head; "
+         "valid: backbone, or mlp_hidden with model.mlp true and moco.version 1 or 2"),
         (not (d.dataset == "imagenet" and e.max_bank == 0), "eval.max_bank",
          "is 0 (the whole train set): for ImageNet that gathers 1.28 M x D fp32 features (10.5 GB at "
          "D 2048) onto every replica, above a TPU core's memory; set it, e.g. eval.max_bank=65536"),
