@@ -3,6 +3,7 @@
 command.py    the command line, the job every replica runs, the printed table
 encoder.py    the checkpoint's backbone, read once, and the seeded random one, copied per use
 knn.py        the weighted kNN monitor (also training's)
+readout.py    which features the kNN reads: the backbone or the projection MLP's hidden layer
 lincls.py     MoCo's linear-probe protocol (``eval linear``)
 probe.py      linear probes on frozen features; the raw-pixel logistic regression
 fit.py        the supervised SGD loop on every replica; fine-tuning and from-scratch classifiers
