@@ -5,6 +5,7 @@ each scored by the kNN monitor against the centred raw-pixel kNN of the same spl
     python benchmarks/digits_recipe.py run NAME[@SEED] ...   # trials (validation split), one after another
     python benchmarks/digits_recipe.py stopped NAME           # record a trial stopped by hand (its curve so far)
     python benchmarks/digits_recipe.py bn NAME[@SEED] ...    # a trial's final encoder, kNN with either BN statistics
+    python benchmarks/digits_recipe.py layers NAME[@SEED] ... # a trial's final encoder, kNN on either layer
     python benchmarks/digits_recipe.py test NAME [SEED]       # a trial as the quickstart on the test digits (budget)
     python benchmarks/digits_recipe.py seeds [0,1,2]          # the quickstart as shipped, on the test digits
     python benchmarks/digits_recipe.py pixels                 # the raw-pixel kNN of both splits, 8x8 and 16 px
@@ -31,6 +32,8 @@ TRIALS_DIR = ROOT / "benchmarks" / "results" / "digits-recipe"
 RESULTS = ROOT / "benchmarks" / "results" / "digits-recipe.json"
 BN_RESULTS = ROOT / "benchmarks" / "results" / "digits-recipe-bn.json"
 PIXELS = ROOT / "benchmarks" / "results" / "digits-recipe-pixels.json"
+LAYER_RESULTS = ROOT / "benchmarks" / "results" / "digits-recipe-layers.json"
+LAYERS = ("backbone", "mlp_hidden")  # eval.knn_layer
 DOC = ROOT / "docs" / "digits.md"
 
 VAL = ["data.val_size=300"]  # 300 of the 1,257 training digits score the trials; the test digits are not read
@@ -126,16 +129,31 @@ def bn(runs: list[str]) -> None:
     table = json.loads(BN_RESULTS.read_text()) if BN_RESULTS.exists() else {}
     for run in runs:
         ckpt = RUNS / f"digits-{run}-val"
-        row = {mode: knn_of(ckpt, mode) for mode in ("running", "recompute")}
+        row = {mode: knn_of(ckpt, [f"eval.knn_bn={mode}"], mode) for mode in ("running", "recompute")}
         table[run] = {**row, "difference": row["recompute"] - row["running"]}
         print(f"{run}: running {row['running']:.2f}  recompute {row['recompute']:.2f}", flush=True)
         BN_RESULTS.write_text(json.dumps(table, indent=1) + "\n")
 
 
-def knn_of(run_dir: Path, mode: str) -> float:
-    out = RUNS / f"{run_dir.name}-knn-{mode}"
-    args = [sys.executable, "-m", "moco_xla.eval", "knn", "--ckpt", str(run_dir), "--backend", "cpu",
-            "--set", f"eval.knn_bn={mode}", "--out", str(out)]
+def layers(runs: list[str]) -> None:
+    """Each finished trial's last checkpoint scored by ``python -m moco_xla.eval knn`` on its validation
+    split with either readout (eval.knn_layer), BN statistics recomputed on the bank as the quickstart
+    does: the same weights, so the difference is the features' alone."""
+    table = json.loads(LAYER_RESULTS.read_text()) if LAYER_RESULTS.exists() else {}
+    for run in runs:
+        ckpt = RUNS / f"digits-{run}-val"
+        row = {layer: knn_of(ckpt, ["eval.knn_bn=recompute", f"eval.knn_layer={layer}"], layer) for layer in LAYERS}
+        table[run] = {**row, "difference": row["mlp_hidden"] - row["backbone"]}
+        print(f"{run}: backbone {row['backbone']:.2f}  mlp_hidden {row['mlp_hidden']:.2f}", flush=True)
+        LAYER_RESULTS.write_text(json.dumps(table, indent=1) + "\n")
+
+
+def knn_of(run_dir: Path, overrides: list[str], tag: str) -> float:
+    """``python -m moco_xla.eval knn`` on a run's last checkpoint with ``overrides`` (niced, one thread)."""
+    out = RUNS / f"{run_dir.name}-knn-{tag}"
+    args = [sys.executable, "-m", "moco_xla.eval", "knn", "--ckpt", str(run_dir), "--backend", "cpu", "--out", str(out)]
+    for o in overrides:
+        args += ["--set", o]
     p = subprocess.run(["nice", "-n", "19", *args], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     if p.returncode != 0:
@@ -419,6 +437,19 @@ every seed, is further off than the rounds above had it. On the validation split
 three-seed means sit about +0.9 above the stored pixels; no setting tried has reached +1.56 there
 (the rule's bar of the last rounds in these terms), and the test digits have always come out lower
 than the validation digits.
+
+## A seventh round: which layer the kNN reads
+
+An exploratory look, on the validation split only, at the checkpoints of rounds 4-6 (20-epoch runs):
+the same kNN on the projection MLP's hidden layer (after its ReLU; the head the loss trains on top of
+the backbone) scored at or above the backbone on nearly every encoder. The table below is that look
+redone by a command of this script (`digits_recipe.py layers`; `eval.knn_layer`, new, in the
+monitor and in `python -m moco_xla.eval knn`). Since its validation figures were seen before this
+rule was written, the rule asks for more than the rounds before: ship `eval.knn_layer: mlp_hidden`
+only if (1) on `crop0.8_20ep`'s seeds 0-2 (the shipped training) its mean kNN is at least 98.56%
+(the bar of rounds 2-6: +1.56 over the stored pixels, +2.56 over the 16-px ones), and (2) on three
+fresh seeds of the same training, 3-5, run after this rule, its mean is at least the backbone's;
+only then are the test digits read, once per seed.
 """
 
 
@@ -431,6 +462,8 @@ if __name__ == "__main__":
             stopped(name)
     elif cmd == "bn":
         bn(names)
+    elif cmd == "layers":
+        layers(names)
     elif cmd == "test":
         test(*names)
     elif cmd == "seeds":
@@ -440,5 +473,5 @@ if __name__ == "__main__":
     elif cmd == "report":
         report()
     else:
-        raise SystemExit("usage: digits_recipe.py run NAME[@SEED]... | stopped NAME... | bn NAME[@SEED]... | "
+        raise SystemExit("usage: digits_recipe.py run NAME[@SEED]... | stopped NAME... | bn NAME[@SEED]... | layers NAME[@SEED]... | "
                          "test NAME [SEED] | seeds [0,1,2] | pixels | report")
