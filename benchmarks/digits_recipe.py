@@ -272,40 +272,33 @@ def seed_means(val: list[dict], pixel: dict) -> list[str]:
     return rows
 
 
-def bn_table() -> list[str]:
-    """The ``bn`` command's pairs: one encoder, kNN with pre-training's and with recomputed BN statistics."""
-    if not BN_RESULTS.exists():
+def paired_table(path: Path, heading: str, scored: str, before: str, after: str) -> list[str]:
+    """One encoder scored two ways (the ``bn`` and ``layers`` commands' records at ``path``): the range,
+    mean and signs of ``after`` - ``before`` over the encoders, then a row each."""
+    if not path.exists():
         return []
-    pairs = json.loads(BN_RESULTS.read_text())
+    pairs = json.loads(path.read_text())
     diffs = [p["difference"] for p in pairs.values()]
-    rows = ["## One encoder, two sets of BN statistics (validation split, `digits_recipe.py bn`)", "",
-            "Each trial's final checkpoint scored by `python -m moco_xla.eval knn` with pre-training's running "
-            "BN statistics (`eval.knn_bn=running`) and with statistics recomputed on the bank's clean digits "
-            f"(`recompute`): recompute - running {min(diffs):+.2f} to {max(diffs):+.2f}, mean "
-            f"{sum(diffs) / len(diffs):+.2f} over {len(diffs)} encoders, higher on "
-            f"{sum(d > 0 for d in diffs)}, equal on {sum(d == 0 for d in diffs)}, lower on {sum(d < 0 for d in diffs)}.",
-            "", "| trial | running | recompute | recompute - running |", "|---|---|---|---|"]
-    rows += [f"| {run} | {p['running']:.2f} | {p['recompute']:.2f} | {p['difference']:+.2f} |"
-             for run, p in pairs.items()]
+    rows = [f"## One encoder, {heading}", "",
+            f"Each trial's final checkpoint scored by `python -m moco_xla.eval knn` {scored}: {after} - {before} "
+            f"{min(diffs):+.2f} to {max(diffs):+.2f}, mean {sum(diffs) / len(diffs):+.2f} over {len(diffs)} encoders, "
+            f"higher on {sum(d > 0 for d in diffs)}, equal on {sum(d == 0 for d in diffs)}, lower on "
+            f"{sum(d < 0 for d in diffs)}.",
+            "", f"| trial | {before} | {after} | {after} - {before} |", "|---|---|---|---|"]
+    rows += [f"| {run} | {p[before]:.2f} | {p[after]:.2f} | {p['difference']:+.2f} |" for run, p in pairs.items()]
     return rows + [""]
+
+
+def bn_table() -> list[str]:
+    return paired_table(BN_RESULTS, "two sets of BN statistics (validation split, `digits_recipe.py bn`)",
+                        "with pre-training's running BN statistics (`eval.knn_bn=running`) and with statistics "
+                        "recomputed on the bank's clean digits (`recompute`)", "running", "recompute")
 
 
 def layers_table() -> list[str]:
-    """The ``layers`` command's pairs: one encoder, kNN on the backbone and on the MLP's hidden layer."""
-    if not LAYER_RESULTS.exists():
-        return []
-    pairs = json.loads(LAYER_RESULTS.read_text())
-    diffs = [p["difference"] for p in pairs.values()]
-    rows = ["## One encoder, two readouts (validation split, `digits_recipe.py layers`)", "",
-            "Each trial's final checkpoint scored by `python -m moco_xla.eval knn` on the backbone's pooled "
-            "features (`eval.knn_layer=backbone`) and on the projection MLP's hidden layer (`mlp_hidden`), BN "
-            f"statistics recomputed on the bank: mlp_hidden - backbone {min(diffs):+.2f} to {max(diffs):+.2f}, "
-            f"mean {sum(diffs) / len(diffs):+.2f} over {len(diffs)} encoders, higher on "
-            f"{sum(d > 0 for d in diffs)}, equal on {sum(d == 0 for d in diffs)}, lower on {sum(d < 0 for d in diffs)}.",
-            "", "| trial | backbone | mlp_hidden | mlp_hidden - backbone |", "|---|---|---|---|"]
-    rows += [f"| {run} | {p['backbone']:.2f} | {p['mlp_hidden']:.2f} | {p['difference']:+.2f} |"
-             for run, p in pairs.items()]
-    return rows + [""]
+    return paired_table(LAYER_RESULTS, "two readouts (validation split, `digits_recipe.py layers`)",
+                        "on the backbone's pooled features (`eval.knn_layer=backbone`) and on the projection MLP's "
+                        "hidden layer (`mlp_hidden`), BN statistics recomputed on the bank", "backbone", "mlp_hidden")
 
 
 def report() -> None:
