@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch.nn as nn
-
 from .. import cli, data
-from ..checkpoint import checkpoint_meta, find_checkpoint, load_checkpoint
+from ..checkpoint import checkpoint_meta, find_checkpoint
 from ..config import Config, apply_override, from_dict, load_config, validate
 from ..data.subsets import read_labels_file
 from ..errors import UserError
@@ -36,7 +34,6 @@ from .fewlabels import run_semisup
 from .fewlabels_split import semisup_batch, summary_key
 from .knn import knn_accuracy
 from .lincls import run_linear
-from .readout import hidden_from_state
 from .rows import selected_rows, study_margins, study_titles
 from .select import choice_label
 
@@ -135,10 +132,7 @@ def run_knn(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     """The training monitor's weighted kNN on the checkpoint's encoder (eval.knn_layer, knn_k, knn_t, knn_bn)."""
     cfg, e = job.cfg, job.cfg.eval
     bundle = data.build(cfg)
-    net = Encoders(cfg, job.ckpt).pretrained(rt)
-    if e.knn_layer == "mlp_hidden":
-        hidden = hidden_from_state(load_checkpoint(job.ckpt)["model"], job.ckpt)
-        net = nn.Sequential(net, *hidden).to(rt.device).eval()
+    net = Encoders(cfg, job.ckpt).knn_features(rt)
     top1 = float(knn_accuracy(rt, net, bundle.bank, bundle.test, bundle.num_classes, e.knn_k, e.knn_t, e.batch_size,
                               e.max_bank, cfg.data.workers, e.knn_bn))
     writer.write({"type": "knn_eval", "knn_top1": top1, "k": e.knn_k, "t": e.knn_t, "bn": e.knn_bn,

@@ -17,6 +17,7 @@ from ..config import Config, from_dict
 from ..errors import UserError
 from ..models import build_backbone
 from ..runtime import Runtime
+from .readout import hidden_from_state
 from ..vit import build_vit, is_vit
 
 BACKBONE_PREFIX = "encoder_q.backbone."
@@ -58,15 +59,26 @@ class Encoders:
     def __init__(self, cfg: Config, ckpt: str) -> None:
         self.cfg, self.ckpt = cfg, ckpt
         self._pretrained: nn.Module | None = None
+        self._hidden: nn.Module | None = None  # the projection MLP's hidden layer, for eval.knn_layer
         self._random: nn.Module | None = None
         self.dim = build_eval_backbone(cfg)[1]
 
     def pretrained(self, rt: Runtime) -> nn.Module:
         """A fresh copy of the pre-trained backbone on ``rt``'s device, in eval mode."""
         if self._pretrained is None:
+            state = load_checkpoint(self.ckpt)["model"]
             self._pretrained = self._build()
-            load_backbone(self._pretrained, load_checkpoint(self.ckpt)["model"], self.ckpt)
+            load_backbone(self._pretrained, state, self.ckpt)
+            if self.cfg.eval.knn_layer == "mlp_hidden":
+                self._hidden = hidden_from_state(state, self.ckpt)
         return copy.deepcopy(self._pretrained).to(rt.device).eval()
+
+    def knn_features(self, rt: Runtime) -> nn.Module:
+        """The pre-trained encoder up to the layer the kNN reads (eval.knn_layer), as ``pretrained``."""
+        backbone = self.pretrained(rt)
+        if self._hidden is None:
+            return backbone
+        return nn.Sequential(backbone, copy.deepcopy(self._hidden)).to(rt.device).eval()
 
     def random(self, rt: Runtime) -> nn.Module:
         """A fresh copy of the backbone initialised with train.seed (identical on every replica)."""

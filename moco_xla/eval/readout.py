@@ -2,11 +2,10 @@
 
 - ``backbone``: the pooled backbone features, what the official kNN monitor and lincls read.
 - ``mlp_hidden``: the projection MLP's hidden layer, after its ReLU: between the backbone and the
-  low-dimensional output the contrastive loss sees (docs/digits.md compares the two, and the
-  MLP's output, on the digits).
+  low-dimensional output the contrastive loss sees (docs/digits.md compares the two on the digits).
 
 During pre-training the readout shares the encoder's modules, so the monitor reads the current
-weights; the eval command rebuilds the same layers from a checkpoint.
+weights; the eval command rebuilds the same layers from a checkpoint (``Encoders.knn_features``).
 """
 from __future__ import annotations
 
