@@ -299,13 +299,14 @@ def end_epoch(s: Session, epoch: int, run: EpochRun) -> None:
 
 
 def evaluate(s: Session, epoch: int) -> float:
-    """kNN on the query encoder's features (eval.knn_layer); every replica first takes rank 0's BN
-    statistics, so N replicas score exactly what one would."""
+    """kNN on the query or key encoder's features (eval.knn_encoder, eval.knn_layer); every replica
+    first takes rank 0's BN statistics, so N replicas score exactly what one would."""
     cfg, rt, pos = s.cfg, s.rt, s.pos
     # fork_rng: evaluating (its DataLoaders draw seeds) must not shift training's RNG stream
     with s.watch.region("knn"), torch.random.fork_rng(devices=[]):
         rt.sync_batchnorm_stats(s.model)
-        features = knn_readout(s.model.encoder_q, cfg.eval.knn_layer)
+        encoder = s.model.encoder_q if cfg.eval.knn_encoder == "query" else s.model.encoder_k
+        features = knn_readout(encoder, cfg.eval.knn_layer)
         pos.knn_top1 = float(knn_accuracy(
             rt, features, s.bundle.bank, s.bundle.test, s.bundle.num_classes, cfg.eval.knn_k,
             cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers, cfg.eval.knn_bn))

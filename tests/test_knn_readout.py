@@ -1,6 +1,7 @@
-"""eval.knn_layer: the kNN reads the backbone or the projection MLP's hidden layer. The readout is the
-encoder's own layers (sharing their weights during pre-training), configs without an MLP head are refused
-in one line, and the eval command on a run's checkpoint reproduces the monitor's kNN for either layer."""
+"""eval.knn_layer and eval.knn_encoder: the kNN reads the backbone, the projection MLP's hidden layer or
+the head's output, of the query or the key encoder. The readout is the encoder's own layers (sharing
+their weights during pre-training), configs without such a head are refused in one line, and the eval
+command on a run's checkpoint reproduces the monitor's kNN for the readout the run monitored."""
 from __future__ import annotations
 
 import pytest
@@ -29,6 +30,7 @@ def test_mlp_hidden_is_the_heads_first_layer_and_shares_its_weights():
         encoder.head[0].bias += 1.0  # the readout is the encoder's own layer, not a copy
     assert torch.equal(hidden(x), torch.relu(encoder.head[0](backbone(x))))
     assert knn_readout(encoder, "backbone") is backbone
+    assert knn_readout(encoder, "projection") is encoder  # the head's output: what the loss compares
 
 
 @pytest.mark.parametrize("overrides", [["model.mlp=false"], ["moco.version=3", "model.bn_splits=1"]])
@@ -36,21 +38,33 @@ def test_mlp_hidden_without_a_v2_mlp_head_is_refused(overrides):
     validate(load_config("tiny", overrides))  # valid with the backbone readout
     with pytest.raises(UserError, match=r"eval.knn_layer.*valid: backbone"):
         load_config("tiny", [*overrides, "eval.knn_layer=mlp_hidden"])
-    with pytest.raises(UserError, match=r"eval.knn_layer.*valid: backbone, mlp_hidden"):
+    with pytest.raises(UserError, match=r"eval.knn_layer.*valid: backbone, mlp_hidden, projection"):
         load_config("tiny", ["eval.knn_layer=head"])
+    with pytest.raises(UserError, match=r"eval.knn_encoder.*valid: query, key"):
+        load_config("tiny", ["eval.knn_encoder=momentum"])
 
 
-def test_eval_command_reproduces_the_monitor_for_either_layer(tmp_path):
+def test_projection_needs_a_v1_or_v2_head():
+    validate(load_config("tiny", ["model.mlp=false", "eval.knn_layer=projection"]))  # v1's linear head
+    with pytest.raises(UserError, match=r"eval.knn_layer.*projection.*moco.version=3; valid: backbone"):
+        load_config("tiny", ["moco.version=3", "model.bn_splits=1", "eval.knn_layer=projection"])
+
+
+@pytest.mark.parametrize("encoder,layer", [("query", "mlp_hidden"), ("key", "projection")])
+def test_eval_command_reproduces_the_monitor(tmp_path, encoder, layer):
     run = tmp_path / "run"
-    cfg = load_config("tiny", ["train.epochs=2", "train.max_steps_per_epoch=3", "eval.knn_layer=mlp_hidden",
-                               "eval.knn_bn=recompute"])
+    cfg = load_config("tiny", ["train.epochs=2", "train.max_steps_per_epoch=3", f"eval.knn_layer={layer}",
+                               f"eval.knn_encoder={encoder}", "eval.knn_bn=recompute"])
     monitored = train(cfg, make_runtime("local"), run)["knn_top1"]
+    other = "query" if encoder == "key" else "key"
     scores = {}
-    for layer in ("mlp_hidden", "backbone"):
-        p = run_eval(["knn", "--ckpt", str(run), "--out", str(tmp_path / layer), "--set", f"eval.knn_layer={layer}"])
+    for name, setting in {"monitored": (encoder, layer), "other layer": (encoder, "backbone"),
+                          "other encoder": (other, layer)}.items():
+        p = run_eval(["knn", "--ckpt", str(run), "--out", str(tmp_path / name.replace(" ", "_")),
+                      "--set", f"eval.knn_encoder={setting[0]}", "--set", f"eval.knn_layer={setting[1]}"])
         assert p.returncode == 0, p.stderr[-3000:]
-        summary = read_summary(tmp_path / layer)
-        assert summary["knn"]["layer"] == layer
-        scores[layer] = summary["knn_top1"]
-    assert scores["mlp_hidden"] == monitored  # the same features, bank and BN statistics as the monitor's
-    assert scores["backbone"] != monitored  # another layer: other features
+        summary = read_summary(tmp_path / name.replace(" ", "_"))
+        assert (summary["knn"]["encoder"], summary["knn"]["layer"]) == setting
+        scores[name] = summary["knn_top1"]
+    assert scores["monitored"] == monitored  # the same features, bank and BN statistics as the monitor's
+    assert scores["other layer"] != monitored and scores["other encoder"] != monitored  # other features

@@ -52,6 +52,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (e.knn_layer != "mlp_hidden" or (cfg.model.mlp and m.version in (1, 2)), "eval.knn_layer",
          f"is mlp_hidden, but moco.version={m.version} with model.mlp={cfg.model.mlp} has no MoCo v2 MLP head; "
          "valid: backbone, or mlp_hidden with model.mlp true and moco.version 1 or 2"),
+        (e.knn_layer != "projection" or m.version in (1, 2), "eval.knn_layer",
+         f"is projection, which reads a MoCo v1/v2 head, but moco.version={m.version}; valid: backbone"),
         (not (d.dataset == "imagenet" and e.max_bank == 0), "eval.max_bank",
          "is 0 (the whole train set): for ImageNet that gathers 1.28 M x D fp32 features (10.5 GB at "
          "D 2048) onto every replica, above a TPU core's memory; set it, e.g. eval.max_bank=65536"),

@@ -185,7 +185,9 @@ class EvalConfig:
     knn_bn: str = "running"          # the kNN's BN statistics: running (pre-training's) | recompute (on the
                                      # bank's clean images first: precise BN, eval/precise_bn.py)
     knn_layer: str = "backbone"      # the features the kNN reads: backbone (pooled) | mlp_hidden (the v1/v2
-                                     # projection MLP's hidden layer, after its ReLU: eval/readout.py)
+                                     # projection MLP's hidden layer, after its ReLU) | projection (the v1/v2
+                                     # head's output): eval/readout.py
+    knn_encoder: str = "query"       # the encoder the kNN reads: query | key (its momentum average)
     batch_size: int = 256
     max_bank: int = 0                # 0 = whole train set as the feature bank
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -226,7 +228,8 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "eval.knn_bn": ("running", "recompute"),
-    "eval.knn_layer": ("backbone", "mlp_hidden"),
+    "eval.knn_layer": ("backbone", "mlp_hidden", "projection"),
+    "eval.knn_encoder": ("query", "key"),
     "eval.semisup.distill.teacher_view": ("crop", "clean"),
     "eval.semisup.distill.targets": ("soft", "hard"),
     "eval.semisup.distill.student_augment": ("crop", "pretrain"),

@@ -3,7 +3,8 @@
 ``Encoders`` reads the checkpoint once and hands every row of a study its own deep copy, on the
 device and in eval mode, beside the same architecture freshly initialised with the config's seed
 (the baselines without pre-training). Both are built from the one config the command runs with,
-so the pre-trained and random rows cannot disagree about the model.
+so the pre-trained and random rows cannot disagree about the model. The kNN command reads the
+encoder and layer ``eval.knn_encoder`` and ``eval.knn_layer`` name, as the training monitor does.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch.nn as nn
 from ..checkpoint import load_checkpoint
 from ..config import Config, from_dict
 from ..errors import UserError
-from ..models import build_backbone
+from ..models import Encoder, build_backbone
 from ..runtime import Runtime
-from .readout import hidden_from_state
+from .readout import HEAD_LAYERS, encoder_prefix, knn_readout
 from ..vit import build_vit, is_vit
 
 BACKBONE_PREFIX = "encoder_q.backbone."
@@ -36,17 +37,18 @@ def load_encoder(ckpt_path: str) -> tuple[Config, nn.Module]:
     ckpt = load_checkpoint(ckpt_path)
     cfg = from_dict(ckpt["config"])
     backbone, _ = build_eval_backbone(cfg)
-    load_backbone(backbone, ckpt["model"], ckpt_path)
+    load_weights(backbone, ckpt["model"], BACKBONE_PREFIX, ckpt_path)
     return cfg, backbone
 
 
-def load_backbone(backbone: nn.Module, model_state: dict, source: str) -> None:
-    """Copy ``encoder_q.backbone.*`` of a MoCo state dict into ``backbone``; UserError on mismatch."""
-    state = {k[len(BACKBONE_PREFIX):]: v for k, v in model_state.items() if k.startswith(BACKBONE_PREFIX)}
+def load_weights(module: nn.Module, model_state: dict, prefix: str, source: str) -> None:
+    """Copy ``prefix*`` of a MoCo state dict (e.g. ``encoder_q.backbone.``) into ``module``; UserError
+    on mismatch."""
+    state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
     if not state:
-        raise UserError(f"checkpoint {source} holds no {BACKBONE_PREFIX}* weights: not a MoCo encoder")
+        raise UserError(f"checkpoint {source} holds no {prefix}* weights: not a MoCo encoder")
     try:
-        backbone.load_state_dict(state)
+        module.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"checkpoint {source} does not fit the configured model ({first}); "
@@ -58,27 +60,36 @@ class Encoders:
 
     def __init__(self, cfg: Config, ckpt: str) -> None:
         self.cfg, self.ckpt = cfg, ckpt
+        self._state: dict | None = None  # the checkpoint's model state dict, read once
         self._pretrained: nn.Module | None = None
-        self._hidden: nn.Module | None = None  # the projection MLP's hidden layer, for eval.knn_layer
+        self._knn: nn.Module | None = None
         self._random: nn.Module | None = None
         self.dim = build_eval_backbone(cfg)[1]
 
     def pretrained(self, rt: Runtime) -> nn.Module:
         """A fresh copy of the pre-trained backbone on ``rt``'s device, in eval mode."""
         if self._pretrained is None:
-            state = load_checkpoint(self.ckpt)["model"]
             self._pretrained = self._build()
-            load_backbone(self._pretrained, state, self.ckpt)
-            if self.cfg.eval.knn_layer == "mlp_hidden":
-                self._hidden = hidden_from_state(state, self.ckpt)
+            load_weights(self._pretrained, self.model_state(), BACKBONE_PREFIX, self.ckpt)
         return copy.deepcopy(self._pretrained).to(rt.device).eval()
 
     def knn_features(self, rt: Runtime) -> nn.Module:
-        """The pre-trained encoder up to the layer the kNN reads (eval.knn_layer), as ``pretrained``."""
-        backbone = self.pretrained(rt)
-        if self._hidden is None:
-            return backbone
-        return nn.Sequential(backbone, copy.deepcopy(self._hidden)).to(rt.device).eval()
+        """The features the kNN reads, as ``pretrained``: the query or key encoder (eval.knn_encoder)
+        up to eval.knn_layer, built as pre-training built it (backbone, then head)."""
+        if self._knn is None:
+            m, e = self.cfg.model, self.cfg.eval
+            backbone, feat_dim = build_eval_backbone(self.cfg)
+            encoder = Encoder(backbone, feat_dim, m.dim, m.mlp) if e.knn_layer in HEAD_LAYERS else backbone
+            prefix = encoder_prefix(e.knn_encoder) + ("" if e.knn_layer in HEAD_LAYERS else "backbone.")
+            load_weights(encoder, self.model_state(), prefix, self.ckpt)
+            self._knn = knn_readout(encoder, e.knn_layer) if e.knn_layer in HEAD_LAYERS else encoder
+        return copy.deepcopy(self._knn).to(rt.device).eval()
+
+    def model_state(self) -> dict:
+        """The checkpoint's model state dict (read on first use)."""
+        if self._state is None:
+            self._state = load_checkpoint(self.ckpt)["model"]
+        return self._state
 
     def random(self, rt: Runtime) -> nn.Module:
         """A fresh copy of the backbone initialised with train.seed (identical on every replica)."""

@@ -1,11 +1,17 @@
-"""Which features of a MoCo v1/v2 query encoder the kNN reads (``eval.knn_layer``).
+"""Which features of a MoCo v1/v2 encoder the kNN reads (``eval.knn_encoder``, ``eval.knn_layer``).
 
+Layers (``eval.knn_layer``):
 - ``backbone``: the pooled backbone features, what the official kNN monitor and lincls read.
 - ``mlp_hidden``: the projection MLP's hidden layer, after its ReLU: between the backbone and the
-  low-dimensional output the contrastive loss sees (docs/digits.md compares the two on the digits).
+  low-dimensional output the contrastive loss sees.
+- ``projection``: the head's output, the space in which the loss compares queries and keys.
+
+Encoders (``eval.knn_encoder``): ``query``, the encoder SGD trains, or ``key``, its momentum
+average (the "teacher" that DINO and BYOL evaluate). docs/digits.md compares them on the digits.
 
 During pre-training the readout shares the encoder's modules, so the monitor reads the current
-weights; the eval command rebuilds the same layers from a checkpoint (``Encoders.knn_features``).
+weights; the eval command builds the same encoder from a checkpoint (``Encoders.knn_features``)
+and takes the same readout of it.
 """
 from __future__ import annotations
 
@@ -13,13 +19,15 @@ import torch.nn as nn
 
 from ..errors import UserError
 
-HIDDEN_PREFIX = "encoder_q.head.0."  # the MLP's first Linear in a MoCo v1/v2 state dict
+HEAD_LAYERS = ("mlp_hidden", "projection")  # the readouts that pass through the projection head
 
 
 def knn_readout(encoder: nn.Module, layer: str) -> nn.Module:
-    """``encoder`` (models.Encoder: backbone, then head) up to ``layer``, sharing its modules."""
+    """``encoder`` (backbone, then head) up to ``layer``, sharing its modules."""
     if layer == "backbone":
         return encoder.backbone
+    if layer == "projection":
+        return encoder
     return nn.Sequential(encoder.backbone, *hidden_layers(encoder.head)).train(encoder.training)
 
 
@@ -30,12 +38,6 @@ def hidden_layers(head: nn.Module) -> list[nn.Module]:
     return [head[0], head[1]]
 
 
-def hidden_from_state(model_state: dict, source: str) -> nn.Sequential:
-    """The projection MLP's first Linear and ReLU, read from a MoCo v1/v2 checkpoint's state dict."""
-    weight, bias = model_state.get(HIDDEN_PREFIX + "weight"), model_state.get(HIDDEN_PREFIX + "bias")
-    if weight is None or bias is None or weight.dim() != 2:
-        raise UserError(f"checkpoint {source} holds no MLP head ({HIDDEN_PREFIX}weight): "
-                        "eval.knn_layer=mlp_hidden needs a MoCo v2 encoder; valid: backbone")
-    linear = nn.Linear(weight.shape[1], weight.shape[0])
-    linear.load_state_dict({"weight": weight, "bias": bias})
-    return nn.Sequential(linear, nn.ReLU())
+def encoder_prefix(knn_encoder: str) -> str:
+    """Where ``eval.knn_encoder``'s weights sit in a MoCo state dict."""
+    return {"query": "encoder_q.", "key": "encoder_k."}[knn_encoder]
