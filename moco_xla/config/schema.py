@@ -168,6 +168,8 @@ class SemisupConfig:
     weight_decay: float = 5e-4       # fine-tune and from-scratch
     augment: bool = True             # fine-tune and from-scratch see random crops (the same ones)
     pixel_c: float = 1.0             # inverse L2 strength of the raw-pixel logistic regression
+    pixel_input: str = "stored"      # the raw-pixel rows' images: stored (as the dataset stores them, where the
+                                     # network reads them upsampled) | fed (what the network reads)
     labels_file: str | None = None   # CSV of index,label or path,label rows instead of the seeded draw
     rows: str = "all"                # which rows to run: all, or comma-separated keys (moco_labelprop,...)
     holdout: int = 0                 # > 0: score on this many unlabelled training images (seeded), not
@@ -230,6 +232,7 @@ CHOICES = {
     "eval.knn_bn": ("running", "recompute"),
     "eval.knn_layer": ("backbone", "mlp_hidden", "projection"),
     "eval.knn_encoder": ("query", "key"),
+    "eval.semisup.pixel_input": ("stored", "fed"),
     "eval.semisup.distill.teacher_view": ("crop", "clean"),
     "eval.semisup.distill.targets": ("soft", "hard"),
     "eval.semisup.distill.student_augment": ("crop", "pretrain"),

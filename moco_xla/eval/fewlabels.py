@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from .. import data
-from ..config import Config, DistillConfig, LabelPropConfig
-from ..data.subsets import Relabelled, with_transform
+from ..config import Config, DistillConfig
+from ..data.subsets import Relabelled, at_stored_size, subset, with_transform
 from ..data.transforms import train_transform
 from ..errors import UserError
 from ..report import MetricsWriter
@@ -47,6 +47,7 @@ class Study:
     classes: int
     split: SemisupSplit
     bank: Dataset          # the train split, eval transform
+    pixel_bank: Dataset    # the same images as the raw-pixel rows read them (eval.semisup.pixel_input)
     images: Dataset        # what the trained rows see: random crops when eval.semisup.augment
     batch: int             # the labelled rows' global batch
     all_batch: int         # distillation's batch of images from the whole pool
@@ -65,6 +66,16 @@ class Study:
     def workers(self) -> int:
         return self.cfg.data.workers
 
+    def pixel_view(self, ds: Dataset) -> Dataset:
+        """``ds`` (the test set, or images of the bank) as the raw-pixel rows read it (pixel_bank's)."""
+        if self.pixel_bank is self.bank:
+            return ds
+        if isinstance(ds, Relabelled) and ds.ds is self.bank:  # labelled images, a fold of them
+            return Relabelled(self.pixel_bank, torch.tensor(ds.indices), torch.tensor(ds.labels))
+        if isinstance(ds, Subset) and ds.dataset is self.bank:  # eval.semisup.holdout's images
+            return subset(self.pixel_bank, torch.tensor(ds.indices))
+        return stored(self.cfg, ds)
+
     def accuracy(self, model: nn.Module) -> torch.Tensor:
         return image_accuracy(self.rt, model, self.split.test, self.cfg.eval.batch_size, self.workers)
 
@@ -72,6 +83,12 @@ class Study:
         """The same study with eval.semisup replaced (a row's chosen setting)."""
         e = dataclasses.replace(self.cfg.eval, semisup=semisup)
         return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, eval=e))
+
+
+def stored(cfg: Config, ds: Dataset) -> Dataset:
+    """``ds`` at its images' stored size where the run upsamples them (data.subsets.at_stored_size): the
+    raw-pixel rows' input under eval.semisup.pixel_input=stored, as the kNN monitor's pixel reference."""
+    return at_stored_size(ds, cfg.data.augment, cfg.data.image_size, cfg.model.in_channels)
 
 
 def prepare(cfg: Config, rt: Runtime, bundle: data.DataBundle) -> Study:
@@ -82,7 +99,8 @@ def prepare(cfg: Config, rt: Runtime, bundle: data.DataBundle) -> Study:
         images = with_transform(bundle.bank, train_transform(cfg.data.augment, cfg.data.image_size,
                                                              cfg.model.in_channels))
     batch = semisup_batch(cfg, rt.world_size)
-    return Study(rt, cfg, bundle.num_classes, split, bundle.bank, images, batch,
+    pixel_bank = stored(cfg, bundle.bank) if s.pixel_input == "stored" else bundle.bank
+    return Study(rt, cfg, bundle.num_classes, split, bundle.bank, pixel_bank, images, batch,
                  distill_batch(cfg, rt.world_size, len(split.pool)),
                  label_batch(s.distill.label_batch_size, batch, rt.world_size))
 
@@ -128,18 +146,19 @@ def distill_row(st: Study, teacher: nn.Module, net: nn.Module, dim: int, lr: flo
     return student_row(st, teacher, pool, labelled, net, dim, lr, d, weight_decay)
 
 
-def labelprop_row(st: Study, graph: nn.Module, k: int, augment: str, net: nn.Module, dim: int, lr: float,
-                  d: DistillConfig, weight_decay: float) -> torch.Tensor:
-    """Label propagation on ``graph``'s features of the pool, then a student (noised as ``augment`` says)
-    learns the propagated labels."""
-    propagated = propagated_labels(st.rt, graph, st.bank, st.split, st.classes, k, st.cfg)
-    pool, labelled = propagated_views(st.cfg, st.bank, st.images, st.split, propagated, augment)
+def labelprop_row(st: Study, graph: Graph, net: nn.Module, dim: int, lr: float, d: DistillConfig,
+                  weight_decay: float) -> torch.Tensor:
+    """Label propagation on ``graph``'s features of the pool, then a student (noised as the graph's
+    ``augment`` says) learns the propagated labels."""
+    propagated = propagated_labels(st.rt, graph.features, graph.bank, st.split, st.classes, graph.k, st.cfg)
+    pool, labelled = propagated_views(st.cfg, st.bank, st.images, st.split, propagated, graph.augment)
     return student_row(st, None, pool, labelled, net, dim, lr, d, weight_decay)
 
 
 def logistic_row(st: Study, c: float) -> torch.Tensor:
     """Logistic regression on the labelled images' raw pixels (scikit-learn, on the host)."""
-    return pixel_logistic(st.rt, st.labelled, st.split.test, c, st.cfg.eval.batch_size, st.workers)
+    return pixel_logistic(st.rt, st.pixel_view(st.labelled), st.pixel_view(st.split.test), c,
+                          st.cfg.eval.batch_size, st.workers)
 
 
 def run_row(row: Row, st: Study, encoders: Encoders, trained: dict[str, nn.Module]) -> torch.Tensor:
@@ -156,15 +175,24 @@ def run_row(row: Row, st: Study, encoders: Encoders, trained: dict[str, nn.Modul
         return accuracy
     if row.kind == "distill":
         return distill_row(st, trained[row.teacher], net, dim, lr, s.distill, s.weight_decay)
-    graph, k, augment = graph_for(row, s.labelprop, encoders, st.rt)
-    return labelprop_row(st, graph, k, augment, net, dim, lr, s.distill, s.weight_decay)
+    return labelprop_row(st, graph_for(row, st, encoders), net, dim, lr, s.distill, s.weight_decay)
 
 
-def graph_for(row: Row, lp: LabelPropConfig, encoders: Encoders, rt: Runtime) -> tuple[nn.Module, int, str]:
-    """(features the graph is built on, its k, the student's augmentation) of a label-propagation row."""
+class Graph(NamedTuple):
+    """A label-propagation row's graph: the features it is built on, the images they read, its k, and the
+    augmentation its student sees."""
+    features: nn.Module
+    bank: Dataset
+    k: int
+    augment: str
+
+
+def graph_for(row: Row, st: Study, encoders: Encoders) -> Graph:
+    """The graph of a label-propagation row: MoCo's features of the bank, or its raw pixels (pixel_bank)."""
+    lp = st.cfg.eval.semisup.labelprop
     if row.graph == "moco":
-        return graph_features(encoders.pretrained(rt), lp.pixel_weight), lp.k, lp.student_augment
-    return nn.Flatten(), lp.pixel_k, lp.pixel_student_augment
+        return Graph(graph_features(encoders.pretrained(st.rt), lp.pixel_weight), st.bank, lp.k, lp.student_augment)
+    return Graph(nn.Flatten(), st.pixel_bank, lp.pixel_k, lp.pixel_student_augment)
 
 
 # ----------------------------------------------------------------------------- choosing a row's setting
@@ -186,8 +214,9 @@ def propagation_accuracy(row: Row, fold: Study, encoders: Encoders, held: torch.
                          everything: SemisupSplit, feats: torch.Tensor) -> torch.Tensor:
     """Top-1 (percent) of the labels ``row``'s graph (on the pool's ``feats``) propagates to the held-out
     fold's labelled images."""
-    graph, k, _ = graph_for(row, fold.cfg.eval.semisup.labelprop, encoders, fold.rt)
-    propagated = propagated_labels(fold.rt, graph, fold.bank, fold.split, fold.classes, k, fold.cfg, feats)
+    graph = graph_for(row, fold, encoders)
+    propagated = propagated_labels(fold.rt, graph.features, graph.bank, fold.split, fold.classes, graph.k, fold.cfg,
+                                   feats)
     at = torch.searchsorted(fold.split.pool, everything.picked[held])
     return (propagated[at] == everything.labels[held]).float().mean() * 100.0
 
@@ -204,8 +233,8 @@ def choose(row: Row, st: Study, encoders: Encoders) -> Choice:
 
     feats = None
     if row.kind == "labelprop":  # the graph's features do not depend on k nor on the fold: computed once
-        graph, _, _ = graph_for(row, s.labelprop, encoders, st.rt)
-        feats = pool_features(st.rt, graph, st.bank, st.split, st.cfg)
+        graph = graph_for(row, st, encoders)
+        feats = pool_features(st.rt, graph.features, graph.bank, st.split, st.cfg)
 
     def score(value, held: torch.Tensor) -> torch.Tensor:
         fold = fold_study(st.with_semisup(with_setting(s, row.setting, value)), held, batch)
@@ -265,6 +294,7 @@ def study_summary(cfg: Config, st: Study, values: dict[str, float], ckpt: str, s
         "titles": titles, "raw_pixels": [key for key in values if uses_pixels(key, s.labelprop.pixel_weight)],
         "margins": margins(values, titles),
         "steps": s.steps, "augment": s.augment, "seed": s.seed, "labels_file": s.labels_file,
+        "pixel_input": s.pixel_input, "pixel_size": int(st.pixel_bank[0][0].shape[-1]),
         "ckpt": ckpt, "lr": {"probe": s.probe_lr, "finetune": s.finetune_lr, "scratch": s.lr},
         "distill": {**dataclasses.asdict(d), "batch_size": st.all_batch, "label_batch_size": st.label_batch,
                     "unlabelled_pool": len(st.split.pool)},
