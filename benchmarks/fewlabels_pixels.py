@@ -62,11 +62,23 @@ def run() -> None:
 def strongest(recorded: dict, measured: dict) -> tuple[str, float]:
     """(name, top-1) of the strongest row without pre-training: the study's own rows and both inputs' pixel rows."""
     from moco_xla.eval.rows import BY_KEY
-    candidates = {key: v for key, v in recorded["rows"].items() if BY_KEY[key].group != "moco"}
+    candidates = {f"{key} (recorded)": v for key, v in recorded["rows"].items() if BY_KEY[key].group != "moco"}
     for pixels, m in measured.items():
         candidates |= {f"{key} ({m['pixel_size']} px)": v for key, v in m["rows"].items()}
     name = max(candidates, key=candidates.get)
     return name, candidates[name]
+
+
+def margins(report: dict, study: dict, n: str) -> list[tuple[float, str]]:
+    """(margin, strongest row's name) per draw at ``n`` labels: the recorded best MoCo row against the
+    strongest row without pre-training among everything measured."""
+    from moco_xla.eval.rows import study_margins
+    by_draw = report["studies"][n]
+    out = []
+    for d in sorted(by_draw, key=int):
+        name, top1 = strongest(study["studies"][n][d], by_draw[d])
+        out.append((study_margins(study["studies"][n][d])["best_moco"]["top1"] - top1, name))
+    return out
 
 
 def markdown(report: dict, study: dict) -> str:
@@ -88,10 +100,10 @@ def markdown(report: dict, study: dict) -> str:
                                  [by_draw[d][pixels]["rows"][key] for d in draws]))
         best = [study_margins(recorded[d])["best_moco"] for d in draws]
         lines.append(row(f"best MoCo row, as recorded ({best[0]['title']})", [b["top1"] for b in best]))
-        other = [strongest(recorded[d], by_draw[d]) for d in draws]
+        over = margins(report, study, n)
         lines += [row("**best MoCo row over the strongest row without pre-training, everything above**",
-                      [b["top1"] - o[1] for b, o in zip(best, other)], signed=True), "",
-                  f"The strongest row without pre-training, by draw: {' / '.join(o[0] for o in other)}.", ""]
+                      [m for m, _ in over], signed=True), "",
+                  f"The strongest row without pre-training, by draw: {' / '.join(name for _, name in over)}.", ""]
     return "\n".join(lines)
 
 

@@ -61,3 +61,27 @@ def test_fed_pixels_and_runs_that_upsample_nothing_read_what_the_network_reads()
         assert st.pixel_bank is st.bank and st.pixel_view(st.split.test) is st.split.test
     c = 0.1
     assert float(fewlabels.logistic_row(st, c)) == float(pixel_logistic(st.rt, st.labelled, st.split.test, c, 256))
+
+
+def test_the_docs_table_of_the_rerun_pixel_rows_is_the_scripts_output():
+    """docs/fewlabels.md shows benchmarks/results/fewlabels-digits-pixels.md unchanged, and that file is
+    what benchmarks/fewlabels_pixels.py makes of its JSON and of the study it reruns."""
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("fewlabels_pixels", ROOT / "benchmarks" / "fewlabels_pixels.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    report = json.loads(script.RESULTS.read_text())
+    table = script.RESULTS.with_suffix(".md").read_text()
+    assert script.markdown(report, json.loads(script.STUDY.read_text())) + "\n" == table
+    for by_draw in report["studies"].values():  # every draw on both inputs, each at its own size
+        assert all({m["pixel_size"] for m in d.values()} == {16, 8} for d in by_draw.values())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    study = json.loads(script.STUDY.read_text())
+    assert " / ".join(f"{m:+.1f}" for m, _ in script.margins(report, study, "100")) in readme
+    docs = (ROOT / "docs" / "fewlabels.md").read_text()
+    marker = "<!-- fewlabels-digits-pixels.md: {} -->"
+    block = docs.split(marker.format("begin") + "\n", 1)[1].split(marker.format("end"))[0]
+    assert block.strip() == table.strip()
