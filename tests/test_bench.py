@@ -122,16 +122,21 @@ def test_pipelines_compares_the_official_host_pipeline_with_moco_xla(tmp_path):
 
 
 def test_pipeline_limits_times_the_paths_not_taken_beside_the_exact_one(tmp_path):
-    """--pipeline-limits: decoders and DCT scales, and OpenCV's resizes beside CropViews' exact view,
-    each with how far its view is from the exact one; the markdown is the JSON's table."""
+    """--pipeline-limits: decoders and DCT scales, and OpenCV's resizes and the kernel on 4-channel pixels
+    beside CropViews' exact view, each with how far its view is from the exact one; the markdown is the
+    JSON's table."""
     from moco_xla.bench.pipeline_limits import SCALES, table
     assert bench_main(["--pipeline-limits", "--quick", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "pipeline-limits.json").read_text())
     assert {f"simplejpeg, {m}/8 size" for m in SCALES} <= set(r["decode_cpu_ms"])
     assert all(ms > 0 for ms in r["decode_cpu_ms"].values()) and all(ms > 0 for ms in r["cpu_ms_per_view"].values())
+    assert "simplejpeg, 8/8 size, RGBX (4 channels)" in r["decode_cpu_ms"]
     diffs = r["mean_abs_diff_levels"]
-    assert len(r["cpu_ms_per_view"]) == 3 and len(diffs) == 2
-    assert all(0 < d < 10 for d in diffs.values())  # near the exact view, and not it
+    assert len(r["cpu_ms_per_view"]) == 4 and len(diffs) == 3
+    opencv = [d for name, d in diffs.items() if name.startswith("OpenCV")]
+    assert len(opencv) == 2 and all(0 < d < 10 for d in opencv)  # near the exact view, and not it
+    rgbx = next(d for name, d in diffs.items() if "RGBX" in name)
+    assert rgbx < 0.5  # the same kernel on the same decoded pixels: the exact view, up to the decoder's rounding
     assert (tmp_path / "pipeline-limits.md").read_text() == table(r) + "\n"
 
 

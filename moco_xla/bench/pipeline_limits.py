@@ -7,12 +7,15 @@ the time above the decode on its two antialiased resizes (docs/benchmarks.md sec
 7). This bench times, side by side on the same ImageNet-size JPEGs (one process, one thread,
 interleaved rounds, the median; CPU time), the candidates for doing less:
 - decoders: torchvision.io (CropViews') and PIL, as the --pipelines decode rows call them, and
-  simplejpeg (libjpeg-turbo, full size and its scaled decodes at 7/8, 6/8, 5/8 and 4/8);
+  simplejpeg (libjpeg-turbo, full size and its scaled decodes at 7/8, 6/8, 5/8 and 4/8; and full
+  size to 4-channel RGBX pixels, the layout torch's resize kernel works in);
 - one view from a crop box of the decoded pixels: CropViews' exact path (torch's antialiased
   bilinear uint8 kernel on the crop, the RandomResizedCrop of the recipe), and OpenCV's resize
   straight from the crop with area averaging (antialiased, another filter) and with
-  plain bilinear sampling (no antialiasing), each with its mean absolute difference from the
-  exact view in 0-255 levels (the larger the difference, the more the view means something else).
+  plain bilinear sampling (no antialiasing), and the exact kernel on 4-channel RGBX pixels (no
+  unpacking and packing of 3-channel rows inside it) followed by the copy that drops the 4th
+  channel (the views ship 3 channels), each with its mean absolute difference from the exact view
+  in 0-255 levels (the larger the difference, the more the view means something else).
 """
 from __future__ import annotations
 
@@ -38,12 +41,14 @@ def decode_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
 
     rows = {"torchvision.io, full size": (decode_torchvision(), jpegs), "PIL, full size": (decode_pil(), jpegs)}
     rows.update({f"simplejpeg, {m}/8 size": (scaled(m), jpegs) for m in SCALES})
+    rows["simplejpeg, 8/8 size, RGBX (4 channels)"] = (lambda data: simplejpeg.decode_jpeg(data, "RGBX"), jpegs)
     return interleaved(rows, rounds)
 
 
 def view_rows(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[str, Any]:
     """CPU ms per view and mean |difference| from the exact view, for one crop box per image."""
     import cv2
+    import simplejpeg
     from ..data.images import decode_bytes
     from ..data.transforms import channels_last_pixels, crop_params, resized_crop
     cv2.setNumThreads(1)
@@ -51,6 +56,7 @@ def view_rows(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[str, An
     pixels = [channels_last_pixels(decode_bytes(data, 3)) for data in jpegs]
     boxes = [crop_params(p.shape[1], p.shape[2]) for p in pixels]
     items = list(zip(pixels, boxes))
+    rgbx = [(torch.from_numpy(simplejpeg.decode_jpeg(data, "RGBX"))[None], box) for data, box in zip(jpegs, boxes)]
 
     def exact(item):
         return resized_crop(item[0], item[1], size)
@@ -61,13 +67,17 @@ def view_rows(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[str, An
             return cv2.resize(item[0][0, top:top + h, left:left + w].numpy(), (size, size), interpolation=interpolation)
         return view
 
-    candidates = {"OpenCV INTER_AREA from the crop": opencv(cv2.INTER_AREA),
-                  "OpenCV INTER_LINEAR from the crop (not antialiased)": opencv(cv2.INTER_LINEAR)}
-    ms = interleaved({"exact (CropViews: torch antialiased bilinear from the crop)": (exact, items),
-                      **{name: (fn, items) for name, fn in candidates.items()}}, rounds)
+    def four_channels(item):
+        return resized_crop(item[0], item[1], size)[..., :3].contiguous().numpy()
+
+    candidates = {"OpenCV INTER_AREA from the crop": (opencv(cv2.INTER_AREA), items),
+                  "OpenCV INTER_LINEAR from the crop (not antialiased)": (opencv(cv2.INTER_LINEAR), items),
+                  "the same kernel on RGBX pixels (simplejpeg), then the 4th channel dropped": (four_channels, rgbx)}
+    ms = interleaved({"exact (CropViews: torch antialiased bilinear from the crop)": (exact, items), **candidates},
+                     rounds)
     reference = [exact(item).numpy().astype(np.float32) for item in items]
     diff = {name: float(np.mean([np.abs(fn(item).astype(np.float32) - ref).mean()
-                                 for item, ref in zip(items, reference)])) for name, fn in candidates.items()}
+                                 for item, ref in zip(its, reference)])) for name, (fn, its) in candidates.items()}
     return {"cpu_ms_per_view": ms, "mean_abs_diff_levels": diff}
 
 
