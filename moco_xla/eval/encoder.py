@@ -18,7 +18,7 @@ from ..config import Config, from_dict
 from ..errors import UserError
 from ..models import Encoder, build_backbone
 from ..runtime import Runtime
-from .readout import HEAD_LAYERS, encoder_prefix, knn_readout
+from .readout import encoder_prefix, knn_readout
 from ..vit import build_vit, is_vit
 
 BACKBONE_PREFIX = "encoder_q.backbone."
@@ -79,10 +79,12 @@ class Encoders:
         if self._knn is None:
             m, e = self.cfg.model, self.cfg.eval
             backbone, feat_dim = build_eval_backbone(self.cfg)
-            encoder = Encoder(backbone, feat_dim, m.dim, m.mlp) if e.knn_layer in HEAD_LAYERS else backbone
-            prefix = encoder_prefix(e.knn_encoder) + ("" if e.knn_layer in HEAD_LAYERS else "backbone.")
-            load_weights(encoder, self.model_state(), prefix, self.ckpt)
-            self._knn = knn_readout(encoder, e.knn_layer) if e.knn_layer in HEAD_LAYERS else encoder
+            encoder, prefix = Encoder(backbone, feat_dim, m.dim, m.mlp), encoder_prefix(e.knn_encoder)
+            if e.knn_layer == "backbone":  # the backbone alone: MoCo v3's heads are not models.Encoder's
+                load_weights(backbone, self.model_state(), prefix + "backbone.", self.ckpt)
+            else:
+                load_weights(encoder, self.model_state(), prefix, self.ckpt)
+            self._knn = knn_readout(encoder, e.knn_layer)
         return copy.deepcopy(self._knn).to(rt.device).eval()
 
     def model_state(self) -> dict:

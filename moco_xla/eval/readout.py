@@ -19,9 +19,6 @@ import torch.nn as nn
 
 from ..errors import UserError
 
-HEAD_LAYERS = ("mlp_hidden", "projection")  # the readouts that pass through the projection head
-
-
 def knn_readout(encoder: nn.Module, layer: str) -> nn.Module:
     """``encoder`` (backbone, then head) up to ``layer``, sharing its modules."""
     if layer == "backbone":
