@@ -105,20 +105,25 @@ def test_step_profiler_writes_a_torch_profiler_trace_on_cpu(tmp_path):
 
 
 def test_pipelines_compares_the_official_host_pipeline_with_moco_xla(tmp_path):
-    """--pipelines: one JSON with every row measured side by side; moco_xla ships uint8 views."""
+    """--pipelines: one JSON with every row measured side by side; moco_xla ships uint8 views; the
+    markdown is the JSON's tables."""
+    from moco_xla.bench.pipelines import markdown
     assert bench_main(["--pipelines", "--quick", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "pipelines.json").read_text())
     rows = r["imagenet_cpu_ms"]
     assert set(rows) == {"official (PIL, main_moco.py aug+)", "moco_xla before (decode_bytes + v2 preset)",
                          "moco_xla (CropViews, uint8 to the device)", "decode only (PIL, full scale)",
-                         "decode only (torchvision.io, full scale)",
+                         "decode only (torchvision.io, full scale)", "decode only (simplejpeg, full scale)",
                          "decode only (as CropViews: reduced DCT scale where the crops allow)"}
     assert all(ms > 0 for part in ("imagenet_cpu_ms", "cifar_cpu_ms", "shards_cpu_ms") for ms in r[part].values())
     assert len(r["shards_cpu_ms"]) == 4  # old and new transform, local and GCS-emulator shards
     assert len(r["moco_xla_stages_cpu_ms"]) == 3 and all(ms > 0 for ms in r["moco_xla_stages_cpu_ms"].values())
     assert r["official_over_moco_xla"] == pytest.approx(
         rows["official (PIL, main_moco.py aug+)"] / rows["moco_xla (CropViews, uint8 to the device)"])
+    assert r["moco_xla_over_decode"] == pytest.approx(  # over the cheapest decode measured
+        rows["moco_xla (CropViews, uint8 to the device)"] / min(ms for name, ms in rows.items() if "decode only" in name))
     assert r["bytes_to_device_per_image"]["moco_xla"] == 2 * 3 * 224 * 224  # uint8
+    assert (tmp_path / "pipelines.md").read_text() == markdown(r) + "\n"
 
 
 def test_pipeline_limits_times_the_paths_not_taken_beside_the_exact_one(tmp_path):
@@ -138,6 +143,20 @@ def test_pipeline_limits_times_the_paths_not_taken_beside_the_exact_one(tmp_path
     rgbx = next(d for name, d in diffs.items() if "RGBX" in name)
     assert rgbx < 0.5  # the same kernel on the same decoded pixels: the exact view, up to the decoder's rounding
     assert (tmp_path / "pipeline-limits.md").read_text() == table(r) + "\n"
+
+
+def test_benchmarks_doc_shows_the_recorded_pipelines():
+    """docs/benchmarks.md section 7 embeds benchmarks/results/pipelines.md unchanged, the tables of
+    the full run's JSON beside it (both written by --pipelines)."""
+    from moco_xla.bench.pipelines import markdown
+    results = ROOT / "benchmarks" / "results"
+    recorded = json.loads((results / "pipelines.json").read_text())
+    md = (results / "pipelines.md").read_text()
+    assert md == markdown(recorded) + "\n" and not recorded["quick"]
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert docs.split("<!-- pipelines.md: begin -->\n", 1)[1].split("<!-- pipelines.md: end -->")[0] == md
+    ratio = recorded["moco_xla_over_decode"]
+    assert f"{'met' if ratio <= 1.5 else 'not met'}: {ratio:.2f}x the cheapest decode" in docs
 
 
 def test_benchmarks_doc_shows_the_recorded_pipeline_limits():

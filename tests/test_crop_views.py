@@ -1,6 +1,7 @@
-"""CropViews' host path: the JPEG header read without PIL gives the size PIL reads, and a view made
-from a full decode is exactly torchvision's RandomResizedCrop (v2.functional) on the same random
-draws, shipped channels last (the flip is the device's: tests/test_augment.py)."""
+"""CropViews' host path: the JPEG header read without PIL gives the size PIL reads, its decode
+(simplejpeg, channels last) gives the pixels decode_bytes gives, and a view made from a full decode
+is exactly torchvision's RandomResizedCrop (v2.functional) on the same random draws, shipped
+channels last (the flip is the device's: tests/test_augment.py)."""
 from __future__ import annotations
 
 import io
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from moco_xla.data.images import BadImage, decode_bytes, jpeg_size
+from moco_xla.data.images import BadImage, decode_bytes, decode_jpeg_pixels, jpeg_header
 from moco_xla.data.transforms import CropViews, crop_params
 
 
@@ -25,22 +26,67 @@ def encode(img, **options) -> bytes:
     return buf.getvalue()
 
 
-def test_jpeg_size_reads_what_pil_reads():
+def jpeg_variants() -> list[bytes]:
+    """One photo as JPEG files come: baseline, progressive, gray, 4:4:4, EXIF and ICC segments,
+    1x1, optimised Huffman tables, and CMYK (no luma-chroma)."""
     from PIL import Image
     img = photo(413, 297)
     exif = Image.Exif()
     exif[0x0112] = 6  # an orientation tag: the stored size is still what the decoders return
-    variants = [encode(img, quality=90), encode(img, quality=75, progressive=True),
-                encode(img.convert("L"), quality=90), encode(img, quality=95, subsampling=0),
-                encode(img, quality=90, exif=exif.tobytes(), icc_profile=b"\0" * 3000),
-                encode(img.resize((1, 1)), quality=90), encode(img, quality=90, optimize=True)]
+    return [encode(img, quality=90), encode(img, quality=75, progressive=True),
+            encode(img.convert("L"), quality=90), encode(img, quality=95, subsampling=0),
+            encode(img, quality=90, exif=exif.tobytes(), icc_profile=b"\0" * 3000),
+            encode(img.resize((1, 1)), quality=90), encode(img, quality=90, optimize=True),
+            encode(img.convert("CMYK"), quality=90)]
+
+
+def test_jpeg_header_reads_what_pil_reads():
+    from PIL import Image
+    variants = jpeg_variants()
     for data in variants:
         with Image.open(io.BytesIO(data)) as im:
-            assert jpeg_size(data) == im.size
-    assert jpeg_size(variants[0][:20]) is None  # cut before the frame header
+            assert jpeg_header(data)[:2] == im.size
+    assert [jpeg_header(data).colorspace for data in variants[1:3]] == ["YCbCr", "Gray"]
+    assert jpeg_header(variants[-1]).colorspace == "CMYK"
+    assert jpeg_header(variants[0][:20]) is None  # cut before the frame header
     png = io.BytesIO()
-    img.save(png, "PNG")
-    assert jpeg_size(png.getvalue()) is None and jpeg_size(b"") is None and jpeg_size(b"\xff\xd8\x00\x01") is None
+    photo(40, 30).save(png, "PNG")
+    assert jpeg_header(png.getvalue()) is None and jpeg_header(b"") is None
+    assert jpeg_header(b"\xff\xd8\x00\x01") is None
+
+
+def libjpeg_turbo_reference(data: bytes, channels: int) -> torch.Tensor:
+    """The JPEG decoded by another libjpeg-turbo caller: torchvision.io where its (deprecated)
+    decoders remain, else PIL; neither applies the EXIF orientation."""
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                            mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+    except ImportError:
+        import numpy as np
+        from PIL import Image
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+        return torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], channels).permute(2, 0, 1)
+
+
+def test_jpegs_decode_to_the_same_pixels_with_any_torch():
+    """decode_bytes (simplejpeg for luma-chroma and gray JPEGs) gives the stored image, never
+    turned by its EXIF orientation (TorchCodec, the current-torch environment's decoder, turns
+    it), with torchvision.io's pixels on every variant in 1 and 3 channels; CropViews' channels-last
+    decode gives the same pixels; CMYK goes through the other decoders."""
+    for data in jpeg_variants():
+        header = jpeg_header(data)
+        for channels in (1, 3):
+            ours = decode_bytes(data, channels)
+            assert ours.shape == (channels, header.height, header.width)
+            if header.colorspace != "CMYK":
+                assert torch.equal(ours, libjpeg_turbo_reference(data, channels))
+            pixels = decode_jpeg_pixels(data, channels, header)
+            assert pixels.dtype == torch.uint8 and pixels.is_contiguous()
+            assert torch.equal(pixels[0].permute(2, 0, 1), ours)
+    gray = jpeg_variants()[2]
+    assert decode_bytes(gray).shape[0] == 1 and decode_bytes(jpeg_variants()[0]).shape[0] == 3  # as stored
 
 
 def views_beside_torchvision(data: bytes, size: int, seeds: range):

@@ -153,7 +153,8 @@ def test_channel_conversion():
 
 def test_decoder_is_torchcodec_where_installed_with_the_pixels_of_torchvision_and_pil():
     """torchvision 0.29 deprecated its image codecs for TorchCodec's: where torchcodec loads, images
-    decode through it (the current-torch CI environment installs it), with the same pixels."""
+    other than photo JPEGs (simplejpeg's: tests/test_crop_views.py) decode through it (the
+    current-torch CI environment installs it), and JPEGs decode to TorchCodec's pixels too."""
     import importlib.util
     import io
 

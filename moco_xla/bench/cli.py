@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "digits = the in-memory quickstart loader (seconds)")
     p.add_argument("--pipelines", action="store_true",
                    help="instead of the steps: host CPU per image of MoCo v2's two views, official pipeline vs "
-                        "moco_xla's vs decoding alone (one thread; <out>/pipelines.json; minutes, seconds with --quick)")
+                        "moco_xla's vs decoding alone (one thread; <out>/pipelines.json and .md; minutes, seconds with --quick)")
     p.add_argument("--pipeline-limits", action="store_true",
                    help="instead of the steps: the faster decodes and resizes the pipeline does not use, "
                         "timed beside its own (<out>/pipeline-limits.json and .md; a minute, seconds with --quick)")
@@ -247,12 +247,13 @@ def run_pipeline_limits(quick: bool, out: Path) -> int:
 
 
 def run_pipelines(quick: bool, out: Path) -> int:
-    """``--pipelines``: the input-pipeline comparison alone, to <out>/pipelines.json."""
+    """``--pipelines``: the input-pipeline comparison alone, to <out>/pipelines.json and its markdown."""
     from . import pipelines
     results = {"machine": machine(), "quick": quick, **pipelines.run(quick)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipelines.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "pipelines.md").write_text(pipelines.markdown(results) + "\n")
     print(pipelines.table(results))
-    print(f"pipelines.json in {out}")
+    print(f"pipelines.json and .md in {out}")
     return 0
 

@@ -6,9 +6,9 @@ Issue 28 asks for two MoCo v2 views within 1.5x of decoding the JPEG alone. Crop
 the time above the decode on its two antialiased resizes (docs/benchmarks.md section
 7). This bench times, side by side on the same ImageNet-size JPEGs (one process, one thread,
 interleaved rounds, the median; CPU time), the candidates for doing less:
-- decoders: torchvision.io (CropViews') and PIL, as the --pipelines decode rows call them, and
-  simplejpeg (libjpeg-turbo, full size and its scaled decodes at 7/8, 6/8, 5/8 and 4/8; and full
-  size to 4-channel RGBX pixels, the layout torch's resize kernel works in);
+- decoders: torchvision.io and PIL, as the --pipelines decode rows call them, and simplejpeg
+  (CropViews' decoder; libjpeg-turbo, full size and its scaled decodes at 7/8, 6/8, 5/8 and 4/8;
+  and full size to 4-channel RGBX pixels, the layout torch's resize kernel works in);
 - one view from a crop box of the decoded pixels: CropViews' exact path (torch's antialiased
   bilinear uint8 kernel on the crop, the RandomResizedCrop of the recipe), and OpenCV's resize
   straight from the crop with area averaging (antialiased, another filter) and with

@@ -13,7 +13,8 @@ not it). Rows, on each input set:
 - moco_xla: transforms.CropViews (the host half: uint8 views, channels last; the device does the
   flip, the colour and the transposition);
 - decode: the JPEG decoded alone (the least any pipeline must do), with PIL, with
-  torchvision.io, and as CropViews decodes (at the DCT scale its two crops allow);
+  torchvision.io, with simplejpeg, and as CropViews decodes (simplejpeg, at the DCT scale its two
+  crops allow); the cheapest of them is the limit the goal's ratio divides by;
 - moco_xla's stages, each timed alone on the same JPEGs: the header and the crop draws, the
   decode, the two resized crops (where the time above the decode goes).
 Inputs are made offline from scikit-learn's two photographs: ImageNet-size JPEGs (random
@@ -34,6 +35,9 @@ import numpy as np
 import torch
 
 SIZE = 224
+# vCPUs per chip of TPU hosts (the v5e count from Google's v5e page, VM types; v6e and v4 as issue 28 gives them)
+TPU_HOSTS = {"v5e-8 (ct5lp-hightpu-8t: 224 vCPUs, 8 chips)": 28, "v6e-8 (180 vCPUs, 8 chips)": 22.5,
+             "v4-8 (240 vCPUs, 4 chips)": 60}
 
 
 def photo_jpegs(n: int, seed: int = 0) -> list[bytes]:
@@ -124,29 +128,36 @@ def decode_pil() -> Callable[[bytes], Any]:
 
 
 def decode_torchvision() -> Callable[[bytes], Any]:
-    """Decode only, with torchvision.io (libjpeg-turbo), as moco_xla's loaders do."""
-    from ..data.images import decode_bytes
-    return lambda data: decode_bytes(data, 3)
+    """Decode only, with torchvision.io (libjpeg-turbo), as moco_xla decoded JPEGs before simplejpeg."""
+    from torchvision.io import ImageReadMode, decode_image
+    return lambda data: decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def decode_simplejpeg() -> Callable[[bytes], Any]:
+    """Decode only, with simplejpeg (libjpeg-turbo, channels last), as CropViews decodes a JPEG."""
+    import simplejpeg
+    return lambda data: simplejpeg.decode_jpeg(data, "RGB")
 
 
 def decode_reduced(size: int = SIZE) -> Callable[[bytes], Any]:
     """Decode only, as CropViews decodes: the size from the JPEG header, then at the DCT scale
-    its two crops allow (PIL draft) where that is below full scale, else with torchvision.io."""
+    its two crops allow (PIL draft) where that is below full scale, else with simplejpeg."""
     import math
 
     from PIL import Image
 
-    from ..data.images import decode_bytes, jpeg_size
+    from ..data.images import decode_jpeg_pixels, jpeg_header
     from ..data.transforms import crop_params
 
     def run(data: bytes):
-        width, height = jpeg_size(data)
-        shrink = min(min(h, w) for _t, _l, h, w in (crop_params(height, width) for _ in range(2))) / size
+        header = jpeg_header(data)
+        boxes = [crop_params(header.height, header.width) for _ in range(2)]
+        shrink = min(min(h, w) for _t, _l, h, w in boxes) / size
         if shrink >= 2:
             with Image.open(io.BytesIO(data)) as im:
-                im.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+                im.draft("RGB", (math.ceil(header.width / shrink), math.ceil(header.height / shrink)))
                 return im.convert("RGB")
-        return decode_bytes(data, 3)
+        return decode_jpeg_pixels(data, 3, header)
     return run
 
 
@@ -170,18 +181,20 @@ def interleaved(rows: dict[str, tuple[Callable, list]], rounds: int) -> dict[str
 def moco_xla_stages(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[str, float]:
     """CPU ms per image of each stage of CropViews' full-decode path, each timed alone over the
     same JPEGs (interleaved rounds, median), on inputs the stage before made: where its time goes."""
-    from ..data.images import decode_bytes, jpeg_size
-    from ..data.transforms import channels_last_pixels, crop_params, resized_crop
+    from ..data.images import decode_jpeg_pixels, jpeg_header
+    from ..data.transforms import crop_params, resized_crop
 
     def draws(data: bytes):
-        width, height = jpeg_size(data)
-        return [crop_params(height, width) for _ in range(2)]
+        header = jpeg_header(data)
+        return [crop_params(header.height, header.width) for _ in range(2)]
 
-    pixels = [channels_last_pixels(decode_bytes(data, 3)) for data in jpegs]
+    headers = [jpeg_header(data) for data in jpegs]
+    pixels = [decode_jpeg_pixels(data, 3, header) for data, header in zip(jpegs, headers)]
     drawn = [draws(data) for data in jpegs]
     return interleaved({
         "JPEG header and the crop draws": (draws, jpegs),
-        "decode (torchvision.io)": (lambda data: channels_last_pixels(decode_bytes(data, 3)), jpegs),
+        "decode (simplejpeg, channels last)":
+            (lambda jh: decode_jpeg_pixels(jh[0], 3, jh[1]), list(zip(jpegs, headers))),
         "two antialiased resized crops (uint8, channels last)":
             (lambda pd: [resized_crop(pd[0], box, size) for box in pd[1]], list(zip(pixels, drawn))),
     }, rounds)
@@ -237,6 +250,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(), jpegs),
         "decode only (PIL, full scale)": (decode_pil(), jpegs),
         "decode only (torchvision.io, full scale)": (decode_torchvision(), jpegs),
+        "decode only (simplejpeg, full scale)": (decode_simplejpeg(), jpegs),
         "decode only (as CropViews: reduced DCT scale where the crops allow)": (decode_reduced(), jpegs),
     }, rounds)
     small = interleaved({
@@ -264,4 +278,32 @@ def table(r: dict[str, Any]) -> str:
         lines += [f"  {name:<68} {ms:7.2f}" for name, ms in r[part].items()]
     lines.append(f"official / moco_xla: {r['official_over_moco_xla']:.2f}x (goal >= 2.0); "
                  f"moco_xla / the cheapest decode only: {r['moco_xla_over_decode']:.2f}x (goal <= 1.5)")
+    return "\n".join(lines)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The tables docs/benchmarks.md section 7 embeds (<out>/pipelines.md), from one run's JSON."""
+    rows, official = r["imagenet_cpu_ms"], r["imagenet_cpu_ms"]["official (PIL, main_moco.py aug+)"]
+    cheapest = min(ms for name, ms in rows.items() if name.startswith("decode only"))
+    lines = [f"| ImageNet-size JPEGs, two {r['view_size']}-px views | CPU ms / image | official / row | "
+             "row / the cheapest decode |", "|---|---|---|---|"]
+    for name, ms in rows.items():
+        ratio = "" if name.startswith("decode only") else f"{official / ms:.2f}x"
+        lines.append(f"| {name} | {ms:.2f} | {ratio} | {ms / cheapest:.2f}x |")
+    stages = r["moco_xla_stages_cpu_ms"]
+    decode = next(ms for name, ms in stages.items() if name.startswith("decode"))
+    lines += ["", f"| moco_xla's stages, each timed alone (sum {sum(stages.values()):.2f}) | CPU ms / image | "
+              "share | / decode |", "|---|---|---|---|"]
+    lines += [f"| {name} | {ms:.2f} | {ms / sum(stages.values()):.0%} | {ms / decode:.2f} |"
+              for name, ms in stages.items()]
+    for part, title in (("cifar_cpu_ms", "CIFAR-size 32x32, two 32-px views"),
+                        ("shards_cpu_ms", "pre-training loader, 0 workers, batch 32, WebDataset shards of photo JPEGs")):
+        lines += ["", f"| {title} | CPU ms / image |", "|---|---|"]
+        lines += [f"| {name} | {ms:.2f} |" for name, ms in r[part].items()]
+    feeds = {name: ms for name, ms in rows.items() if not name.startswith("decode only")}
+    lines += ["", "| images/s per chip, every vCPU of the host on the pipeline | vCPUs per chip | "
+              + " | ".join(f"{name} ({ms:.2f} ms)" for name, ms in feeds.items()) + " |",
+              "|---|---|" + "---|" * len(feeds)]
+    lines += [f"| {host} | {vcpus:g} | " + " | ".join(f"{1000 * vcpus / ms:,.0f}" for ms in feeds.values()) + " |"
+              for host, vcpus in TPU_HOSTS.items()]
     return "\n".join(lines)

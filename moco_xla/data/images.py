@@ -1,17 +1,21 @@
 """Image bytes <-> uint8 tensors [C, H, W].
 
-Decoding goes through TorchCodec's image decoders where torchcodec (>= 0.16, for torch >= 2.11) is
-installed, else through torchvision.io, whose image decoders torchvision 0.29 deprecated in their
-favour (both libjpeg-turbo / libpng, no PIL round trip, the same pixels), and falls back to PIL for
-the formats they lack (BMP, TIFF, PPM, ...). A file that none can decode raises ``BadImage`` with a
-short reason; callers name the path. PNG encoding (shards of decoded images) is PIL's.
+JPEGs in the colour spaces photos use (luma-chroma, gray) decode with simplejpeg: libjpeg-turbo,
+accurate DCT, smooth chroma upsampling, the EXIF orientation not applied (as PIL's ImageFolder
+loader and torchvision.io leave it), so the pixels are the same with any torch. Other images go
+through TorchCodec's image decoders where torchcodec (>= 0.16, for torch >= 2.11) is installed,
+else through torchvision.io, whose image decoders torchvision 0.29 deprecated in their favour,
+and fall back to PIL for the formats they lack (BMP, TIFF, PPM, ...). A file that none can decode
+raises ``BadImage`` with a short reason; callers name the path. PNG encoding (shards of decoded
+images) is PIL's.
 """
 from __future__ import annotations
 
 import functools
 import io
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import simplejpeg
 import torch
 
 
@@ -23,6 +27,9 @@ def decode_bytes(data: bytes, channels: int | None = None) -> torch.Tensor:
     """uint8 [C, H, W]; ``channels`` 1 or 3 converts, None keeps gray as 1 and colour as 3."""
     if not data:
         raise BadImage("empty file")
+    pixels = _decode_jpeg(data, channels, jpeg_header(data))
+    if pixels is not None:
+        return pixels.permute(2, 0, 1)
     mode = {1: "GRAY", 3: "RGB"}.get(channels, "UNCHANGED")
     try:
         img = decoder()[1](torch.frombuffer(bytearray(data), dtype=torch.uint8), mode)
@@ -82,31 +89,44 @@ def encode_png(img: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (DHT, JPG, DAC are not)
-_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD9)])  # TEM, RSTn, SOI: no length field
+class JpegHeader(NamedTuple):
+    width: int
+    height: int
+    colorspace: str  # libjpeg-turbo's: "YCbCr", "Gray", "RGB", "CMYK", "YCCK"
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, walking its segments (nothing decoded, no PIL:
-    a few microseconds). None where ``data`` is not a JPEG or its frame header cannot be read
-    (truncated, or a height left to a DNL segment): decode it to learn its size."""
-    if data[:2] != b"\xff\xd8":
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """Size and colour space from a JPEG's header (simplejpeg: libjpeg-turbo reads the markers up
+    to the first scan, nothing decoded, no PIL: a microsecond or two). None where ``data`` is not a
+    JPEG, or its header cannot be read (truncated): decode it to learn its size."""
+    try:
+        height, width, colorspace, _subsampling = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
         return None
-    i, n = 2, len(data)
-    while i + 9 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker in _SOF_MARKERS:
-            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-            return (width, height) if width and height else None
-        elif marker in _STANDALONE_MARKERS:
-            i += 2
-        else:
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
+    return JpegHeader(width, height, colorspace) if width and height else None
+
+
+def decode_jpeg_pixels(data: bytes, channels: int, header: JpegHeader) -> torch.Tensor:
+    """uint8 [1, H, W, C] of a JPEG whose header the caller has read, channels last as
+    libjpeg-turbo writes them (the layout torch's resize kernel reads fastest): decode_bytes'
+    pixels without the turn to channels-first (transforms.CropViews)."""
+    pixels = _decode_jpeg(data, channels, header)
+    if pixels is None:  # CMYK, or damaged: decode_bytes' other decoders
+        pixels = decode_bytes(data, channels).permute(1, 2, 0).contiguous()
+    return pixels[None]
+
+
+def _decode_jpeg(data: bytes, channels: int | None, header: JpegHeader | None) -> torch.Tensor | None:
+    """uint8 [H, W, C] of a luma-chroma or gray JPEG (simplejpeg); None for anything else (not a
+    JPEG, CMYK) and for a file libjpeg-turbo stops on, which the other decoders then decode as
+    far as they can, or name what is wrong."""
+    if header is None or header.colorspace not in ("YCbCr", "Gray"):
+        return None
+    gray = channels == 1 or (channels is None and header.colorspace == "Gray")
+    try:
+        return torch.from_numpy(simplejpeg.decode_jpeg(data, "GRAY" if gray else "RGB"))
+    except ValueError:
+        return None
 
 
 def sniff_format(data: bytes) -> str | None:

@@ -30,7 +30,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .device_augment import DeviceRecipe
-from .images import BadImage, decode_bytes, jpeg_size
+from .images import BadImage, decode_bytes, decode_jpeg_pixels, jpeg_header
 from .handwriting import PRESETS as HANDWRITING_PRESETS, handwriting_ops
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -183,8 +183,9 @@ class CropViews:
     The host half of a DEVICE_PRESETS augmentation (the device flips, turns the views
     channels-first, and does colour, blur and normalisation: data.device_augment). Takes encoded
     bytes (``decodes``: datasets hand them over undecoded) or a decoded image. An image is
-    decoded once for both views (torchvision.io, libjpeg-turbo), its size read from the JPEG
-    header beforehand (images.jpeg_size) for the crop draws; a JPEG whose two crops both keep
+    decoded once for both views (simplejpeg, libjpeg-turbo, straight to channels-last pixels;
+    images.decode_jpeg_pixels), its size read from the JPEG header beforehand
+    (images.jpeg_header) for the crop draws; a JPEG whose two crops both keep
     at least twice ``size`` pixels on each side is decoded at a reduced DCT scale (1/2, 1/4,
     1/8: PIL's ``draft``) instead, since the views are downscaled from the crops anyway.
 
@@ -203,25 +204,24 @@ class CropViews:
         if isinstance(img, (bytes, bytearray, memoryview)):
             return self._from_bytes(bytes(img))
         img = self._prepare(img).as_subclass(torch.Tensor)
-        return self._views(img, [crop_params(*img.shape[-2:], self.scale) for _ in range(2)])
+        return self._views(channels_last_pixels(img), [crop_params(*img.shape[-2:], self.scale) for _ in range(2)])
 
     def _from_bytes(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        size = jpeg_size(data)
-        if size is None:  # not a JPEG (or no readable header): decode first, then draw
+        header = jpeg_header(data)
+        if header is None:  # not a JPEG (or no readable header): decode first, then draw
             return self(decode_bytes(data, self.channels))
-        width, height = size
+        width, height = header.width, header.height
         boxes = [crop_params(height, width, self.scale) for _ in range(2)]
         shrink = min(min(h, w) for _t, _l, h, w in boxes) / self.size
         if shrink >= 2:
             return self._reduced_views(data, boxes, math.ceil(width / shrink), math.ceil(height / shrink))
-        img = decode_bytes(data, self.channels)
-        if tuple(img.shape[-2:]) != (height, width):  # a header that lied: draw on the decoded pixels
-            return self(img)
-        return self._views(img, boxes)
+        pixels = decode_jpeg_pixels(data, self.channels, header)
+        if tuple(pixels.shape[1:3]) != (height, width):  # a header that lied: draw on the decoded pixels
+            return self(pixels[0].permute(2, 0, 1))
+        return self._views(pixels, boxes)
 
-    def _views(self, img: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [C, H, W] (any strides) -> both views, uint8 [size, size, C]."""
-        pixels = channels_last_pixels(img)
+    def _views(self, pixels: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [1, H, W, C] (channels last) -> both views, uint8 [size, size, C]."""
         return resized_crop(pixels, boxes[0], self.size), resized_crop(pixels, boxes[1], self.size)
 
     def _reduced_views(self, data: bytes, boxes: list, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
