@@ -38,6 +38,46 @@ def decode_bytes(data: bytes, channels: int | None = None) -> torch.Tensor:
     return _fix_channels(img)
 
 
+class JpegHeader(NamedTuple):
+    width: int
+    height: int
+    colorspace: str  # libjpeg-turbo's: "YCbCr", "Gray", "RGB", "CMYK", "YCCK"
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """Size and colour space from a JPEG's header (simplejpeg: libjpeg-turbo reads the markers up
+    to the first scan, nothing decoded, no PIL: a microsecond or two). None where ``data`` is not a
+    JPEG, or its header cannot be read (truncated): decode it to learn its size."""
+    try:
+        height, width, colorspace, _subsampling = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return JpegHeader(width, height, colorspace) if width and height else None
+
+
+def decode_jpeg_pixels(data: bytes, channels: int, header: JpegHeader) -> torch.Tensor:
+    """uint8 [1, H, W, C] of a JPEG whose header the caller has read, channels last as
+    libjpeg-turbo writes them (the layout torch's resize kernel reads fastest): decode_bytes'
+    pixels without the turn to channels-first (transforms.CropViews)."""
+    pixels = _decode_jpeg(data, channels, header)
+    if pixels is None:  # CMYK, or damaged: decode_bytes' other decoders
+        pixels = decode_bytes(data, channels).permute(1, 2, 0).contiguous()
+    return pixels[None]
+
+
+def _decode_jpeg(data: bytes, channels: int | None, header: JpegHeader | None) -> torch.Tensor | None:
+    """uint8 [H, W, C] of a luma-chroma or gray JPEG (simplejpeg); None for anything else (not a
+    JPEG, CMYK) and for a file libjpeg-turbo stops on, which the other decoders then decode as
+    far as they can, or name what is wrong."""
+    if header is None or header.colorspace not in ("YCbCr", "Gray"):
+        return None
+    gray = channels == 1 or (channels is None and header.colorspace == "Gray")
+    try:
+        return torch.from_numpy(simplejpeg.decode_jpeg(data, "GRAY" if gray else "RGB"))
+    except ValueError:
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def decoder() -> tuple[str, Callable[[torch.Tensor, str], torch.Tensor]]:
     """(name, decode(encoded uint8 tensor, mode)): TorchCodec's where it loads, else torchvision.io's."""
@@ -87,46 +127,6 @@ def encode_png(img: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels.contiguous().numpy()).save(buf, format="PNG")
     return buf.getvalue()
-
-
-class JpegHeader(NamedTuple):
-    width: int
-    height: int
-    colorspace: str  # libjpeg-turbo's: "YCbCr", "Gray", "RGB", "CMYK", "YCCK"
-
-
-def jpeg_header(data: bytes) -> JpegHeader | None:
-    """Size and colour space from a JPEG's header (simplejpeg: libjpeg-turbo reads the markers up
-    to the first scan, nothing decoded, no PIL: a microsecond or two). None where ``data`` is not a
-    JPEG, or its header cannot be read (truncated): decode it to learn its size."""
-    try:
-        height, width, colorspace, _subsampling = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    return JpegHeader(width, height, colorspace) if width and height else None
-
-
-def decode_jpeg_pixels(data: bytes, channels: int, header: JpegHeader) -> torch.Tensor:
-    """uint8 [1, H, W, C] of a JPEG whose header the caller has read, channels last as
-    libjpeg-turbo writes them (the layout torch's resize kernel reads fastest): decode_bytes'
-    pixels without the turn to channels-first (transforms.CropViews)."""
-    pixels = _decode_jpeg(data, channels, header)
-    if pixels is None:  # CMYK, or damaged: decode_bytes' other decoders
-        pixels = decode_bytes(data, channels).permute(1, 2, 0).contiguous()
-    return pixels[None]
-
-
-def _decode_jpeg(data: bytes, channels: int | None, header: JpegHeader | None) -> torch.Tensor | None:
-    """uint8 [H, W, C] of a luma-chroma or gray JPEG (simplejpeg); None for anything else (not a
-    JPEG, CMYK) and for a file libjpeg-turbo stops on, which the other decoders then decode as
-    far as they can, or name what is wrong."""
-    if header is None or header.colorspace not in ("YCbCr", "Gray"):
-        return None
-    gray = channels == 1 or (channels is None and header.colorspace == "Gray")
-    try:
-        return torch.from_numpy(simplejpeg.decode_jpeg(data, "GRAY" if gray else "RGB"))
-    except ValueError:
-        return None
 
 
 def sniff_format(data: bytes) -> str | None:
