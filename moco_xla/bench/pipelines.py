@@ -291,11 +291,10 @@ def markdown(r: dict[str, Any]) -> str:
         ratio = "" if name.startswith("decode only") else f"{official / ms:.2f}x"
         lines.append(f"| {name} | {ms:.2f} | {ratio} | {ms / cheapest:.2f}x |")
     stages = r["moco_xla_stages_cpu_ms"]
-    decode = next(ms for name, ms in stages.items() if name.startswith("decode"))
-    lines += ["", f"| moco_xla's stages, each timed alone (sum {sum(stages.values()):.2f}) | CPU ms / image | "
-              "share | / decode |", "|---|---|---|---|"]
-    lines += [f"| {name} | {ms:.2f} | {ms / sum(stages.values()):.0%} | {ms / decode:.2f} |"
-              for name, ms in stages.items()]
+    total, decode = sum(stages.values()), next(ms for name, ms in stages.items() if name.startswith("decode"))
+    lines += ["", f"| moco_xla's stages, each timed alone (sum {total:.2f}) | CPU ms / image | share | / decode |",
+              "|---|---|---|---|"]
+    lines += [f"| {name} | {ms:.2f} | {ms / total:.0%} | {ms / decode:.2f} |" for name, ms in stages.items()]
     for part, title in (("cifar_cpu_ms", "CIFAR-size 32x32, two 32-px views"),
                         ("shards_cpu_ms", "pre-training loader, 0 workers, batch 32, WebDataset shards of photo JPEGs")):
         lines += ["", f"| {title} | CPU ms / image |", "|---|---|"]
