@@ -28,8 +28,11 @@ def decode_bytes(data: bytes, channels: int | None = None) -> torch.Tensor:
     if not data:
         raise BadImage("empty file")
     pixels = _decode_jpeg(data, channels, jpeg_header(data))
-    if pixels is not None:
-        return pixels.permute(2, 0, 1)
+    return _decode_other(data, channels) if pixels is None else pixels.permute(2, 0, 1)
+
+
+def _decode_other(data: bytes, channels: int | None) -> torch.Tensor:
+    """What simplejpeg does not decode: TorchCodec or torchvision.io, else PIL."""
     mode = {1: "GRAY", 3: "RGB"}.get(channels, "UNCHANGED")
     try:
         img = decoder()[1](torch.frombuffer(bytearray(data), dtype=torch.uint8), mode)
@@ -61,7 +64,7 @@ def decode_jpeg_pixels(data: bytes, channels: int, header: JpegHeader) -> torch.
     pixels without the turn to channels-first (transforms.CropViews)."""
     pixels = _decode_jpeg(data, channels, header)
     if pixels is None:  # CMYK, or damaged: decode_bytes' other decoders
-        pixels = decode_bytes(data, channels).permute(1, 2, 0).contiguous()
+        pixels = _decode_other(data, channels).permute(1, 2, 0).contiguous()
     return pixels[None]
 
 
