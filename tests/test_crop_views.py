@@ -1,7 +1,7 @@
 """CropViews' host path: the JPEG header read without PIL gives the size PIL reads, its decode
 (simplejpeg, channels last) gives the pixels decode_bytes gives, and a view made from a full decode
-is exactly torchvision's RandomResizedCrop (v2.functional) on the same random draws, shipped
-channels last (the flip is the device's: tests/test_augment.py)."""
+is torchvision's RandomResizedCrop (v2.functional) on the same random draws (to the rounding of
+the intermediate image), shipped channels last (the flip is the device's: tests/test_augment.py)."""
 from __future__ import annotations
 
 import io
@@ -90,7 +90,8 @@ def test_jpegs_decode_to_the_same_pixels_with_any_torch():
 
 
 def views_beside_torchvision(data: bytes, size: int, seeds: range):
-    """(CropViews' view, torchvision's resized_crop of the full decode on the same crop draw) pairs."""
+    """(CropViews' view, torchvision's resized_crop of the full decode on the same crop draw, the
+    draw (top, left, height, width))."""
     full = decode_bytes(data, 3)
     views = CropViews(size, 3)
     for seed in seeds:
@@ -99,21 +100,30 @@ def views_beside_torchvision(data: bytes, size: int, seeds: range):
         torch.manual_seed(seed)
         boxes = [crop_params(*full.shape[-2:]) for _ in range(2)]
         for view, (t, l, h, w) in zip(new, boxes):
-            yield view, v2.functional.resized_crop(full, t, l, h, w, [size, size], antialias=True)
+            yield view, v2.functional.resized_crop(full, t, l, h, w, [size, size], antialias=True), (t, l, h, w)
 
 
-def test_full_decode_views_equal_torchvision_resized_crop_on_the_same_draws():
-    """224-px views of a 500x375 JPEG (no crop keeps 448 px: always the full decode)."""
-    for view, old in views_beside_torchvision(encode(photo(), quality=90), 224, range(8)):
+def test_full_decode_views_match_torchvision_resized_crop_on_the_same_draws():
+    """224-px views of a 500x375 JPEG (no crop keeps 448 px: always the full decode). A crop that
+    shrinks on both sides is resized rows first (resized_crop), torchvision columns first: the
+    same filter, so no pixel more than one grey level off and no bias; any other crop is exact."""
+    draws_that_shrink_both_sides = 0
+    for view, old, (_top, _left, h, w) in views_beside_torchvision(encode(photo(), quality=90), 224, range(12)):
         assert view.shape == (224, 224, 3) and view.is_contiguous()
-        assert torch.equal(view.permute(2, 0, 1), old)
+        diff = view.permute(2, 0, 1).float() - old.float()
+        if h > 224 and w > 224:
+            draws_that_shrink_both_sides += 1
+            assert diff.abs().max() <= 1 and diff.abs().mean() < 0.25 and abs(diff.mean()) < 0.01
+        else:
+            assert torch.equal(view.permute(2, 0, 1), old)
+    assert 0 < draws_that_shrink_both_sides < 24
 
 
 def test_reduced_scale_jpeg_views_match_full_decode():
     """48-px views: decoding at 1/2-1/8 DCT scale (PIL draft) then resizing gives the crop a full
     decode gives."""
     errors = [(view.permute(2, 0, 1).float() - old.float()).abs().mean().item()
-              for view, old in views_beside_torchvision(encode(photo(), quality=90), 48, range(6))]
+              for view, old, _draw in views_beside_torchvision(encode(photo(), quality=90), 48, range(6))]
     assert max(errors) < 4.0, errors  # of 255: resampling detail, not another crop
 
 

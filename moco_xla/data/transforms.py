@@ -170,9 +170,17 @@ def resized_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int
     """The crop ``box`` (top, left, height, width) of [1, H, W, C] uint8 pixels resized to
     [size, size, C] uint8: torch's antialiased bilinear uint8 kernel (what RandomResizedCrop
     calls), channels last in and out (its fastest layout, no transposition). The kernel reads
-    the crop where it lies in ``pixels``: no copy of it beforehand."""
+    the crop where it lies in ``pixels``: no copy of it beforehand.
+
+    Where both sides shrink, the rows are resized first, then the columns: the kernel's own order
+    (columns first, over every row of the crop) runs its costlier pass, along the rows, on more
+    of them. The same separable filter in the other order: pixels within one grey level of
+    torchvision's resized_crop (the rounding of the intermediate image), about 0.9 of the CPU
+    (docs/benchmarks.md section 7)."""
     top, left, h, w = box
     crop = pixels[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
+    if h > size and w > size:
+        crop = F.interpolate(crop, size=(size, w), mode="bilinear", align_corners=False, antialias=True)
     view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return view[0].permute(1, 2, 0)
 
