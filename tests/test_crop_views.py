@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms import v2
 
 from moco_xla.data.images import BadImage, decode_bytes, decode_jpeg_pixels, jpeg_header
-from moco_xla.data.transforms import CropViews, crop_params
+from moco_xla.data.transforms import CropViews, crop_params, dct_shrink, reduced_box
 
 
 def photo(width: int = 500, height: int = 375):
@@ -119,12 +119,41 @@ def test_full_decode_views_match_torchvision_resized_crop_on_the_same_draws():
     assert 0 < draws_that_shrink_both_sides < 24
 
 
-def test_reduced_scale_jpeg_views_match_full_decode():
-    """48-px views: decoding at 1/2-1/8 DCT scale (PIL draft) then resizing gives the crop a full
-    decode gives."""
-    errors = [(view.permute(2, 0, 1).float() - old.float()).abs().mean().item()
-              for view, old, _draw in views_beside_torchvision(encode(photo(), quality=90), 48, range(6))]
-    assert max(errors) < 4.0, errors  # of 255: resampling detail, not another crop
+def large_photo():
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    return Image.fromarray(load_sample_images().images[1]).resize((1200, 800), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("size, make_photo", [(224, large_photo), (48, photo)])
+def test_reduced_scale_jpeg_views_match_full_decode(size, make_photo):
+    """Views whose crops both keep twice the view's pixels: decoded at 1/2-1/8 DCT scale, each
+    box moved to the nearest reduced pixel, they show the crop a full decode shows (a view of
+    another crop differs by tens of levels)."""
+    errors, other_crop = [], []
+    for view, old, (_t, _l, h, w) in views_beside_torchvision(encode(make_photo(), quality=90), size, range(8)):
+        errors.append((view.permute(2, 0, 1).float() - old.float()).abs().mean().item())
+        other_crop.append((view.permute(2, 0, 1).float() - old.flip(-1).float()).abs().mean().item())
+    assert max(errors) < 5 and sum(errors) / len(errors) < 2.5, errors  # of 255: resampling, not another crop
+    assert min(other_crop) > 3 * max(errors)
+
+
+def test_a_reduced_decode_is_the_dct_scale_and_each_box_edge_moves_half_a_reduced_pixel_at_most():
+    data = encode(large_photo().crop((0, 0, 1001, 777)), quality=90)
+    header = jpeg_header(data)
+    for shrink in (2, 4, 8):
+        reduced = tuple(decode_jpeg_pixels(data, 3, header, shrink).shape[1:3])
+        assert reduced == (-(-777 // shrink), -(-1001 // shrink))
+        sy, sx = reduced[0] / 777, reduced[1] / 1001
+        torch.manual_seed(shrink)
+        boxes = [crop_params(777, 1001) for _ in range(200)] + [(0, 0, 777, 1001), (776, 1000, 1, 1)]
+        for box in boxes:
+            t, lft, h, w = reduced_box(box, (777, 1001), reduced)
+            assert 0 <= t < t + h <= reduced[0] and 0 <= lft < lft + w <= reduced[1]
+            if min(box[2:]) >= 2 * shrink:  # a box of a pixel or two keeps one reduced pixel
+                edges = (t - box[0] * sy, t + h - (box[0] + box[2]) * sy, lft - box[1] * sx, lft + w - (box[1] + box[3]) * sx)
+                assert max(abs(e) for e in edges) <= 0.5 + 1e-9
+    assert [dct_shrink(x) for x in (0.5, 1.99, 2, 3.9, 4, 7.9, 8, 30)] == [1, 1, 2, 2, 4, 4, 8, 8]
 
 
 def test_encoded_and_decoded_inputs_give_the_same_views():

@@ -16,10 +16,13 @@ not it). Rows, on each input set:
   torchvision.io, with simplejpeg, and as CropViews decodes (simplejpeg, at the DCT scale its two
   crops allow); the cheapest of them is the limit the goal's ratio divides by;
 - moco_xla's stages, each timed alone on the same JPEGs: the header and the crop draws, the
-  decode, the two resized crops (where the time above the decode goes).
+  decode, the two resized crops (where the time above the decode goes);
+- on larger photos (about 1200x850, where most pairs of crops keep twice the view's pixels):
+  the official pipeline, CropViews, CropViews' steps with every JPEG decoded at full scale, and
+  the decodes (what the reduced DCT scale saves).
 Inputs are made offline from scikit-learn's two photographs: ImageNet-size JPEGs (random
-crops about 500x375, rescaled, quality 85-95) and CIFAR-size images (32x32 uint8, the
-``small_v2`` preset). The shard rows run the real pre-training loader (0 workers) over
+crops about 500x375, rescaled, quality 85-95), the larger photos (the same crops rescaled
+2-2.5x) and CIFAR-size images (32x32 uint8, the ``small_v2`` preset). The shard rows run the real pre-training loader (0 workers) over
 WebDataset shards of the same JPEGs, local and streamed from the GCS emulator.
 """
 from __future__ import annotations
@@ -40,9 +43,9 @@ TPU_HOSTS = {"v5e-8 (ct5lp-hightpu-8t: 224 vCPUs, 8 chips)": 28, "v6e-8 (180 vCP
              "v4-8 (240 vCPUs, 4 chips)": 60}
 
 
-def photo_jpegs(n: int, seed: int = 0) -> list[bytes]:
+def photo_jpegs(n: int, seed: int = 0, rescale: tuple[float, float] = (0.8, 1.25)) -> list[bytes]:
     """ImageNet-like JPEGs: random crops (about 500x375) of the two sample photographs,
-    rescaled by 0.8-1.25, re-encoded at quality 85-95."""
+    rescaled by 0.8-1.25 (``rescale``; 2-2.5: photos of about 1200x850), re-encoded at quality 85-95."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
     photos = [Image.fromarray(a) for a in load_sample_images().images]  # 427x640 each
@@ -52,7 +55,7 @@ def photo_jpegs(n: int, seed: int = 0) -> list[bytes]:
         photo = photos[i % 2]
         w, h = rng.randint(420, 640), rng.randint(320, 427)
         left, top = rng.randint(0, 640 - w), rng.randint(0, 427 - h)
-        s = rng.uniform(0.8, 1.25)
+        s = rng.uniform(*rescale)
         img = photo.crop((left, top, left + w, top + h)).resize((round(w * s), round(h * s)), Image.BICUBIC)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -140,24 +143,28 @@ def decode_simplejpeg() -> Callable[[bytes], Any]:
 
 
 def decode_reduced(size: int = SIZE) -> Callable[[bytes], Any]:
-    """Decode only, as CropViews decodes: the size from the JPEG header, then at the DCT scale
-    its two crops allow (PIL draft) where that is below full scale, else with simplejpeg."""
-    import math
-
-    from PIL import Image
-
+    """Decode only, as CropViews decodes: the size from the JPEG header, the crop draws, then
+    simplejpeg at the DCT scale the two crops allow (full scale where they keep less than twice
+    the view's pixels)."""
     from ..data.images import decode_jpeg_pixels, jpeg_header
-    from ..data.transforms import crop_params
+    from ..data.transforms import crop_params, dct_shrink
 
     def run(data: bytes):
         header = jpeg_header(data)
         boxes = [crop_params(header.height, header.width) for _ in range(2)]
-        shrink = min(min(h, w) for _t, _l, h, w in boxes) / size
-        if shrink >= 2:
-            with Image.open(io.BytesIO(data)) as im:
-                im.draft("RGB", (math.ceil(header.width / shrink), math.ceil(header.height / shrink)))
-                return im.convert("RGB")
-        return decode_jpeg_pixels(data, 3, header)
+        return decode_jpeg_pixels(data, 3, header, dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / size))
+    return run
+
+
+def moco_xla_full_scale(size: int = SIZE) -> Callable[[bytes], Any]:
+    """CropViews' steps with every JPEG decoded at full scale: what the reduced decode saves."""
+    from ..data.images import decode_jpeg_pixels, jpeg_header
+    from ..data.transforms import crop_params, resized_crop
+
+    def run(data: bytes):
+        header = jpeg_header(data)
+        pixels = decode_jpeg_pixels(data, 3, header)
+        return [resized_crop(pixels, crop_params(header.height, header.width), size) for _ in range(2)]
     return run
 
 
@@ -257,11 +264,20 @@ def run(quick: bool = False) -> dict[str, Any]:
         "moco_xla before (small_v2 preset)": (moco_xla_before(32, "small_v2"), cifar),
         "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(32), cifar),
     }, rounds)
+    large_jpegs = photo_jpegs(n // 2, seed=2, rescale=(2.0, 2.5))
+    large = interleaved({
+        "official (PIL, main_moco.py aug+)": (official_pipeline(), large_jpegs),
+        "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(), large_jpegs),
+        "moco_xla, every JPEG decoded at full scale": (moco_xla_full_scale(), large_jpegs),
+        "decode only (simplejpeg, full scale)": (decode_simplejpeg(), large_jpegs),
+        "decode only (as CropViews: reduced DCT scale where the crops allow)": (decode_reduced(), large_jpegs),
+    }, rounds)
     stages = moco_xla_stages(jpegs, rounds)
     shard = shard_rows(photo_jpegs(40 if quick else 288, seed=1), 1 if quick else 2)
     official, ours = imagenet["official (PIL, main_moco.py aug+)"], imagenet["moco_xla (CropViews, uint8 to the device)"]
-    return {"images": {"imagenet": len(jpegs), "cifar": len(cifar)}, "rounds": rounds, "threads": 1,
-            "view_size": SIZE, "imagenet_cpu_ms": imagenet, "cifar_cpu_ms": small, "shards_cpu_ms": shard,
+    return {"images": {"imagenet": len(jpegs), "large": len(large_jpegs), "cifar": len(cifar)}, "rounds": rounds,
+            "threads": 1, "view_size": SIZE, "imagenet_cpu_ms": imagenet, "large_cpu_ms": large,
+            "cifar_cpu_ms": small, "shards_cpu_ms": shard,
             "moco_xla_stages_cpu_ms": stages,
             "official_over_moco_xla": official / ours,
             "moco_xla_over_decode": ours / min(ms for name, ms in imagenet.items() if name.startswith("decode only")),
@@ -271,6 +287,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 def table(r: dict[str, Any]) -> str:
     lines = [f"host CPU ms per image (two {r['view_size']}-px views), 1 thread, median of {r['rounds']} rounds"]
     for part, title in (("imagenet_cpu_ms", f"ImageNet-size JPEGs ({r['images']['imagenet']})"),
+                        ("large_cpu_ms", f"large photos, about 1200x850 ({r['images']['large']})"),
                         ("cifar_cpu_ms", f"CIFAR-size 32x32 ({r['images']['cifar']}), 32-px views"),
                         ("moco_xla_stages_cpu_ms", "moco_xla's stages, each timed alone (ImageNet-size)"),
                         ("shards_cpu_ms", "pre-training loader over WebDataset shards, 0 workers")):
@@ -295,6 +312,10 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", f"| moco_xla's stages, each timed alone (sum {total:.2f}) | CPU ms / image | share | / decode |",
               "|---|---|---|---|"]
     lines += [f"| {name} | {ms:.2f} | {ms / total:.0%} | {ms / decode:.2f} |" for name, ms in stages.items()]
+    large, full = r["large_cpu_ms"], r["large_cpu_ms"]["decode only (simplejpeg, full scale)"]
+    lines += ["", f"| large photos (about 1200x850 JPEGs), two {r['view_size']}-px views | CPU ms / image | "
+              "row / the full decode |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.2f} | {ms / full:.2f}x |" for name, ms in large.items()]
     for part, title in (("cifar_cpu_ms", "CIFAR-size 32x32, two 32-px views"),
                         ("shards_cpu_ms", "pre-training loader, 0 workers, batch 32, WebDataset shards of photo JPEGs")):
         lines += ["", f"| {title} | CPU ms / image |", "|---|---|"]

@@ -58,25 +58,30 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
     return JpegHeader(width, height, colorspace) if width and height else None
 
 
-def decode_jpeg_pixels(data: bytes, channels: int, header: JpegHeader) -> torch.Tensor:
+def decode_jpeg_pixels(data: bytes, channels: int, header: JpegHeader, shrink: int = 1) -> torch.Tensor:
     """uint8 [1, H, W, C] of a JPEG whose header the caller has read, channels last as
     libjpeg-turbo writes them (the layout torch's resize kernel reads fastest): decode_bytes'
-    pixels without the turn to channels-first (transforms.CropViews)."""
-    pixels = _decode_jpeg(data, channels, header)
+    pixels without the turn to channels-first (transforms.CropViews).
+
+    ``shrink`` 2, 4 or 8 decodes at 1/shrink of the size in the DCT (libjpeg-turbo's scaled
+    IDCT: [ceil(height / shrink), ceil(width / shrink)], cheaper than the full decode; the scales
+    between 1/2 and 1 cost more than it). A JPEG simplejpeg does not decode comes back full size."""
+    pixels = _decode_jpeg(data, channels, header, shrink)
     if pixels is None:  # CMYK, or damaged: decode_bytes' other decoders
         pixels = _decode_other(data, channels).permute(1, 2, 0).contiguous()
     return pixels[None]
 
 
-def _decode_jpeg(data: bytes, channels: int | None, header: JpegHeader | None) -> torch.Tensor | None:
+def _decode_jpeg(data: bytes, channels: int | None, header: JpegHeader | None, shrink: int = 1) -> torch.Tensor | None:
     """uint8 [H, W, C] of a luma-chroma or gray JPEG (simplejpeg); None for anything else (not a
     JPEG, CMYK) and for a file libjpeg-turbo stops on, which the other decoders then decode as
     far as they can, or name what is wrong."""
     if header is None or header.colorspace not in ("YCbCr", "Gray"):
         return None
     gray = channels == 1 or (channels is None and header.colorspace == "Gray")
+    size = {} if shrink == 1 else {"min_height": -(-header.height // shrink), "min_width": -(-header.width // shrink)}
     try:
-        return torch.from_numpy(simplejpeg.decode_jpeg(data, "GRAY" if gray else "RGB"))
+        return torch.from_numpy(simplejpeg.decode_jpeg(data, "GRAY" if gray else "RGB", **size))
     except ValueError:
         return None
 

@@ -21,7 +21,6 @@ Presets, chosen by ``data.augment``:
 """
 from __future__ import annotations
 
-import io
 import math
 
 import torch
@@ -30,7 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .device_augment import DeviceRecipe
-from .images import BadImage, decode_bytes, decode_jpeg_pixels, jpeg_header
+from .images import decode_bytes, decode_jpeg_pixels, jpeg_header
 from .handwriting import PRESETS as HANDWRITING_PRESETS, handwriting_ops
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -185,6 +184,25 @@ def resized_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int
     return view[0].permute(1, 2, 0)
 
 
+def dct_shrink(smaller_over_size: float) -> int:
+    """1, 2, 4 or 8: the most a JPEG can be shrunk in its DCT (libjpeg-turbo's scaled IDCT; the
+    scales between 1/2 and 1 cost more than the full decode) while a crop whose shorter side is
+    ``smaller_over_size`` times the view's still has at least the view's pixels."""
+    return 8 if smaller_over_size >= 8 else 4 if smaller_over_size >= 4 else 2 if smaller_over_size >= 2 else 1
+
+
+def reduced_box(box: tuple[int, int, int, int], full: tuple[int, int], reduced: tuple[int, int]
+                ) -> tuple[int, int, int, int]:
+    """A crop box (top, left, height, width) of the full image mapped onto its reduced decode
+    ([height, width] ``full`` -> ``reduced``): each edge to the nearest reduced pixel, so the
+    crop moves by at most half a reduced pixel (1-4 full pixels) at each edge."""
+    top, left, h, w = box
+    sy, sx = reduced[0] / full[0], reduced[1] / full[1]
+    t, b = min(round(top * sy), reduced[0] - 1), min(round((top + h) * sy), reduced[0])
+    lft, r = min(round(left * sx), reduced[1] - 1), min(round((left + w) * sx), reduced[1])
+    return t, lft, max(b - t, 1), max(r - lft, 1)
+
+
 class CropViews:
     """Two views of one image, each a random resized crop, uint8 [size, size, C].
 
@@ -194,8 +212,10 @@ class CropViews:
     decoded once for both views (simplejpeg, libjpeg-turbo, straight to channels-last pixels;
     images.decode_jpeg_pixels), its size read from the JPEG header beforehand
     (images.jpeg_header) for the crop draws; a JPEG whose two crops both keep
-    at least twice ``size`` pixels on each side is decoded at a reduced DCT scale (1/2, 1/4,
-    1/8: PIL's ``draft``) instead, since the views are downscaled from the crops anyway.
+    at least twice ``size`` pixels on each side is decoded at a reduced DCT scale instead (1/2,
+    1/4 or 1/8, the smallest that leaves both crops at least ``size`` pixels: the views are
+    downscaled from the crops anyway), each crop box mapped onto the reduced pixels to the
+    nearest pixel (reduced_box), as FFCV's decoder does.
 
     Each view is torch's antialiased bilinear uint8 kernel run on its crop of the channels-last
     pixels (what RandomResizedCrop does, here on its fastest layout), whose channels-last output
@@ -220,38 +240,18 @@ class CropViews:
             return self(decode_bytes(data, self.channels))
         width, height = header.width, header.height
         boxes = [crop_params(height, width, self.scale) for _ in range(2)]
-        shrink = min(min(h, w) for _t, _l, h, w in boxes) / self.size
-        if shrink >= 2:
-            return self._reduced_views(data, boxes, math.ceil(width / shrink), math.ceil(height / shrink))
-        pixels = decode_jpeg_pixels(data, self.channels, header)
-        if tuple(pixels.shape[1:3]) != (height, width):  # a header that lied: draw on the decoded pixels
-            return self(pixels[0].permute(2, 0, 1))
-        return self._views(pixels, boxes)
+        shrink = dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / self.size)
+        pixels = decode_jpeg_pixels(data, self.channels, header, shrink)
+        decoded = tuple(pixels.shape[1:3])
+        if decoded == (height, width):  # full size (shrink 1, or a JPEG only the other decoders read)
+            return self._views(pixels, boxes)
+        if decoded == (-(-height // shrink), -(-width // shrink)):
+            return self._views(pixels, [reduced_box(box, (height, width), decoded) for box in boxes])
+        return self(pixels[0].permute(2, 0, 1))  # a header that lied: draw on the decoded pixels
 
     def _views(self, pixels: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [1, H, W, C] (channels last) -> both views, uint8 [size, size, C]."""
         return resized_crop(pixels, boxes[0], self.size), resized_crop(pixels, boxes[1], self.size)
-
-    def _reduced_views(self, data: bytes, boxes: list, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both views from one decode at the smallest DCT scale >= (width, height); each crop box
-        mapped to the reduced pixels exactly (PIL's antialiased bilinear resize of a float box)."""
-        import numpy as np
-        from PIL import Image
-        mode = "L" if self.channels == 1 else "RGB"
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                full_w, full_h = im.size
-                im.draft(mode, (width, height))
-                im = im if im.mode == mode else im.convert(mode)
-                sx, sy = im.width / full_w, im.height / full_h
-                views = []
-                for top, left, h, w in boxes:
-                    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-                    arr = torch.from_numpy(np.array(im.resize((self.size, self.size), Image.BILINEAR, box=box)))
-                    views.append(arr.unsqueeze(-1) if arr.dim() == 2 else arr)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise BadImage(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-        return views[0], views[1]
 
     def __repr__(self) -> str:
         return f"CropViews(size={self.size}, channels={self.channels}, scale={self.scale})"
