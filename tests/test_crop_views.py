@@ -138,6 +138,26 @@ def test_reduced_scale_jpeg_views_match_full_decode(size, make_photo):
     assert min(other_crop) > 3 * max(errors)
 
 
+def test_every_kind_of_jpeg_decodes_at_half_scale_or_full_and_gives_views():
+    """Progressive, gray, 4:4:4, EXIF/ICC, 1x1, optimised: the 1/2 DCT scale is the full decode
+    averaged over 2x2 pixels but for resampling detail; CMYK (the other decoders) comes back full
+    size; small views of each, in 1 and 3 channels, take whichever path and come out whole."""
+    import torch.nn.functional as F
+    for data in jpeg_variants():
+        header = jpeg_header(data)
+        for channels in (1, 3):
+            full = decode_jpeg_pixels(data, channels, header)
+            half = decode_jpeg_pixels(data, channels, header, 2)
+            if header.colorspace == "CMYK" or header.width == 1:
+                assert half.shape == full.shape
+            else:
+                assert half.shape[1:3] == (-(-header.height // 2), -(-header.width // 2))
+                area = F.interpolate(full.permute(0, 3, 1, 2).float(), size=half.shape[1:3], mode="area")
+                assert (half.permute(0, 3, 1, 2).float() - area).abs().mean() < 4
+            torch.manual_seed(0)
+            assert all(v.shape == (24, 24, channels) for v in CropViews(24, channels)(data))
+
+
 def test_a_reduced_decode_is_the_dct_scale_and_each_box_edge_moves_half_a_reduced_pixel_at_most():
     data = encode(large_photo().crop((0, 0, 1001, 777)), quality=90)
     header = jpeg_header(data)
