@@ -215,7 +215,7 @@ class CropViews:
     at least twice ``size`` pixels on each side is decoded at a reduced DCT scale instead (1/2,
     1/4 or 1/8, the smallest that leaves both crops at least ``size`` pixels: the views are
     downscaled from the crops anyway), each crop box mapped onto the reduced pixels to the
-    nearest pixel (reduced_box), as FFCV's decoder does.
+    nearest pixel (reduced_box).
 
     Each view is torch's antialiased bilinear uint8 kernel run on its crop of the channels-last
     pixels (what RandomResizedCrop does, here on its fastest layout), whose channels-last output
