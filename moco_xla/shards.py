@@ -30,7 +30,9 @@ from .data.images import BadImage, decode_bytes, encode_png, sniff_format
 from .data.shardset import MANIFEST, Manifest, SPLITS, is_shard_root, split_url
 from .errors import UserError
 
-TAR_MTIME = 0.0  # fixed member times: packing the same data twice gives identical shards
+# Fixed member times: packing the same data twice gives identical shards. An int: with a float,
+# tarfile writes a PAX header before every member, and reading the shards parses twice the headers.
+TAR_MTIME = 0
 
 
 class Encoded(Dataset):

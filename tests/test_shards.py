@@ -78,6 +78,21 @@ def test_cli_copies_jpeg_bytes_unchanged(tmp_path):
     assert not (out / "test").exists()
 
 
+def test_shards_are_reproducible_plain_tar_headers(tmp_path):
+    """Packing the same data twice gives the same bytes, and each member has one plain header (no
+    PAX extended header, which a float mtime makes tarfile write and every read then parses)."""
+    write_image_folder(tmp_path / "src", classes=2, per_class=3, size=16, fmt="jpg")
+    for out in ("a", "b"):
+        assert shards.main(["--dataset", "folder", "--root", str(tmp_path / "src"), "--out", str(tmp_path / out),
+                            "--split", "train", "--quiet", "--test-fraction", "0.34"]) == 0
+    a, b = (tmp_path / out / "train" / "shard-000000.tar" for out in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    with tarfile.open(a) as t:
+        members = t.getmembers()
+    assert len(members) == 8 and all(m.pax_headers == {} and m.mtime == 0 for m in members)
+    assert b"path=" not in a.read_bytes() and b"mtime=" not in a.read_bytes()
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert shards.main(["--dataset", "mnist", "--root", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: data.root {tmp_path / 'nope'} does not exist"
