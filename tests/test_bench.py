@@ -116,7 +116,7 @@ def test_pipelines_compares_the_official_host_pipeline_with_moco_xla(tmp_path):
                          "decode only (torchvision.io, full scale)", "decode only (simplejpeg, full scale)",
                          "decode only (as CropViews: reduced DCT scale where the crops allow)"}
     assert all(ms > 0 for part in ("imagenet_cpu_ms", "cifar_cpu_ms", "shards_cpu_ms") for ms in r[part].values())
-    assert len(r["shards_cpu_ms"]) == 4  # old and new transform, local and GCS-emulator shards
+    assert len(r["shards_cpu_ms"]) == 6  # old and new transform and the read alone, local and GCS-emulator shards
     assert set(r["large_cpu_ms"]) == {"official (PIL, main_moco.py aug+)", "moco_xla (CropViews, uint8 to the device)",
                                       "moco_xla, every JPEG decoded at full scale", "decode only (simplejpeg, full scale)",
                                       "decode only (as CropViews: reduced DCT scale where the crops allow)"}

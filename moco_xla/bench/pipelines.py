@@ -209,10 +209,13 @@ def moco_xla_stages(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[s
 
 def shard_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
     """CPU ms per image of the pre-training loader (0 workers, batch 32, 224 px, moco_v2) over
-    WebDataset shards, local and on the GCS emulator: the old and the new host transform."""
+    WebDataset shards, local and on the GCS emulator: the old and the new host transform, and
+    the samples read from the shards alone (no decode, no batching)."""
     from .. import data, shards
     from ..config import load_config
+    from ..data.badsamples import SkipCounter
     from ..data.emulator import gcs_emulator
+    from ..data.shardset import iter_shard
     from ..data.transforms import TwoCrops, pretrain_transform
     out: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp, gcs_emulator(["pipelines"]):
@@ -232,6 +235,11 @@ def shard_rows(jpegs: list[bytes], rounds: int) -> dict[str, float]:
                 cfg = load_config("tiny", ["data.dataset=folder", f"data.root={root}", "data.augment=moco_v2",
                                            f"data.image_size={SIZE}", "model.in_channels=3", "data.shuffle_buffer=64"])
                 ds = data.build(cfg).pretrain
+                skips = SkipCounter()
+                t0, n = time.process_time(), 0
+                for i, count in enumerate(ds.manifest.counts):
+                    n += sum(1 for _ in iter_shard(ds.manifest, i, 0, count, skips))
+                out.setdefault(f"reading the samples alone, {where}", []).append(1000 * (time.process_time() - t0) / n)
                 for label, transform in (("moco_xla before", TwoCrops(pretrain_transform("moco_v2", SIZE, 3))),
                                          ("moco_xla", ds.transform)):
                     ds.transform = transform
@@ -273,7 +281,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "decode only (as CropViews: reduced DCT scale where the crops allow)": (decode_reduced(), large_jpegs),
     }, rounds)
     stages = moco_xla_stages(jpegs, rounds)
-    shard = shard_rows(photo_jpegs(40 if quick else 288, seed=1), 1 if quick else 2)
+    shard = shard_rows(photo_jpegs(40 if quick else 288, seed=1), rounds)
     official, ours = imagenet["official (PIL, main_moco.py aug+)"], imagenet["moco_xla (CropViews, uint8 to the device)"]
     return {"images": {"imagenet": len(jpegs), "large": len(large_jpegs), "cifar": len(cifar)}, "rounds": rounds,
             "threads": 1, "view_size": SIZE, "imagenet_cpu_ms": imagenet, "large_cpu_ms": large,
