@@ -73,15 +73,19 @@ def test_check_names_missing_bucket_and_shards(gcs):
 
 
 def test_truncated_shard_in_bucket(indexed_gs, gcs):
+    """A shard cut inside a member (tarfile stops on it) or between two samples (a shorter tar
+    that ends cleanly): either way the run stops on one line naming the shard."""
     root = f"gs://{BUCKET}/damaged"
     write_indexed(root, n=32, shard_size=16, test_n=16)
-    fs, _ = storage.filesystem(root)
     blob = storage.read_bytes(f"{root}/train/shard-000001.tar")
-    storage.write_bytes(f"{root}/train/shard-000001.tar", blob[: len(blob) // 2])
-    loader = data.pretrain_loader(shard_set(root), 8, 0, 1, seed=0, workers=0)
-    loader.set_epoch(0)
-    with pytest.raises(UserError, match=f"shard {root}/train/shard-000001.tar: truncated"):
-        list(loader)
+    assert len(blob) // 2 % 2048 == 0  # 16 samples of 4 tar blocks each: the half is between two samples
+    for cut, message in ((len(blob) // 2 + 700, "truncated or corrupt tar after 10 samples"),
+                         (len(blob) // 2, r"holds 10 samples but the manifest lists 16 \(truncated\?\)")):
+        storage.write_bytes(f"{root}/train/shard-000001.tar", blob[:cut])
+        loader = data.pretrain_loader(shard_set(root), 8, 0, 1, seed=0, workers=0)
+        loader.set_epoch(0)
+        with pytest.raises(UserError, match=f"shard {root}/train/shard-000001.tar: {message}"):
+            list(loader)
 
 
 def test_launch_two_replicas_streaming_from_bucket(gcs, tmp_path):
