@@ -51,8 +51,9 @@ def view_rows(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[str, An
     """CPU ms per view and mean |difference| from the exact view, for one crop box per image."""
     import cv2
     import simplejpeg
-    from ..data.images import decode_bytes
     import torch.nn.functional as F
+
+    from ..data.images import decode_bytes
     from ..data.transforms import channels_last_pixels, crop_params, resized_crop
     cv2.setNumThreads(1)
     torch.manual_seed(0)

@@ -22,8 +22,9 @@ not it). Rows, on each input set:
   the decodes (what the reduced DCT scale saves).
 Inputs are made offline from scikit-learn's two photographs: ImageNet-size JPEGs (random
 crops about 500x375, rescaled, quality 85-95), the larger photos (the same crops rescaled
-2-2.5x) and CIFAR-size images (32x32 uint8, the ``small_v2`` preset). The shard rows run the real pre-training loader (0 workers) over
-WebDataset shards of the same JPEGs, local and streamed from the GCS emulator.
+2-2.5x) and CIFAR-size images (32x32 uint8, the ``small_v2`` preset). The shard rows run the
+real pre-training loader (0 workers) over WebDataset shards of the same JPEGs, local and
+streamed from the GCS emulator.
 """
 from __future__ import annotations
 

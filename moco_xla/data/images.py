@@ -72,6 +72,11 @@ def decode_jpeg_pixels(data: bytes, channels: int, header: JpegHeader, shrink: i
     return pixels[None]
 
 
+def dct_scaled_size(header: JpegHeader, shrink: int) -> tuple[int, int]:
+    """[height, width] of a JPEG decoded at 1/shrink in the DCT (libjpeg-turbo rounds up)."""
+    return -(-header.height // shrink), -(-header.width // shrink)
+
+
 def _decode_jpeg(data: bytes, channels: int | None, header: JpegHeader | None, shrink: int = 1) -> torch.Tensor | None:
     """uint8 [H, W, C] of a luma-chroma or gray JPEG (simplejpeg); None for anything else (not a
     JPEG, CMYK) and for a file libjpeg-turbo stops on, which the other decoders then decode as
@@ -79,7 +84,7 @@ def _decode_jpeg(data: bytes, channels: int | None, header: JpegHeader | None, s
     if header is None or header.colorspace not in ("YCbCr", "Gray"):
         return None
     gray = channels == 1 or (channels is None and header.colorspace == "Gray")
-    size = {} if shrink == 1 else {"min_height": -(-header.height // shrink), "min_width": -(-header.width // shrink)}
+    size = dict(zip(("min_height", "min_width"), dct_scaled_size(header, shrink))) if shrink > 1 else {}
     try:
         return torch.from_numpy(simplejpeg.decode_jpeg(data, "GRAY" if gray else "RGB", **size))
     except ValueError:

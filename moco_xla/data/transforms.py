@@ -29,7 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .device_augment import DeviceRecipe
-from .images import decode_bytes, decode_jpeg_pixels, jpeg_header
+from .images import dct_scaled_size, decode_bytes, decode_jpeg_pixels, jpeg_header
 from .handwriting import PRESETS as HANDWRITING_PRESETS, handwriting_ops
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -245,7 +245,7 @@ class CropViews:
         decoded = tuple(pixels.shape[1:3])
         if decoded == (height, width):  # full size (shrink 1, or a JPEG only the other decoders read)
             return self._views(pixels, boxes)
-        if decoded == (-(-height // shrink), -(-width // shrink)):
+        if decoded == dct_scaled_size(header, shrink):
             return self._views(pixels, [reduced_box(box, (height, width), decoded) for box in boxes])
         return self(pixels[0].permute(2, 0, 1))  # a header that lied: draw on the decoded pixels
 
