@@ -299,7 +299,7 @@ def end_epoch(s: Session, epoch: int, run: EpochRun) -> None:
 
 
 def evaluate(s: Session, epoch: int) -> float:
-    """kNN on the query or key encoder's features (eval.knn_encoder, eval.knn_layer); every replica
+    """kNN on the query or key encoder's features (eval.knn_encoder, knn_layer, knn_centre); every replica
     first takes rank 0's BN statistics, so N replicas score exactly what one would."""
     cfg, rt, pos = s.cfg, s.rt, s.pos
     # fork_rng: evaluating (its DataLoaders draw seeds) must not shift training's RNG stream
@@ -309,7 +309,8 @@ def evaluate(s: Session, epoch: int) -> float:
         features = knn_readout(encoder, cfg.eval.knn_layer)
         pos.knn_top1 = float(knn_accuracy(
             rt, features, s.bundle.bank, s.bundle.test, s.bundle.num_classes, cfg.eval.knn_k,
-            cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers, cfg.eval.knn_bn))
+            cfg.eval.knn_t, cfg.eval.batch_size, cfg.eval.max_bank, cfg.data.workers, cfg.eval.knn_bn,
+            cfg.eval.knn_centre))
         s.pixels.measure()
     pos.knn_epoch = epoch + 1
     return pos.knn_top1

@@ -61,3 +61,22 @@ def test_three_gloo_replicas_equal_one_replica():
         assert result["acc"] == single["acc"]
         torch.testing.assert_close(result["bank"], single["bank"])  # gathered in dataset order
         assert torch.equal(result["labels"], bank[1])
+
+
+def test_centring_subtracts_the_bank_mean_before_normalising():
+    rt = make_runtime("local")
+    # by hand: bank A (1, 0) and B (3, 0.5), mean (2, 0.25); the query (1.5, 0.3) lies nearer A, but in
+    # angle nearer B (0.03 rad against 0.2); centred, it points at A - mean and away from B - mean
+    bank = Points(torch.tensor([[1.0, 0.0], [3.0, 0.5]]), torch.tensor([0, 1]))
+    query = Points(torch.tensor([[1.5, 0.3]]), torch.tensor([0]))
+    assert float(knn_accuracy(rt, nn.Identity(), bank, query, 2, k=1)) == 0.0
+    assert float(knn_accuracy(rt, nn.Identity(), bank, query, 2, k=1, centre=True)) == 100.0
+    # on clusters: the same as subtracting the bank's mean by hand, wherever an offset puts them
+    (bank_x, bank_y), (test_x, test_y) = clusters(120, 4, 8, seed=5, spread=0.5), clusters(60, 4, 8, seed=6, spread=0.5)
+    mean = bank_x.mean(dim=0)
+    by_hand = knn_accuracy(rt, nn.Identity(), Points(bank_x - mean, bank_y), Points(test_x - mean, test_y), 4, k=10,
+                           batch=16)
+    for offset in (0.0, 3.0, -30.0):
+        centred = knn_accuracy(rt, nn.Identity(), Points(bank_x + offset, bank_y), Points(test_x + offset, test_y), 4,
+                               k=10, batch=16, centre=True)
+        assert abs(float(centred) - float(by_hand)) < 1e-4

@@ -1,7 +1,8 @@
 """eval.knn_layer and eval.knn_encoder: the kNN reads the backbone, the projection MLP's hidden layer or
-the head's output, of the query or the key encoder. The readout is the encoder's own layers (sharing
-their weights during pre-training), configs without such a head are refused in one line, and the eval
-command on a run's checkpoint reproduces the monitor's kNN for the readout the run monitored."""
+the head's output, of the query or the key encoder, centred on the bank's mean feature or not
+(eval.knn_centre). The readout is the encoder's own layers (sharing their weights during pre-training),
+configs without such a head are refused in one line, and the eval command on a run's checkpoint
+reproduces the monitor's kNN for the readout the run monitored."""
 from __future__ import annotations
 
 import pytest
@@ -50,21 +51,22 @@ def test_projection_needs_a_v1_or_v2_head():
         load_config("tiny", ["moco.version=3", "model.bn_splits=1", "eval.knn_layer=projection"])
 
 
-@pytest.mark.parametrize("encoder,layer", [("query", "mlp_hidden"), ("key", "projection")])
-def test_eval_command_reproduces_the_monitor(tmp_path, encoder, layer):
+@pytest.mark.parametrize("encoder,layer,centre", [("query", "mlp_hidden", True), ("key", "projection", False)])
+def test_eval_command_reproduces_the_monitor(tmp_path, encoder, layer, centre):
     run = tmp_path / "run"
     cfg = load_config("tiny", ["train.epochs=2", "train.max_steps_per_epoch=3", f"eval.knn_layer={layer}",
-                               f"eval.knn_encoder={encoder}", "eval.knn_bn=recompute"])
+                               f"eval.knn_encoder={encoder}", "eval.knn_bn=recompute", f"eval.knn_centre={centre}"])
     monitored = train(cfg, make_runtime("local"), run)["knn_top1"]
     other = "query" if encoder == "key" else "key"
     scores = {}
-    for name, setting in {"monitored": (encoder, layer), "other layer": (encoder, "backbone"),
-                          "other encoder": (other, layer)}.items():
+    for name, setting in {"monitored": (encoder, layer, centre), "other layer": (encoder, "backbone", centre),
+                          "other encoder": (other, layer, centre), "other centring": (encoder, layer, not centre)}.items():
         p = run_eval(["knn", "--ckpt", str(run), "--out", str(tmp_path / name.replace(" ", "_")),
-                      "--set", f"eval.knn_encoder={setting[0]}", "--set", f"eval.knn_layer={setting[1]}"])
+                      "--set", f"eval.knn_encoder={setting[0]}", "--set", f"eval.knn_layer={setting[1]}",
+                      "--set", f"eval.knn_centre={setting[2]}"])
         assert p.returncode == 0, p.stderr[-3000:]
         summary = read_summary(tmp_path / name.replace(" ", "_"))
-        assert (summary["knn"]["encoder"], summary["knn"]["layer"]) == setting
+        assert (summary["knn"]["encoder"], summary["knn"]["layer"], summary["knn"]["centre"]) == setting
         scores[name] = summary["knn_top1"]
     assert scores["monitored"] == monitored  # the same features, bank and BN statistics as the monitor's
-    assert scores["other layer"] != monitored and scores["other encoder"] != monitored  # other features
+    assert all(scores[name] != monitored for name in ("other layer", "other encoder", "other centring"))  # other features

@@ -190,6 +190,8 @@ class EvalConfig:
                                      # projection MLP's hidden layer, after its ReLU) | projection (the v1/v2
                                      # head's output): eval/readout.py
     knn_encoder: str = "query"       # the encoder the kNN reads: query | key (its momentum average)
+    knn_centre: bool = False         # subtract the bank's mean feature before the L2 normalisation (as the
+                                     # raw-pixel reference does to the pixels): eval/knn.py
     batch_size: int = 256
     max_bank: int = 0                # 0 = whole train set as the feature bank
     probe: ProbeConfig = field(default_factory=ProbeConfig)

@@ -130,13 +130,14 @@ def default_out(ckpt: str, cfg: Config) -> Path:
 
 def run_knn(job: Job, rt: Runtime, writer: MetricsWriter) -> dict[str, Any]:
     """The training monitor's weighted kNN on the checkpoint's encoder (eval.knn_encoder, knn_layer, knn_k,
-    knn_t, knn_bn)."""
+    knn_t, knn_bn, knn_centre)."""
     cfg, e = job.cfg, job.cfg.eval
     bundle = data.build(cfg)
     net = Encoders(cfg, job.ckpt).knn_features(rt)
     top1 = float(knn_accuracy(rt, net, bundle.bank, bundle.test, bundle.num_classes, e.knn_k, e.knn_t, e.batch_size,
-                              e.max_bank, cfg.data.workers, e.knn_bn))
-    setting = {"k": e.knn_k, "t": e.knn_t, "bn": e.knn_bn, "layer": e.knn_layer, "encoder": e.knn_encoder}
+                              e.max_bank, cfg.data.workers, e.knn_bn, e.knn_centre))
+    setting = {"k": e.knn_k, "t": e.knn_t, "bn": e.knn_bn, "layer": e.knn_layer, "encoder": e.knn_encoder,
+               "centre": e.knn_centre}
     writer.write({"type": "knn_eval", "knn_top1": top1, **setting})
     return {"knn_top1": top1, "knn": {"top1": top1, **setting, "ckpt": job.ckpt,
                                       "bank_images": len(bundle.bank), "test_images": len(bundle.test)}}

@@ -32,36 +32,42 @@ def knn_predict(feature: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Te
 
 
 @torch.no_grad()
-def embed(rt: Runtime, net: nn.Module, ds, batch: int, limit: int = 0, workers: int = 0
+def embed(rt: Runtime, net: nn.Module, ds, batch: int, limit: int = 0, workers: int = 0, normalize: bool = True
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features and labels of ``ds`` (first ``limit`` samples), gathered, in dataset order."""
+    """Features (L2-normalised unless ``normalize`` is False) and labels of ``ds`` (first ``limit``
+    samples), gathered, in dataset order."""
     n = min(len(ds), limit) if limit else len(ds)
     feats, labels = [], []
     for x, y, _valid in rt.device_loader(eval_loader(ds, batch, rt.rank, rt.world_size, workers, n)):
-        feats.append(F.normalize(net(x).float(), dim=1))
+        feats.append(net(x).float())
         labels.append(y)
     order = gathered_order(n, rt.world_size, batch).to(rt.device)
     feats = rt.all_gather(torch.cat(feats)).index_select(0, order)
     labels = rt.all_gather(torch.cat(labels)).index_select(0, order)
-    return feats, labels
+    return (F.normalize(feats, dim=1) if normalize else feats), labels
 
 
 @torch.no_grad()
 def knn_accuracy(rt: Runtime, net: nn.Module, bank_ds, test_ds, classes: int, k: int = 200,
                  t: float = 0.1, batch: int = 256, max_bank: int = 0, workers: int = 0,
-                 bn: str = "running") -> torch.Tensor:
+                 bn: str = "running", centre: bool = False) -> torch.Tensor:
     """Top-1 kNN accuracy (percent) on ``test_ds`` with ``bank_ds`` as the memory bank.
 
     ``net`` maps images to features (the backbone); ``bn`` (eval.knn_bn) "recompute" first
-    recomputes its BN statistics on the bank's images (precise_bn). Returns a device scalar.
+    recomputes its BN statistics on the bank's images (precise_bn). ``centre`` (eval.knn_centre)
+    subtracts the bank's mean feature from every feature before the L2 normalisation, as the
+    raw-pixel reference does to the pixels (pixel_knn). Returns a device scalar.
     """
     was_training = net.training
     with precise_bn(rt, net, bank_ds, batch, workers, max_bank, enabled=bn == "recompute"):
         net.eval()
-        bank, bank_labels = embed(rt, net, bank_ds, batch, max_bank, workers)
+        bank, bank_labels = embed(rt, net, bank_ds, batch, max_bank, workers, normalize=False)
+        mean = bank.mean(dim=0) if centre else None
+        bank = F.normalize(bank if mean is None else bank - mean, dim=1)
         correct = torch.zeros((), device=rt.device)
         for x, y, valid in rt.device_loader(eval_loader(test_ds, batch, rt.rank, rt.world_size, workers)):
-            f = F.normalize(net(x).float(), dim=1)
+            f = net(x).float()
+            f = F.normalize(f if mean is None else f - mean, dim=1)
             pred = knn_predict(f, bank, bank_labels, classes, k, t, rt.precise_matmul).argmax(dim=1)
             correct = correct + ((pred == y) & valid).sum()
     net.train(was_training)

@@ -9,8 +9,8 @@ at image_size 16): interpolation only blurs them. Images larger than ``MAX_SIDE`
 area-averaged down to it first, which keeps the bank (N x C x side^2 floats) as small as a
 ResNet-50's feature bank on ImageNet.
 
-Everything runs on the device with static shapes: one pass over the bank for the mean
-(an all_reduce), then ``knn_accuracy`` with the centring as its network.
+Everything runs on the device with static shapes: ``knn_accuracy`` with the pixels as the
+network and its ``centre`` on (the bank's mean image subtracted before the L2 normalisation).
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import eval_loader
 from ..data.subsets import at_stored_size
 from .knn import knn_accuracy
 from ..runtime import Runtime
@@ -36,35 +35,12 @@ class Pixels(nn.Module):
         return x.flatten(1)
 
 
-class CentredPixels(Pixels):
-    """Flattened pixels minus ``mean`` (the bank's mean image, flattened)."""
-
-    def __init__(self, mean: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) - self.mean
-
-
-@torch.no_grad()
-def bank_mean(rt: Runtime, ds, batch: int, limit: int = 0, workers: int = 0) -> torch.Tensor:
-    """The mean of ``Pixels`` over the first ``limit`` (0: all) samples of ``ds``, on every replica."""
-    n = min(len(ds), limit) if limit else len(ds)
-    pixels, total = Pixels(), None
-    for x, _y, valid in rt.device_loader(eval_loader(ds, batch, rt.rank, rt.world_size, workers, n)):
-        part = (pixels(x) * valid.unsqueeze(1).to(torch.float32)).sum(dim=0)
-        total = part if total is None else total + part
-    return rt.all_reduce(total, op="sum") / n
-
-
 @torch.no_grad()
 def pixel_knn_accuracy(rt: Runtime, bank_ds, test_ds, classes: int, k: int = 200, t: float = 0.1,
                        batch: int = 256, max_bank: int = 0, workers: int = 0) -> torch.Tensor:
     """Top-1 weighted kNN (percent) on centred, L2-normalised raw pixels: ``knn_accuracy``'s protocol
     and arguments with the pixels as the features. Returns a device scalar."""
-    centred = CentredPixels(bank_mean(rt, bank_ds, batch, max_bank, workers)).to(rt.device)
-    return knn_accuracy(rt, centred, bank_ds, test_ds, classes, k, t, batch, max_bank, workers)
+    return knn_accuracy(rt, Pixels(), bank_ds, test_ds, classes, k, t, batch, max_bank, workers, centre=True)
 
 
 class PixelReference:
