@@ -62,12 +62,11 @@ def knn_accuracy(rt: Runtime, net: nn.Module, bank_ds, test_ds, classes: int, k:
     with precise_bn(rt, net, bank_ds, batch, workers, max_bank, enabled=bn == "recompute"):
         net.eval()
         bank, bank_labels = embed(rt, net, bank_ds, batch, max_bank, workers, normalize=False)
-        mean = bank.mean(dim=0) if centre else None
-        bank = F.normalize(bank if mean is None else bank - mean, dim=1)
+        mean = bank.mean(dim=0) if centre else bank.new_zeros(())
+        bank = F.normalize(bank - mean, dim=1)
         correct = torch.zeros((), device=rt.device)
         for x, y, valid in rt.device_loader(eval_loader(test_ds, batch, rt.rank, rt.world_size, workers)):
-            f = net(x).float()
-            f = F.normalize(f if mean is None else f - mean, dim=1)
+            f = F.normalize(net(x).float() - mean, dim=1)
             pred = knn_predict(f, bank, bank_labels, classes, k, t, rt.precise_matmul).argmax(dim=1)
             correct = correct + ((pred == y) & valid).sum()
     net.train(was_training)
