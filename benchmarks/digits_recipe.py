@@ -121,6 +121,11 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
     "q20_crop0.9": ("the quickstart with crops of 90-100% of the digit", [*Q20_SHIPPED, "data.crop_min_scale=0.9"]),
     "q20_crop1.0": ("the quickstart without crops (at scale 1 only the square fits a square digit): blur alone",
                     [*Q20_SHIPPED, "data.crop_min_scale=1.0"]),
+    # thirteenth round, on top of the shipped quickstart: the queue's same-class keys, and the crops' grid
+    "q20_debias": ("the quickstart with the debiased InfoNCE, tau+ 0.1 (a tenth of the queue: the query's digit)",
+                   [*Q20_SHIPPED, "moco.debias=0.1"]),
+    "q20_fine_crops": ("the quickstart with its crops drawn on the 16-px view's grid, not the stored 8x8 one "
+                       "(digits_fine)", [*Q20_SHIPPED, "data.augment=digits_fine"]),
 }
 
 

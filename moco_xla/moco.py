@@ -9,6 +9,7 @@ Runtime, and nothing is read back to the host here.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -23,10 +24,11 @@ class MoCo(nn.Module):
 
     def __init__(self, encoder_q: nn.Module, runtime: Runtime, dim: int = 128, K: int = 65536,
                  m: float = 0.999, T: float = 0.07, symmetric: bool = False,
-                 shuffle: str = "gather") -> None:
+                 shuffle: str = "gather", debias: float = 0.0) -> None:
         super().__init__()
         self.rt = runtime
         self.K, self.m, self.T = K, m, T
+        self.debias = debias  # tau+: the share of the queue's keys expected to be of the query's class
         self.symmetric = symmetric
         self.shuffle = resolve_mode(runtime, shuffle)  # all_to_all falls back to gather where missing
         self.encoder_q = encoder_q
@@ -72,8 +74,7 @@ class MoCo(nn.Module):
             l_pos = (q * k).sum(dim=1, keepdim=True)
             l_neg = self.rt.precise_matmul(q, self.queue.clone().detach())  # TPU: highest precision
             logits = torch.cat([l_pos, l_neg], dim=1) / self.T
-            labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-            loss = F.cross_entropy(logits, labels)
+            loss = infonce(logits, self.debias, self.T)
             acc = (logits.argmax(dim=1) == 0).float().mean()
         return loss, acc, k
 
@@ -90,5 +91,21 @@ class MoCo(nn.Module):
 
     def uniform_loss(self) -> float:
         """The loss of uniform logits, ln(K+1) per view: where a collapsed run sits."""
-        import math
         return math.log(self.K + 1) * (2 if self.symmetric else 1)
+
+
+def infonce(logits: torch.Tensor, tau_plus: float = 0.0, T: float = 1.0) -> torch.Tensor:
+    """InfoNCE on [N, 1 + K] logits (cosine / T) with the positive at index 0.
+
+    ``tau_plus`` > 0: the debiased form (Chuang et al. 2020, "Debiased Contrastive Learning"): a
+    share ``tau_plus`` of the K negatives is taken to be of the query's own class, so the negatives'
+    sum is corrected by that share of the positive's term, ``(sum(neg) - tau_plus K pos) / (1 - tau_plus)``,
+    and floored at K e^(-1/T), the least K cosine similarities can give.
+    """
+    if tau_plus == 0:
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, labels)
+    pos, neg = logits[:, 0].exp(), logits[:, 1:].exp()
+    n = neg.shape[1]
+    neg_sum = ((neg.sum(dim=1) - tau_plus * n * pos) / (1 - tau_plus)).clamp(min=n * math.exp(-1 / T))
+    return (torch.log(pos + neg_sum) - logits[:, 0]).mean()

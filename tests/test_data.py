@@ -13,6 +13,7 @@ from data_fixtures import (write_cifar10, write_emnist, write_image_folder, writ
                            write_mnist)
 from moco_xla import data
 from moco_xla.config import load_config
+from moco_xla.data.datasets import load_digits
 from moco_xla.data.transforms import PRESETS, ToChannels, TwoCrops, eval_transform, pretrain_transform
 from moco_xla.errors import UserError
 
@@ -139,6 +140,19 @@ def test_crop_min_scale_reaches_the_digits_views(crop_min_scale, whole):
     same = [torch.equal(view, bundle.bank[i][0]) for i in range(100) for view in bundle.pretrain[i][0]]
     share = sum(same) / len(same)
     assert 0.35 < share < 0.65 if whole else share < 0.05, share
+
+
+def test_digits_fine_draws_its_crops_on_the_views_grid():
+    """digits_fine upsamples the 8x8 digit to the view's 16 px before the random resized crop: crops of
+    80-100% then take several times the distinct boxes they take on the stored grid (blur left out)."""
+    digit = load_digits()[0].images[0]
+    distinct = {}
+    for preset in ("digits", "digits_fine"):
+        geometric = v2.Compose([t for t in pretrain_transform(preset, 16, 1, 0.8).transforms
+                                if not isinstance(t, (v2.RandomApply, v2.ToDtype, v2.Normalize))])
+        torch.manual_seed(0)
+        distinct[preset] = len({tuple(geometric(digit).flatten().tolist()) for _ in range(300)})
+    assert distinct["digits"] <= 12 and distinct["digits_fine"] >= 30, distinct
 
 
 def test_channel_conversion():

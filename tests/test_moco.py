@@ -8,14 +8,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moco_xla.models import SplitBatchNorm, build_encoder
-from moco_xla.moco import MoCo
+from moco_xla.moco import MoCo, infonce
 from moco_xla.runtime import make_runtime
 
 
-def linear_moco(K: int = 8, dim: int = 3, m: float = 0.9, T: float = 0.5, symmetric: bool = False) -> MoCo:
+def linear_moco(K: int = 8, dim: int = 3, m: float = 0.9, T: float = 0.5, symmetric: bool = False,
+                debias: float = 0.0) -> MoCo:
     torch.manual_seed(0)
     enc = nn.Linear(4, dim, bias=False)
-    return MoCo(enc, make_runtime("local"), dim=dim, K=K, m=m, T=T, symmetric=symmetric, shuffle="gather")
+    return MoCo(enc, make_runtime("local"), dim=dim, K=K, m=m, T=T, symmetric=symmetric, shuffle="gather",
+                debias=debias)
 
 
 def test_queue_enqueue_order_and_wrap_around():
@@ -62,6 +64,42 @@ def test_loss_equals_hand_computed_infonce():
     torch.testing.assert_close(loss, _infonce(q.detach(), k.detach(), queue, 0.5), rtol=1e-5, atol=1e-5)
     # the keys were enqueued after the loss was computed
     torch.testing.assert_close(model.queue[:, :2], k.detach().t())
+
+
+def _debiased_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float, tau_plus: float) -> torch.Tensor:
+    """Hand-written debiased InfoNCE (Chuang et al. 2020, their code's form): the negatives' sum less
+    tau_plus of N positives, over 1 - tau_plus, floored at N exp(-1/T)."""
+    losses = []
+    for i in range(q.shape[0]):
+        pos = math.exp(float(q[i] @ k[i]) / T)
+        negs = [math.exp(float(q[i] @ queue[:, j]) / T) for j in range(queue.shape[1])]
+        n = len(negs)
+        ng = max((sum(negs) - tau_plus * n * pos) / (1 - tau_plus), n * math.exp(-1 / T))
+        losses.append(-math.log(pos / (pos + ng)))
+    return torch.tensor(sum(losses) / len(losses))
+
+
+def test_debiased_loss_equals_hand_computed_form():
+    """moco.debias=tau+: the loss is the debiased InfoNCE, not InfoNCE, on the same queries, keys and queue."""
+    model = linear_moco(K=8, m=0.0, T=0.5, debias=0.1)
+    x_q, x_k = torch.randn(4, 4), torch.randn(4, 4)
+    queue = model.queue.clone()
+    loss, _ = model(x_q, x_k)
+    f = lambda x: F.normalize(x @ model.encoder_q.weight.t(), dim=1).detach()  # noqa: E731
+    want = _debiased_infonce(f(x_q), f(x_k), queue, 0.5, 0.1)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    assert abs(float(loss) - float(_infonce(f(x_q), f(x_k), queue, 0.5))) > 1e-3  # not plain InfoNCE
+
+
+def test_debiased_loss_floor_and_uniform_logits():
+    """Where the positive outweighs the negatives' sum the corrected sum is floored at N exp(-1/T);
+    uniform logits cost ln(K + 1) with or without the correction (the collapse detector's line)."""
+    T, logits = 0.1, torch.tensor([[10.0, -10.0, -10.0, -10.0]])  # cosine 1 against three cosines of -1
+    floor = 3 * math.exp(-1 / T)
+    torch.testing.assert_close(infonce(logits, 0.5, T), torch.tensor(math.log(math.exp(10) + floor) - 10))
+    uniform = torch.full((2, 9), 3.0)
+    for tau_plus in (0.0, 0.1):
+        torch.testing.assert_close(infonce(uniform, tau_plus, 0.5), torch.tensor(math.log(9)))
 
 
 def test_symmetric_loss_is_sum_of_both_directions():

@@ -12,7 +12,7 @@ class DataConfig:
     root: str | None = None          # local path or gs://bucket/prefix (shards)
     split: str = "balanced"          # EMNIST split
     image_size: int = 16
-    augment: str = "digits"          # moco_v1 | moco_v2 | small | small_v2 | digits | digits_affine | handwriting(_crop)
+    augment: str = "digits"          # moco_v1 | moco_v2 | small | small_v2 | digits(_fine, _affine) | handwriting(_crop)
     workers: int = 0
     shuffle_buffer: int = 1000       # streaming shards: seeded shuffle buffer
     on_bad_sample: str = "error"     # error | skip
@@ -46,6 +46,7 @@ class MocoConfig:
     T: float = 0.1                   # softmax temperature
     symmetric: bool = True           # both crops serve as query in turn
     shuffle: str = "gather"          # gather | all_to_all | none
+    debias: float = 0.0              # v1/v2: tau+ of the debiased InfoNCE (share of same-class negatives); 0 = InfoNCE
     version: int = 2                 # 1/2: queue MoCo (moco.py); 3: MoCo v3, the batch as negatives (moco_v3.py)
     mlp_dim: int = 4096              # v3: hidden width of the projector and predictor MLPs
     proj_layers: int = 0             # v3: projector depth; 0 = the official code's (ResNet 2, ViT 3)
@@ -221,7 +222,7 @@ class Config:
 
 
 CHOICES = {
-    "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_affine", "handwriting",
+    "data.augment": ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_fine", "digits_affine", "handwriting",
                      "handwriting_crop"),
     "data.on_bad_sample": ("error", "skip"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "small_resnet", "vit_small", "vit_base", "small_vit"),

@@ -14,6 +14,9 @@ Presets, chosen by ``data.augment``:
 - small / small_v2: the same at small sizes (32x32 crops, as in the CIFAR-10 demo)
 - digits: grayscale digits: random resized crop and Gaussian blur, no flip
   (a flipped digit is another digit)
+- digits_fine: digits with the crop drawn on the view's grid (the image resized to the view's size
+  first): on 8x8 digits shown at 16 px, crops of 80-100% then move and scale by half a stored pixel,
+  where on the stored grid they take about nine distinct boxes
 - digits_affine: digits plus a small random affine warp (rotation 10 deg, shear 10 deg,
   translation 10%, scale 0.9-1.1): the pen-stroke variations of handwriting
 - handwriting / handwriting_crop: affine warp, elastic distortion, stroke width and random erasing
@@ -36,7 +39,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
 
-PRESETS = ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_affine", *HANDWRITING_PRESETS)
+PRESETS = ("moco_v1", "moco_v2", "small", "small_v2", "digits", "digits_fine", "digits_affine", *HANDWRITING_PRESETS)
 
 
 def normalize_for(channels: int, preset: str) -> v2.Normalize:
@@ -94,8 +97,9 @@ def pretrain_transform(preset: str, size: int, channels: int, crop_min_scale: fl
     norm = normalize_for(channels, preset)
     blur_k = max(3, (size // 10) | 1)  # odd kernel about 10% of the image, as in MoCo v2
     scale = crop_scale(preset, crop_min_scale)
-    if preset in ("digits", "digits_affine"):
-        ops = [v2.RandomResizedCrop(size, scale=scale, ratio=(0.8, 1.25), antialias=True),
+    if preset in ("digits", "digits_fine", "digits_affine"):
+        grid = [v2.Resize((size, size), antialias=True)] if preset == "digits_fine" else []
+        ops = [*grid, v2.RandomResizedCrop(size, scale=scale, ratio=(0.8, 1.25), antialias=True),
                v2.RandomApply([v2.GaussianBlur(blur_k, sigma=(0.1, 1.0))], p=0.5)]
         if preset == "digits_affine":
             ops.insert(1, v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10))
