@@ -99,10 +99,10 @@ def pretrain_transform(preset: str, size: int, channels: int, crop_min_scale: fl
     scale = crop_scale(preset, crop_min_scale)
     if preset in ("digits", "digits_fine", "digits_affine"):
         grid = [v2.Resize((size, size), antialias=True)] if preset == "digits_fine" else []
-        ops = [*grid, v2.RandomResizedCrop(size, scale=scale, ratio=(0.8, 1.25), antialias=True),
+        warp = ([v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10)]
+                if preset == "digits_affine" else [])
+        ops = [*grid, v2.RandomResizedCrop(size, scale=scale, ratio=(0.8, 1.25), antialias=True), *warp,
                v2.RandomApply([v2.GaussianBlur(blur_k, sigma=(0.1, 1.0))], p=0.5)]
-        if preset == "digits_affine":
-            ops.insert(1, v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10))
         return v2.Compose(_prepare(channels) + ops + _finish(norm))
     if preset in HANDWRITING_PRESETS:  # uint8 warps, then the pen on the float image, then normalise
         geometric, pen = handwriting_ops(preset, size, blur_k, scale)
