@@ -708,7 +708,7 @@ crops of 60-80% take a few discrete boxes), a little harsher: `q20_fine_crops0.7
 before either ran, that of the thirteenth round (mean of seeds 0-2 at least 99.33; both: the higher
 mean, on a tie 0.7). 70-100%: 99.00 / 98.33 / 98.33 (mean 98.56); 60-100%: 99.33 / 97.33 / 97.67
 (98.11). Neither passed; configs/digits.yaml is unchanged and the test digits were not read. On either
-grid the validation mean peaks with crops of about 80-100% and falls with harsher ones.
+grid, crops harsher than 80-100% of the digit score lower on the validation mean.
 """
 
 
