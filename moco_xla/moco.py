@@ -100,12 +100,17 @@ def infonce(logits: torch.Tensor, tau_plus: float = 0.0, T: float = 1.0) -> torc
     ``tau_plus`` > 0: the debiased form (Chuang et al. 2020, "Debiased Contrastive Learning"): a
     share ``tau_plus`` of the K negatives is taken to be of the query's own class, so the negatives'
     sum is corrected by that share of the positive's term, ``(sum(neg) - tau_plus K pos) / (1 - tau_plus)``,
-    and floored at K e^(-1/T), the least K cosine similarities can give.
+    and floored at K e^(-1/T), the least K cosine similarities can give. Computed on logits less
+    their row's largest, the floor in the log domain: no exp overflows at any temperature.
     """
     if tau_plus == 0:
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits, labels)
-    pos, neg = logits[:, 0].exp(), logits[:, 1:].exp()
-    n = neg.shape[1]
-    neg_sum = ((neg.sum(dim=1) - tau_plus * n * pos) / (1 - tau_plus)).clamp(min=n * math.exp(-1 / T))
-    return (torch.log(pos + neg_sum) - logits[:, 0]).mean()
+    shift = logits.detach().amax(dim=1)
+    z = logits - shift[:, None]
+    n = z.shape[1] - 1
+    pos, neg_sum = z[:, 0].exp(), z[:, 1:].exp().sum(dim=1)
+    corrected = (neg_sum - tau_plus * n * pos) / (1 - tau_plus)
+    log_floor = math.log(n) - 1 / T - shift  # K e^(-1/T) on the shifted scale
+    log_neg = torch.maximum(corrected.clamp(min=torch.finfo(z.dtype).tiny).log(), log_floor)
+    return (torch.logaddexp(z[:, 0], log_neg) - z[:, 0]).mean()
