@@ -113,4 +113,5 @@ def infonce(logits: torch.Tensor, tau_plus: float = 0.0, T: float = 1.0) -> torc
     corrected = (neg_sum - tau_plus * n * pos) / (1 - tau_plus)
     log_floor = math.log(n) - 1 / T - shift  # K e^(-1/T) on the shifted scale
     log_neg = torch.maximum(corrected.clamp(min=torch.finfo(z.dtype).tiny).log(), log_floor)
-    return (torch.logaddexp(z[:, 0], log_neg) - z[:, 0]).mean()
+    log_denominator = torch.stack([z[:, 0], log_neg]).logsumexp(dim=0)  # XLA lowers it (logaddexp falls back)
+    return (log_denominator - z[:, 0]).mean()
