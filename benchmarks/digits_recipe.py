@@ -695,9 +695,9 @@ validation digits above the shipped quickstart's 98.67 on the same seeds), withi
 budget; if both pass, the higher mean, on a tie the smaller change (the crops); only then are the
 test digits read, once per seed.
 
-The debiased loss: 93.67 / 88.67 / 91.00 (mean 91.11), 5 to 10 points below the shipped quickstart
-on every seed (a first run of the same formula computed without the log-domain floor, the same
-mathematics in other float rounding, gave 92.67 / 88.33 / 93.33); the crops on the fine grid: 99.00 / 98.67 / 98.33 (mean 98.67), the shipped
+The debiased loss: 92.67 / 84.33 / 92.67 (mean 89.89), 5 to 15 points below the shipped quickstart
+on every seed (two earlier runs of the same formula, computed in other orders and so rounded
+otherwise, averaged 91.44 and 91.11: these runs amplify a rounding into a point or more); the crops on the fine grid: 99.00 / 98.67 / 98.33 (mean 98.67), the shipped
 quickstart's mean to the digit. Neither passed; configs/digits.yaml is unchanged and the test digits
 were not read. Not measured, a likely reading: with the positive's term weighted by a tenth of K,
 the corrected negatives' sum of a short run often sits at its floor, where the loss stops pushing
