@@ -697,8 +697,8 @@ test digits read, once per seed.
 
 The debiased loss: 92.67 / 84.33 / 92.67 (mean 89.89), 5 to 15 points below the shipped quickstart
 on every seed (two earlier runs of the same formula, computed in other orders and so rounded
-otherwise, averaged 91.44 and 91.11: these runs amplify a rounding into a point or more); the crops on the fine grid: 99.00 / 98.67 / 98.33 (mean 98.67), the shipped
-quickstart's mean to the digit. Neither passed; configs/digits.yaml is unchanged and the test digits
+otherwise, averaged 91.44 and 91.11: these runs amplify a rounding into a point or more); the crops
+on the fine grid: 99.00 / 98.67 / 98.33 (mean 98.67), the shipped quickstart's mean to the digit. Neither passed; configs/digits.yaml is unchanged and the test digits
 were not read. Not measured, a likely reading: with the positive's term weighted by a tenth of K,
 the corrected negatives' sum of a short run often sits at its floor, where the loss stops pushing
 the query away from the queue; and the finer crops add views of the same difficulty, not harder ones.

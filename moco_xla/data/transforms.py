@@ -16,7 +16,7 @@ Presets, chosen by ``data.augment``:
   (a flipped digit is another digit)
 - digits_fine: digits with the crop drawn on the view's grid (the image resized to the view's size
   first): on 8x8 digits shown at 16 px, crops of 80-100% then move and scale by half a stored pixel,
-  where on the stored grid they take about nine distinct boxes
+  where on the stored grid they take about ten distinct boxes
 - digits_affine: digits plus a small random affine warp (rotation 10 deg, shear 10 deg,
   translation 10%, scale 0.9-1.1): the pen-stroke variations of handwriting
 - handwriting / handwriting_crop: affine warp, elastic distortion, stroke width and random erasing
