@@ -139,16 +139,21 @@ def merge_shuffle(count: list[dict], hlo: list[dict]) -> list[dict]:
 
 
 def cpu_model() -> str:
-    """The processor's name (/proc/cpuinfo's "model name" on Linux): the same command runs at another
-    speed, and with other float rounding, on another CPU model."""
+    """The processor's name (/proc/cpuinfo's "model name" on Linux), with its family, model and widest
+    vector unit where the file gives them (clouds mask names: "AMD EPYC" is several generations): the
+    same command runs at another speed, and with other float rounding, on another CPU model."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name") or platform.processor() or "unknown"
+    flags = fields.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    detail = [f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else None, vector]
+    detail = [d for d in detail if d]
+    return f"{name} ({', '.join(detail)})" if detail else name
 
 
 def machine() -> dict[str, Any]:
