@@ -29,10 +29,18 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu --require
 # The package through its [xla] extra (everything is already satisfied by the layers above). A
 # regular install: the configs ship inside the package, so /app need not stay on the path.
 # (DL3013 asks for a pin: the pins of a local project are its pyproject's.)
-COPY pyproject.toml README.md ./
+# gcc and libjpeg's headers build moco_xla.data._jpeg_region (CropViews decodes only the crops'
+# rectangle of each JPEG); the build tools leave again in the same layer, the library stays.
+COPY pyproject.toml setup.py README.md ./
 COPY moco_xla ./moco_xla
-# hadolint ignore=DL3013
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[xla]"
+# hadolint ignore=DL3008,DL3013
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libjpeg62-turbo-dev \
+    && pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[xla]" \
+    && python -I -c "import moco_xla.data._jpeg_region" \
+    && apt-get purge -y --auto-remove gcc libc6-dev libjpeg62-turbo-dev \
+    && apt-get install -y --no-install-recommends libjpeg62-turbo \
+    && rm -rf /var/lib/apt/lists/*
 
 ENTRYPOINT ["python", "-m", "moco_xla.launch"]
 CMD ["--help"]

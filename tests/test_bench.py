@@ -112,14 +112,18 @@ def test_pipelines_compares_the_official_host_pipeline_with_moco_xla(tmp_path):
     r = json.loads((tmp_path / "pipelines.json").read_text())
     rows = r["imagenet_cpu_ms"]
     assert set(rows) == {"official (PIL, main_moco.py aug+)", "moco_xla before (decode_bytes + v2 preset)",
-                         "moco_xla (CropViews, uint8 to the device)", "decode only (PIL, full scale)",
+                         "moco_xla (CropViews, uint8 to the device)",
+                         "moco_xla, the whole JPEG decoded (where _jpeg_region is not built)",
+                         "decode only (PIL, full scale)",
                          "decode only (torchvision.io, full scale)", "decode only (simplejpeg, full scale)",
-                         "decode only (as CropViews: reduced DCT scale where the crops allow)"}
+                         "decode only (as CropViews: the crops' rectangle, at the DCT scale they allow)"}
     assert all(ms > 0 for part in ("imagenet_cpu_ms", "cifar_cpu_ms", "shards_cpu_ms") for ms in r[part].values())
     assert len(r["shards_cpu_ms"]) == 6  # old and new transform and the read alone, local and GCS-emulator shards
     assert set(r["large_cpu_ms"]) == {"official (PIL, main_moco.py aug+)", "moco_xla (CropViews, uint8 to the device)",
-                                      "moco_xla, every JPEG decoded at full scale", "decode only (simplejpeg, full scale)",
-                                      "decode only (as CropViews: reduced DCT scale where the crops allow)"}
+                                      "moco_xla, the whole JPEG decoded (where _jpeg_region is not built)",
+                                      "moco_xla, every JPEG decoded whole at full scale",
+                                      "decode only (simplejpeg, full scale)",
+                                      "decode only (as CropViews: the crops' rectangle, at the DCT scale they allow)"}
     assert all(ms > 0 for ms in r["large_cpu_ms"].values())
     assert len(r["moco_xla_stages_cpu_ms"]) == 3 and all(ms > 0 for ms in r["moco_xla_stages_cpu_ms"].values())
     assert r["official_over_moco_xla"] == pytest.approx(

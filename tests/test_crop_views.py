@@ -1,5 +1,7 @@
 """CropViews' host path: the JPEG header read without PIL gives the size PIL reads, its decode
-(simplejpeg, channels last) gives the pixels decode_bytes gives, and a view made from a full decode
+(simplejpeg, channels last) gives the pixels decode_bytes gives, the decode of the crops' rectangle
+alone (images.decode_jpeg_region) gives the whole decode's pixels there and the same views, and a
+view made from a full decode
 is torchvision's RandomResizedCrop (v2.functional) on the same random draws (to the rounding of
 the intermediate image), shipped channels last (the flip is the device's: tests/test_augment.py)."""
 from __future__ import annotations
@@ -10,8 +12,9 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from moco_xla.data.images import BadImage, decode_bytes, decode_jpeg_pixels, jpeg_header
-from moco_xla.data.transforms import CropViews, crop_params, dct_shrink, reduced_box
+from moco_xla.data import images
+from moco_xla.data.images import BadImage, decode_bytes, decode_jpeg_pixels, decode_jpeg_region, jpeg_header
+from moco_xla.data.transforms import CropViews, covering_rect, crop_params, dct_shrink, reduced_box
 
 
 def photo(width: int = 500, height: int = 375):
@@ -201,3 +204,68 @@ def test_a_corrupt_jpeg_is_a_bad_image():
         CropViews(32, 3)(data[:600])  # the header survives, the scan does not
     with pytest.raises(BadImage):
         CropViews(32, 3)(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+
+
+def test_the_region_decoder_is_built():
+    """pip install -e . (and the wheel: tests/test_packaging.py) compiles it with the system's libjpeg-turbo."""
+    assert images._jpeg_region is not None
+
+
+def test_a_region_decode_is_the_whole_decode_inside_the_padded_rectangle():
+    """On every kind of JPEG, in 1 and 3 channels, at full and 1/2 DCT scale: the rectangle
+    covering two random boxes, padded as CropViews pads it, holds the whole decode's pixels
+    exactly at every pixel of both boxes; its rows are the rectangle's, its left edge at most
+    15 pixels left of the rectangle's. Unpadded, the chroma upsampling at the rectangle's edge
+    changes edge pixels (what the padding is for). CMYK is left to the whole-image decoders."""
+    unpadded_differs = False
+    for data in jpeg_variants():
+        header = jpeg_header(data)
+        for channels in (1, 3):
+            for shrink in (1, 2):
+                if header.colorspace == "CMYK":
+                    assert decode_jpeg_region(data, channels, header, shrink, (0, 0, 1, 1)) is None
+                    continue
+                whole = decode_jpeg_pixels(data, channels, header, shrink)
+                size = tuple(whole.shape[1:3])
+                torch.manual_seed(shrink * 10 + channels)
+                for _ in range(6):
+                    boxes = [crop_params(*size, (0.05, 0.6)) for _ in range(2)]
+                    for pad in (2, 0):
+                        rect = covering_rect(boxes, size, pad)
+                        pixels, top, left = decode_jpeg_region(data, channels, header, shrink, rect)
+                        assert top == rect[0] and pixels.shape[1] == rect[2] and pixels.shape[3] == channels
+                        assert 0 <= rect[1] - left < 16 and left + pixels.shape[2] >= rect[1] + rect[3]
+                        for t, lft, h, w in boxes:
+                            same = torch.equal(pixels[:, t - top:t - top + h, lft - left:lft - left + w],
+                                               whole[:, t:t + h, lft:lft + w])
+                            assert same or pad == 0, (header, channels, shrink, rect)
+                            unpadded_differs |= not same
+    assert unpadded_differs
+
+
+def test_a_damaged_jpeg_or_a_rectangle_outside_is_left_to_the_whole_decode():
+    data = encode(photo(), quality=90)
+    header = jpeg_header(data)
+    assert decode_jpeg_region(data[:600], 3, header, 1, (0, 0, 375, 500)) is None  # the scan is cut
+    assert decode_jpeg_region(data, 3, header, 1, (300, 0, 76, 500)) is None  # one row past the bottom
+    assert decode_jpeg_region(data, 3, header, 3, (0, 0, 10, 10)) is None  # not a DCT scale
+    assert decode_jpeg_region(data, 3, header._replace(width=501), 1, (0, 0, 10, 10)) is None  # a header that lied
+
+
+@pytest.mark.parametrize("size, make_photo, channels", [(224, photo, 3), (224, large_photo, 3), (48, photo, 1)])
+def test_views_from_the_crops_rectangle_equal_views_from_the_whole_decode(monkeypatch, size, make_photo, channels):
+    """CropViews with the region decoder and without it (the whole image decoded, as where the
+    module is not built), on the same draws: the same views, pixel for pixel, at full scale (500x375
+    at 224 px) and at reduced DCT scales (1200x800 at 224 px, 500x375 at 48 px)."""
+    data = encode(make_photo(), quality=90)
+    assert decode_jpeg_region(data, channels, jpeg_header(data), 1, (0, 0, 8, 8)) is not None
+    views = CropViews(size, channels)
+    with_region = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        with_region.append(views(data))
+    monkeypatch.setattr(images, "_jpeg_region", None)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        for a, b in zip(with_region[seed], views(data)):
+            assert a.shape == (size, size, channels) and torch.equal(a, b), seed

@@ -90,7 +90,7 @@ def test_build_context_has_what_the_image_copies():
                 if line.strip() and not line.startswith("#")]
     copies = [shlex.split(a)[:-1] for w, a in _instructions() if w == "COPY"]
     sources = [s for c in copies for s in c if not s.startswith("--")]
-    for needed in ("pyproject.toml", "README.md", "requirements.txt", "moco_xla"):
+    for needed in ("pyproject.toml", "setup.py", "README.md", "requirements.txt", "moco_xla"):
         assert needed in sources, f"the image does not COPY {needed}"
     for src in sources:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"

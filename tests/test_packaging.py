@@ -88,9 +88,9 @@ def _fresh_venv(where: Path) -> Path:
 def test_wheel_installs_into_a_fresh_venv_and_runs_tiny_by_name(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for part in ("pyproject.toml", "README.md"):
+    for part in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / part, src / part)
-    shutil.copytree(ROOT / "moco_xla", src / "moco_xla", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "moco_xla", src / "moco_xla", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "-w", str(dist), str(src)], check=True, cwd=tmp_path, timeout=300)
@@ -106,6 +106,9 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_tiny_by_name(tmp_path):
     where = subprocess.run([str(python), "-c", "import moco_xla; print(moco_xla.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(tmp_path / "venv")), where
+    region = subprocess.run([str(python), "-c", "import moco_xla.data._jpeg_region as m; print(m.__file__)"],
+                            cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert region.returncode == 0 and region.stdout.startswith(str(tmp_path / "venv")), region.stderr[-2000:]
     out = elsewhere / "run"
     res = subprocess.run([str(tmp_path / "venv" / "bin" / "moco-xla"), "--config", "tiny", "--backend", "cpu",
                           "--out", str(out), "--set", "train.epochs=1"],

@@ -11,15 +11,18 @@ not it). Rows, on each input set:
   Normalize, two crops);
 - moco_xla before: decode_bytes, then the torchvision.transforms.v2 preset on tensors, twice;
 - moco_xla: transforms.CropViews (the host half: uint8 views, channels last; the device does the
-  flip, the colour and the transposition);
+  flip, the colour and the transposition), and the same with the whole JPEG decoded (where its
+  compiled region decoder is not built);
 - decode: the JPEG decoded alone (the least any pipeline must do), with PIL, with
-  torchvision.io, with simplejpeg, and as CropViews decodes (simplejpeg, at the DCT scale its two
-  crops allow); the cheapest of them is the limit the goal's ratio divides by;
+  torchvision.io, with simplejpeg, and as CropViews decodes (only the rectangle its two crops
+  cover, at the DCT scale they allow); the cheapest of them is the limit the goal's ratio
+  divides by;
 - moco_xla's stages, each timed alone on the same JPEGs: the header and the crop draws, the
-  decode, the two resized crops (where the time above the decode goes);
+  decode of the crops' rectangle, the two resized crops (where the time above the decode goes);
 - on larger photos (about 1200x850, where most pairs of crops keep twice the view's pixels):
-  the official pipeline, CropViews, CropViews' steps with every JPEG decoded at full scale, and
-  the decodes (what the reduced DCT scale saves).
+  the official pipeline, CropViews, CropViews with the whole JPEG decoded, CropViews' steps with
+  every JPEG decoded whole at full scale, and the decodes (what the region and the reduced DCT
+  scale save).
 Inputs are made offline from scikit-learn's two photographs: ImageNet-size JPEGs (random
 crops about 500x375, rescaled, quality 85-95), the larger photos (the same crops rescaled
 2-2.5x) and CIFAR-size images (32x32 uint8, the ``small_v2`` preset). The shard rows run the
@@ -138,27 +141,50 @@ def decode_torchvision() -> Callable[[bytes], Any]:
 
 
 def decode_simplejpeg() -> Callable[[bytes], Any]:
-    """Decode only, with simplejpeg (libjpeg-turbo, channels last), as CropViews decodes a JPEG."""
+    """Decode only, with simplejpeg (libjpeg-turbo, channels last), as CropViews decodes a whole JPEG."""
     import simplejpeg
     return lambda data: simplejpeg.decode_jpeg(data, "RGB")
 
 
 def decode_reduced(size: int = SIZE) -> Callable[[bytes], Any]:
     """Decode only, as CropViews decodes: the size from the JPEG header, the crop draws, then
-    simplejpeg at the DCT scale the two crops allow (full scale where they keep less than twice
-    the view's pixels)."""
-    from ..data.images import decode_jpeg_pixels, jpeg_header
-    from ..data.transforms import crop_params, dct_shrink
+    the rectangle that covers both crops alone (images.decode_jpeg_region), at the DCT scale the
+    two crops allow (full scale where they keep less than twice the view's pixels)."""
+    from ..data.images import dct_scaled_size, decode_jpeg_region, jpeg_header
+    from ..data.transforms import covering_rect, crop_params, dct_shrink, reduced_box
 
     def run(data: bytes):
         header = jpeg_header(data)
-        boxes = [crop_params(header.height, header.width) for _ in range(2)]
-        return decode_jpeg_pixels(data, 3, header, dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / size))
+        full = (header.height, header.width)
+        boxes = [crop_params(*full) for _ in range(2)]
+        shrink = dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / size)
+        scaled_size = dct_scaled_size(header, shrink)
+        scaled = boxes if shrink == 1 else [reduced_box(box, full, scaled_size) for box in boxes]
+        return decode_jpeg_region(data, 3, header, shrink, covering_rect(scaled, scaled_size))
+    return run
+
+
+def moco_xla_whole_image(size: int = SIZE) -> Callable[[bytes], Any]:
+    """CropViews' steps with the whole JPEG decoded (simplejpeg, at the DCT scale the crops allow),
+    as where its region decoder (moco_xla.data._jpeg_region) is not built: what decoding only the
+    crops' rectangle saves."""
+    from ..data.images import dct_scaled_size, decode_jpeg_pixels, jpeg_header
+    from ..data.transforms import crop_params, dct_shrink, reduced_box, resized_crop
+
+    def run(data: bytes):
+        header = jpeg_header(data)
+        full = (header.height, header.width)
+        boxes = [crop_params(*full) for _ in range(2)]
+        shrink = dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / size)
+        pixels = decode_jpeg_pixels(data, 3, header, shrink)
+        scaled = boxes if shrink == 1 else [reduced_box(box, full, dct_scaled_size(header, shrink)) for box in boxes]
+        return [resized_crop(pixels, box, size) for box in scaled]
     return run
 
 
 def moco_xla_full_scale(size: int = SIZE) -> Callable[[bytes], Any]:
-    """CropViews' steps with every JPEG decoded at full scale: what the reduced decode saves."""
+    """CropViews' steps with every JPEG decoded whole at full scale: what the region and the reduced
+    DCT scale save together."""
     from ..data.images import decode_jpeg_pixels, jpeg_header
     from ..data.transforms import crop_params, resized_crop
 
@@ -187,10 +213,10 @@ def interleaved(rows: dict[str, tuple[Callable, list]], rounds: int) -> dict[str
 
 
 def moco_xla_stages(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[str, float]:
-    """CPU ms per image of each stage of CropViews' full-decode path, each timed alone over the
+    """CPU ms per image of each stage of CropViews' path at full DCT scale, each timed alone over the
     same JPEGs (interleaved rounds, median), on inputs the stage before made: where its time goes."""
-    from ..data.images import decode_jpeg_pixels, jpeg_header
-    from ..data.transforms import crop_params, resized_crop
+    from ..data.images import decode_jpeg_pixels, decode_jpeg_region, jpeg_header
+    from ..data.transforms import covering_rect, crop_params, resized_crop
 
     def draws(data: bytes):
         header = jpeg_header(data)
@@ -199,10 +225,11 @@ def moco_xla_stages(jpegs: list[bytes], rounds: int, size: int = SIZE) -> dict[s
     headers = [jpeg_header(data) for data in jpegs]
     pixels = [decode_jpeg_pixels(data, 3, header) for data, header in zip(jpegs, headers)]
     drawn = [draws(data) for data in jpegs]
+    rects = [covering_rect(boxes, (h.height, h.width)) for boxes, h in zip(drawn, headers)]
     return interleaved({
         "JPEG header and the crop draws": (draws, jpegs),
-        "decode (simplejpeg, channels last)":
-            (lambda jh: decode_jpeg_pixels(jh[0], 3, jh[1]), list(zip(jpegs, headers))),
+        "decode of the crops' rectangle (libjpeg-turbo, channels last)":
+            (lambda jhr: decode_jpeg_region(jhr[0], 3, jhr[1], 1, jhr[2]), list(zip(jpegs, headers, rects))),
         "two antialiased resized crops (uint8, channels last)":
             (lambda pd: [resized_crop(pd[0], box, size) for box in pd[1]], list(zip(pixels, drawn))),
     }, rounds)
@@ -264,10 +291,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         "official (PIL, main_moco.py aug+)": (official_pipeline(), jpegs),
         "moco_xla before (decode_bytes + v2 preset)": (moco_xla_before(), jpegs),
         "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(), jpegs),
+        "moco_xla, the whole JPEG decoded (where _jpeg_region is not built)": (moco_xla_whole_image(), jpegs),
         "decode only (PIL, full scale)": (decode_pil(), jpegs),
         "decode only (torchvision.io, full scale)": (decode_torchvision(), jpegs),
         "decode only (simplejpeg, full scale)": (decode_simplejpeg(), jpegs),
-        "decode only (as CropViews: reduced DCT scale where the crops allow)": (decode_reduced(), jpegs),
+        "decode only (as CropViews: the crops' rectangle, at the DCT scale they allow)": (decode_reduced(), jpegs),
     }, rounds)
     small = interleaved({
         "moco_xla before (small_v2 preset)": (moco_xla_before(32, "small_v2"), cifar),
@@ -277,9 +305,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     large = interleaved({
         "official (PIL, main_moco.py aug+)": (official_pipeline(), large_jpegs),
         "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(), large_jpegs),
-        "moco_xla, every JPEG decoded at full scale": (moco_xla_full_scale(), large_jpegs),
+        "moco_xla, the whole JPEG decoded (where _jpeg_region is not built)": (moco_xla_whole_image(), large_jpegs),
+        "moco_xla, every JPEG decoded whole at full scale": (moco_xla_full_scale(), large_jpegs),
         "decode only (simplejpeg, full scale)": (decode_simplejpeg(), large_jpegs),
-        "decode only (as CropViews: reduced DCT scale where the crops allow)": (decode_reduced(), large_jpegs),
+        "decode only (as CropViews: the crops' rectangle, at the DCT scale they allow)": (decode_reduced(), large_jpegs),
     }, rounds)
     stages = moco_xla_stages(jpegs, rounds)
     shard = shard_rows(photo_jpegs(40 if quick else 288, seed=1), rounds)

@@ -2,7 +2,9 @@
 
 JPEGs in the colour spaces photos use (luma-chroma, gray) decode with simplejpeg: libjpeg-turbo,
 accurate DCT, smooth chroma upsampling, the EXIF orientation not applied (as PIL's ImageFolder
-loader and torchvision.io leave it), so the pixels are the same with any torch. Other images go
+loader and torchvision.io leave it), so the pixels are the same with any torch; where only a
+rectangle of one is needed (CropViews' two crops), the compiled ``_jpeg_region`` decodes that
+rectangle alone with the system's libjpeg-turbo, the same pixels. Other images go
 through TorchCodec's image decoders where torchcodec (>= 0.16, for torch >= 2.11) is installed,
 else through torchvision.io, whose image decoders torchvision 0.29 deprecated in their favour,
 and fall back to PIL for the formats they lack (BMP, TIFF, PPM, ...). A file that none can decode
@@ -17,6 +19,11 @@ from typing import Callable, NamedTuple
 
 import simplejpeg
 import torch
+
+try:
+    from . import _jpeg_region
+except ImportError:  # built without a C compiler or libjpeg's headers: whole-image decodes
+    _jpeg_region = None
 
 
 class BadImage(ValueError):
@@ -70,6 +77,28 @@ def decode_jpeg_pixels(data: bytes, channels: int, header: JpegHeader, shrink: i
     if pixels is None:  # CMYK, or damaged: decode_bytes' other decoders
         pixels = _decode_other(data, channels).permute(1, 2, 0).contiguous()
     return pixels[None]
+
+
+def decode_jpeg_region(data: bytes, channels: int, header: JpegHeader, shrink: int,
+                       rect: tuple[int, int, int, int]) -> tuple[torch.Tensor, int, int] | None:
+    """uint8 [1, height, w, C] of the rectangle ``rect`` (top, left, height, width, in the pixels of the
+    decode at 1/shrink) of a JPEG whose header the caller has read, and the (top, left) of its
+    first pixel: all of its rows, and its columns from left moved down to an iMCU boundary (at
+    most 15 pixels). libjpeg-turbo decodes no row below it and skips the IDCT and colour
+    conversion of the rows above it and of the columns outside it (_jpeg_region.c).
+
+    Its pixels are the whole-image decode's (decode_jpeg_pixels) except one pixel in from the
+    edges, where the chroma upsampling sees the rectangle's edge as the image's: pad ``rect``
+    by a pixel or two where it is not the image's edge. None where the module is not built, the
+    JPEG is not luma-chroma or gray (CMYK), or libjpeg stops or warns on it: decode it whole."""
+    if _jpeg_region is None or header.colorspace not in ("YCbCr", "Gray"):
+        return None
+    full_height, full_width = dct_scaled_size(header, shrink)
+    try:
+        pixels, left, width = _jpeg_region.decode(data, channels == 1, shrink, full_height, full_width, *rect)
+    except ValueError:
+        return None
+    return torch.frombuffer(pixels, dtype=torch.uint8).view(1, rect[2], width, channels), rect[0], left
 
 
 def dct_scaled_size(header: JpegHeader, shrink: int) -> tuple[int, int]:

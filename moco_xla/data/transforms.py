@@ -1,7 +1,8 @@
 """MoCo augmentations (torchvision.transforms.v2), two views per image.
 
 Pre-training splits the MoCo presets (DEVICE_PRESETS) between host and accelerator:
-``CropViews`` decodes each image once and makes both views' random resized crop as uint8,
+``CropViews`` decodes each image once (only the rectangle its two crops cover) and makes both
+views' random resized crop as uint8,
 channels last (a quarter of float32's bytes to the device), and data.device_augment does the
 flip, the turn to channels-first, the colour jitter, grayscale, blur and normalisation on the
 batch inside the step.
@@ -32,7 +33,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .device_augment import DeviceRecipe
-from .images import dct_scaled_size, decode_bytes, decode_jpeg_pixels, jpeg_header
+from .images import dct_scaled_size, decode_bytes, decode_jpeg_pixels, decode_jpeg_region, jpeg_header
 from .handwriting import PRESETS as HANDWRITING_PRESETS, handwriting_ops
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -123,6 +124,7 @@ def pretrain_transform(preset: str, size: int, channels: int, crop_min_scale: fl
 
 DEVICE_PRESETS = ("moco_v1", "moco_v2", "small", "small_v2")  # the device finishes these presets' views
 CROP_SCALE, CROP_RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
+REGION_PAD = 2  # pixels around the crops' rectangle: the chroma upsampling's reach past its edge is one
 
 
 def device_recipe(preset: str, size: int, channels: int) -> DeviceRecipe | None:
@@ -207,19 +209,31 @@ def reduced_box(box: tuple[int, int, int, int], full: tuple[int, int], reduced: 
     return t, lft, max(b - t, 1), max(r - lft, 1)
 
 
+def covering_rect(boxes: list, size: tuple[int, int], pad: int = REGION_PAD) -> tuple[int, int, int, int]:
+    """The smallest rectangle (top, left, height, width) that holds every box, grown by ``pad``
+    pixels on each side within the image ([height, width] ``size``): what the region decode
+    decodes, each crop's pixels then those of the whole-image decode (images.decode_jpeg_region)."""
+    top = max(min(t for t, _l, _h, _w in boxes) - pad, 0)
+    left = max(min(lft for _t, lft, _h, _w in boxes) - pad, 0)
+    bottom = min(max(t + h for t, _l, h, _w in boxes) + pad, size[0])
+    right = min(max(lft + w for _t, lft, _h, w in boxes) + pad, size[1])
+    return top, left, bottom - top, right - left
+
+
 class CropViews:
     """Two views of one image, each a random resized crop, uint8 [size, size, C].
 
     The host half of a DEVICE_PRESETS augmentation (the device flips, turns the views
     channels-first, and does colour, blur and normalisation: data.device_augment). Takes encoded
-    bytes (``decodes``: datasets hand them over undecoded) or a decoded image. An image is
-    decoded once for both views (simplejpeg, libjpeg-turbo, straight to channels-last pixels;
-    images.decode_jpeg_pixels), its size read from the JPEG header beforehand
-    (images.jpeg_header) for the crop draws; a JPEG whose two crops both keep
-    at least twice ``size`` pixels on each side is decoded at a reduced DCT scale instead (1/2,
-    1/4 or 1/8, the smallest that leaves both crops at least ``size`` pixels: the views are
-    downscaled from the crops anyway), each crop box mapped onto the reduced pixels to the
-    nearest pixel (reduced_box).
+    bytes (``decodes``: datasets hand them over undecoded) or a decoded image. A JPEG's size is
+    read from its header (images.jpeg_header) for the crop draws, then it is decoded once for both
+    views, straight to channels-last pixels, and only as far as they need: the rectangle that
+    covers both crops (covering_rect; images.decode_jpeg_region: libjpeg-turbo skips the rows and
+    columns outside it), the whole image where that module is not built or cannot read it
+    (simplejpeg; images.decode_jpeg_pixels). A JPEG whose two crops both keep at least twice
+    ``size`` pixels on each side is decoded at a reduced DCT scale (1/2, 1/4 or 1/8, the smallest
+    that leaves both crops at least ``size`` pixels: the views are downscaled from the crops
+    anyway), each crop box mapped onto the reduced pixels to the nearest pixel (reduced_box).
 
     Each view is torch's antialiased bilinear uint8 kernel run on its crop of the channels-last
     pixels (what RandomResizedCrop does, here on its fastest layout), whose channels-last output
@@ -242,15 +256,21 @@ class CropViews:
         header = jpeg_header(data)
         if header is None:  # not a JPEG (or no readable header): decode first, then draw
             return self(decode_bytes(data, self.channels))
-        width, height = header.width, header.height
-        boxes = [crop_params(height, width, self.scale) for _ in range(2)]
+        full = (header.height, header.width)
+        boxes = [crop_params(*full, self.scale) for _ in range(2)]
         shrink = dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / self.size)
-        pixels = decode_jpeg_pixels(data, self.channels, header, shrink)
+        scaled_size = dct_scaled_size(header, shrink)
+        scaled = boxes if shrink == 1 else [reduced_box(box, full, scaled_size) for box in boxes]
+        region = decode_jpeg_region(data, self.channels, header, shrink, covering_rect(scaled, scaled_size))
+        if region is not None:  # the two crops' rectangle alone
+            pixels, top, left = region
+            return self._views(pixels, [(t - top, lft - left, h, w) for t, lft, h, w in scaled])
+        pixels = decode_jpeg_pixels(data, self.channels, header, shrink)  # the whole image
         decoded = tuple(pixels.shape[1:3])
-        if decoded == (height, width):  # full size (shrink 1, or a JPEG only the other decoders read)
+        if decoded == full:  # full size (shrink 1, or a JPEG only the other decoders read)
             return self._views(pixels, boxes)
-        if decoded == dct_scaled_size(header, shrink):
-            return self._views(pixels, [reduced_box(box, (height, width), decoded) for box in boxes])
+        if decoded == scaled_size:
+            return self._views(pixels, scaled)
         return self(pixels[0].permute(2, 0, 1))  # a header that lied: draw on the decoded pixels
 
     def _views(self, pixels: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
