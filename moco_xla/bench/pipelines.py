@@ -150,17 +150,13 @@ def decode_reduced(size: int = SIZE) -> Callable[[bytes], Any]:
     """Decode only, as CropViews decodes: the size from the JPEG header, the crop draws, then
     the rectangle that covers both crops alone (images.decode_jpeg_region), at the DCT scale the
     two crops allow (full scale where they keep less than twice the view's pixels)."""
-    from ..data.images import dct_scaled_size, decode_jpeg_region, jpeg_header
-    from ..data.transforms import covering_rect, crop_params, dct_shrink, reduced_box
+    from ..data.images import decode_jpeg_region, jpeg_header
+    from ..data.transforms import covering_rect, plan_crops
 
     def run(data: bytes):
         header = jpeg_header(data)
-        full = (header.height, header.width)
-        boxes = [crop_params(*full) for _ in range(2)]
-        shrink = dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / size)
-        scaled_size = dct_scaled_size(header, shrink)
-        scaled = boxes if shrink == 1 else [reduced_box(box, full, scaled_size) for box in boxes]
-        return decode_jpeg_region(data, 3, header, shrink, covering_rect(scaled, scaled_size))
+        plan = plan_crops(header, size)
+        return decode_jpeg_region(data, 3, header, plan.shrink, covering_rect(plan.scaled, plan.size))
     return run
 
 
@@ -168,17 +164,14 @@ def moco_xla_whole_image(size: int = SIZE) -> Callable[[bytes], Any]:
     """CropViews' steps with the whole JPEG decoded (simplejpeg, at the DCT scale the crops allow),
     as where its region decoder (moco_xla.data._jpeg_region) is not built: what decoding only the
     crops' rectangle saves."""
-    from ..data.images import dct_scaled_size, decode_jpeg_pixels, jpeg_header
-    from ..data.transforms import crop_params, dct_shrink, reduced_box, resized_crop
+    from ..data.images import decode_jpeg_pixels, jpeg_header
+    from ..data.transforms import plan_crops, resized_crop
 
     def run(data: bytes):
         header = jpeg_header(data)
-        full = (header.height, header.width)
-        boxes = [crop_params(*full) for _ in range(2)]
-        shrink = dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / size)
-        pixels = decode_jpeg_pixels(data, 3, header, shrink)
-        scaled = boxes if shrink == 1 else [reduced_box(box, full, dct_scaled_size(header, shrink)) for box in boxes]
-        return [resized_crop(pixels, box, size) for box in scaled]
+        plan = plan_crops(header, size)
+        pixels = decode_jpeg_pixels(data, 3, header, plan.shrink)
+        return [resized_crop(pixels, box, size) for box in plan.scaled]
     return run
 
 

@@ -26,6 +26,7 @@ Presets, chosen by ``data.augment``:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .device_augment import DeviceRecipe
-from .images import dct_scaled_size, decode_bytes, decode_jpeg_pixels, decode_jpeg_region, jpeg_header
+from .images import JpegHeader, dct_scaled_size, decode_bytes, decode_jpeg_pixels, decode_jpeg_region, jpeg_header
 from .handwriting import PRESETS as HANDWRITING_PRESETS, handwriting_ops
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -209,6 +210,25 @@ def reduced_box(box: tuple[int, int, int, int], full: tuple[int, int], reduced: 
     return t, lft, max(b - t, 1), max(r - lft, 1)
 
 
+class CropPlan(NamedTuple):
+    """Two crop draws on a JPEG and the decode they allow (plan_crops)."""
+    boxes: list  # (top, left, height, width) of each crop on the full image
+    shrink: int  # the DCT scale of the decode: 1, 2, 4 or 8
+    size: tuple[int, int]  # [height, width] of the decode at that scale
+    scaled: list  # the boxes on that decode (the same boxes where shrink is 1)
+
+
+def plan_crops(header: JpegHeader, view_size: int, scale: tuple[float, float] = CROP_SCALE) -> CropPlan:
+    """Draw two crops on a JPEG of the header's size and choose its DCT scale (dct_shrink): the
+    most it can shrink while both crops keep ``view_size`` pixels, each box then moved to the
+    nearest pixel of the reduced decode (reduced_box)."""
+    full = (header.height, header.width)
+    boxes = [crop_params(*full, scale) for _ in range(2)]
+    shrink = dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / view_size)
+    size = dct_scaled_size(header, shrink)
+    return CropPlan(boxes, shrink, size, boxes if shrink == 1 else [reduced_box(box, full, size) for box in boxes])
+
+
 def covering_rect(boxes: list, size: tuple[int, int], pad: int = REGION_PAD) -> tuple[int, int, int, int]:
     """The smallest rectangle (top, left, height, width) that holds every box, grown by ``pad``
     pixels on each side within the image ([height, width] ``size``): what the region decode
@@ -256,21 +276,17 @@ class CropViews:
         header = jpeg_header(data)
         if header is None:  # not a JPEG (or no readable header): decode first, then draw
             return self(decode_bytes(data, self.channels))
-        full = (header.height, header.width)
-        boxes = [crop_params(*full, self.scale) for _ in range(2)]
-        shrink = dct_shrink(min(min(h, w) for _t, _l, h, w in boxes) / self.size)
-        scaled_size = dct_scaled_size(header, shrink)
-        scaled = boxes if shrink == 1 else [reduced_box(box, full, scaled_size) for box in boxes]
-        region = decode_jpeg_region(data, self.channels, header, shrink, covering_rect(scaled, scaled_size))
+        plan = plan_crops(header, self.size, self.scale)
+        region = decode_jpeg_region(data, self.channels, header, plan.shrink, covering_rect(plan.scaled, plan.size))
         if region is not None:  # the two crops' rectangle alone
             pixels, top, left = region
-            return self._views(pixels, [(t - top, lft - left, h, w) for t, lft, h, w in scaled])
-        pixels = decode_jpeg_pixels(data, self.channels, header, shrink)  # the whole image
+            return self._views(pixels, [(t - top, lft - left, h, w) for t, lft, h, w in plan.scaled])
+        pixels = decode_jpeg_pixels(data, self.channels, header, plan.shrink)  # the whole image
         decoded = tuple(pixels.shape[1:3])
-        if decoded == full:  # full size (shrink 1, or a JPEG only the other decoders read)
-            return self._views(pixels, boxes)
-        if decoded == scaled_size:
-            return self._views(pixels, scaled)
+        if decoded == (header.height, header.width):  # full size (shrink 1, or a JPEG only the other decoders read)
+            return self._views(pixels, plan.boxes)
+        if decoded == plan.size:
+            return self._views(pixels, plan.scaled)
         return self(pixels[0].permute(2, 0, 1))  # a header that lied: draw on the decoded pixels
 
     def _views(self, pixels: torch.Tensor, boxes: list) -> tuple[torch.Tensor, torch.Tensor]:
