@@ -269,3 +269,47 @@ def test_views_from_the_crops_rectangle_equal_views_from_the_whole_decode(monkey
         torch.manual_seed(seed)
         for a, b in zip(with_region[seed], views(data)):
             assert a.shape == (size, size, channels) and torch.equal(a, b), seed
+
+
+FUZZ = """
+import io, random, sys
+from moco_xla.data.images import decode_jpeg_region, jpeg_header
+good, progressive = (open(p, 'rb').read() for p in sys.argv[1:3])
+rng, counts = random.Random(0), {'pixels': 0, 'none': 0}
+for i in range(600):
+    data = bytearray(progressive if i % 2 else good)
+    if i % 3 == 0:  # bytes changed anywhere after the start-of-image marker
+        for _ in range(rng.randint(1, 20)):
+            data[rng.randrange(2, len(data))] = rng.randrange(256)
+    elif i % 3 == 1:  # cut short
+        data = data[:rng.randrange(2, len(data))]
+    else:  # the header's segments overwritten
+        pos = rng.randrange(2, 700)
+        data[pos:pos + 4] = bytes(rng.randrange(256) for _ in range(4))
+    header = jpeg_header(bytes(data))
+    if header is None:
+        continue
+    for shrink in (1, 2):
+        h, w = -(-header.height // shrink), -(-header.width // shrink)
+        top, left = rng.randrange(h), rng.randrange(w)
+        rect = (top, left, 1 + rng.randrange(h - top), 1 + rng.randrange(w - left))
+        out = decode_jpeg_region(bytes(data), 3, header, shrink, rect)
+        counts['none' if out is None else 'pixels'] += 1
+print(counts['pixels'], counts['none'])
+"""
+
+
+def test_damaged_jpegs_never_crash_the_region_decoder(tmp_path):
+    """600 damaged baseline and progressive JPEGs (bytes changed, cut short, header segments
+    overwritten), rectangles anywhere: each decode returns pixels or None (libjpeg's errors and
+    warnings become None), never a crash of the process (run apart, so a crash fails this test)."""
+    import subprocess
+    import sys
+    img = photo(400, 300)
+    (tmp_path / "good.jpg").write_bytes(encode(img, quality=90))
+    (tmp_path / "progressive.jpg").write_bytes(encode(img, quality=80, progressive=True))
+    p = subprocess.run([sys.executable, "-c", FUZZ, str(tmp_path / "good.jpg"), str(tmp_path / "progressive.jpg")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    pixels, none = map(int, p.stdout.split())
+    assert pixels > 50 and none > 50  # both outcomes occur: decodable damage and refused damage
