@@ -105,6 +105,9 @@ def test_setup_uploads_checkout_and_installs_pins_on_all_workers():
     assert flag(scp, "--worker") == "all" and flag(ssh, "--worker") == "all"
     words = remote(ssh)
     assert words[-2:] == ["-e", ".[xla]"], "the checkout installs with its [xla] extra (torch_xla[tpu] pins)"
+    cmd = flag(ssh, "--command")
+    apt = cmd.index("sudo apt-get install -y -q gcc libjpeg-dev")  # the region decoder's build tools, before pip
+    assert apt < cmd.index("python3 -m pip install") and "|| echo" in cmd[apt:cmd.index("python3 -m pip")]
 
 
 def test_setup_from_git_or_image():

@@ -6,7 +6,8 @@
 #   tpu_scripts/setup.sh --name moco --zone us-central2-b --image us-docker.pkg.dev/P/R/moco_xla:TAG
 #
 # Default: uploads `git archive HEAD` of this checkout (commit first: uncommitted edits are not sent)
-# to ~/moco_xla on every worker, then pip installs the package with its [xla] extra (editable):
+# to ~/moco_xla on every worker, installs gcc and libjpeg's headers (apt), then pip installs the
+# package with its [xla] extra (editable):
 # torch_xla[tpu] (libtpu from PyPI) with the pins of pyproject.toml, and the dependencies.
 # --git URL  clone URL (at --ref, default main) on every worker instead of uploading
 # --image    pull this image on every worker instead (build it from the Dockerfile and push it to
@@ -43,7 +44,11 @@ if [[ -n $IMAGE ]]; then
   exit 0
 fi
 
-install="python3 -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu -e $(quote ".[xla]")"
+# gcc and libjpeg's headers let pip build moco_xla.data._jpeg_region (decodes only the crops' rectangle of a JPEG;
+# without them the install goes on and JPEGs decode whole: docs/deploy.md "The compiled module")
+build_deps="{ { sudo apt-get update -q && sudo apt-get install -y -q gcc libjpeg-dev; } > /dev/null"
+build_deps+=" || echo 'moco_xla: apt did not install gcc libjpeg-dev: JPEGs will decode whole'; }"
+install="$build_deps && python3 -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu -e $(quote ".[xla]")"
 if [[ -n $GIT_URL ]]; then
   fetch="rm -rf $REMOTE_DIR && git clone -q --branch $(quote "$REF") $(quote "$GIT_URL") $REMOTE_DIR"
 else
