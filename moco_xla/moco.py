@@ -38,6 +38,10 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
+    def set_momentum(self, m: float) -> None:
+        """The momentum of the next step's update (moco.m_cosine: the schedule sets it every step)."""
+        self.m = m
+
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
         """theta_k <- m * theta_k + (1 - m) * theta_q, as one fused foreach op."""

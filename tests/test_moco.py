@@ -45,6 +45,40 @@ def test_momentum_update():
     assert not model.encoder_k.weight.requires_grad
 
 
+def test_m_cosine_raises_the_v2_key_momentum_to_one_and_leaves_the_lr_per_epoch():
+    """moco.m_cosine: before every step the schedule sets MoCo v3's cosine momentum (m to 1 over the
+    run) and the next update uses it; the lr stays the epoch's (set once an epoch, as without it);
+    without the setting there is no per-step schedule."""
+    from moco_xla.config import load_config
+    from moco_xla.moco_v3 import momentum_at
+    from moco_xla.schedule import lr_at_epoch
+    from moco_xla.train import build_model, build_optimizer, step_schedule
+    sets = ["train.epochs=4", "moco.m=0.99", "moco.m_cosine=true"]
+    cfg = load_config("tiny", sets)
+    model = build_model(cfg, make_runtime("local"))
+    assert isinstance(model, MoCo)
+    opt = build_optimizer(cfg, model)
+    opt.param_groups[0]["lr"] = 123.0
+    before = step_schedule(cfg, model, opt, steps_per_epoch=10)
+    ms, lrs = [], []
+    for step in range(40):
+        lrs.append(before(step))
+        ms.append(model.m)
+    assert ms[0] == pytest.approx(0.99) and ms[20] == pytest.approx(momentum_at(0.99, 0.5))
+    assert all(b > a for a, b in zip(ms, ms[1:])) and ms[-1] < 1.0
+    assert lrs == pytest.approx([lr_at_epoch(cfg.train, s // 10) for s in range(40)])
+    assert opt.param_groups[0]["lr"] == 123.0  # the epoch loop sets the lr, not the step schedule
+    model.set_momentum(0.25)
+    q, k = next(model.encoder_q.parameters()), next(model.encoder_k.parameters())
+    with torch.no_grad():
+        k.copy_(q + 1.0)
+    want = 0.25 * (q + 1.0) + 0.75 * q
+    model.momentum_update_key_encoder()
+    torch.testing.assert_close(k, want.detach())
+    plain = load_config("tiny", sets[:2])
+    assert step_schedule(plain, build_model(plain, make_runtime("local")), opt, steps_per_epoch=10) is None
+
+
 def _infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:
     """Hand-written InfoNCE: -log(exp(q.k/T) / (exp(q.k/T) + sum_j exp(q.n_j/T))), averaged."""
     losses = []

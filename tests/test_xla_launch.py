@@ -32,8 +32,10 @@ def launch(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
 
 
 def test_four_replicas_train_without_recompiling_and_resume_exactly(tmp_path):
+    """With moco.m_cosine as well: a key momentum that changes every step compiles no new graph."""
     a, b = tmp_path / "a", tmp_path / "b"
-    p = launch(TINY + ["--out", str(a)])
+    tiny = TINY + ["--set", "moco.m_cosine=true"]
+    p = launch(tiny + ["--out", str(a)])
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((a / "summary.json").read_text())
     assert s["world_size"] == 4 and s["backend"] == "xla" and s["precision"] == "fp32"
@@ -43,7 +45,7 @@ def test_four_replicas_train_without_recompiling_and_resume_exactly(tmp_path):
     first = sorted((a / "checkpoints").glob("ckpt-*.pt"))[0]
     assert load_checkpoint(str(first))["global_step"] == 3 and len(load_checkpoint(str(first))["rng"]) == 4
     # continue from the end of epoch 1 in another directory: bit-identical to the straight run
-    p = launch(TINY + ["--out", str(b), "--resume", str(first)])
+    p = launch(tiny + ["--out", str(b), "--resume", str(first)])
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training_state(final_checkpoint(a), final_checkpoint(b))
 

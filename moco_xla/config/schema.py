@@ -43,6 +43,7 @@ class ModelConfig:
 class MocoConfig:
     K: int = 4096                    # queue length (negatives)
     m: float = 0.99                  # key encoder momentum
+    m_cosine: bool = False           # v1/v2: m rises to 1 on a half cosine over the run (v3 always does)
     T: float = 0.1                   # softmax temperature
     symmetric: bool = True           # both crops serve as query in turn
     shuffle: str = "gather"          # gather | all_to_all | none
