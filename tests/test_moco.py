@@ -36,6 +36,7 @@ def test_queue_enqueue_order_and_wrap_around():
 
 
 def test_momentum_update():
+    """The update uses the constructor's m, then the m set_momentum sets (moco.m_cosine's schedule)."""
     model = linear_moco(m=0.9)
     with torch.no_grad():
         model.encoder_q.weight.fill_(1.0)
@@ -43,12 +44,15 @@ def test_momentum_update():
     model.momentum_update_key_encoder()
     torch.testing.assert_close(model.encoder_k.weight, torch.full_like(model.encoder_k.weight, 0.9 * 3 + 0.1 * 1))
     assert not model.encoder_k.weight.requires_grad
+    model.set_momentum(0.25)
+    model.momentum_update_key_encoder()
+    torch.testing.assert_close(model.encoder_k.weight, torch.full_like(model.encoder_k.weight, 0.25 * 2.8 + 0.75 * 1))
 
 
 def test_m_cosine_raises_the_v2_key_momentum_to_one_and_leaves_the_lr_per_epoch():
     """moco.m_cosine: before every step the schedule sets MoCo v3's cosine momentum (m to 1 over the
-    run) and the next update uses it; the lr stays the epoch's (set once an epoch, as without it);
-    without the setting there is no per-step schedule."""
+    run; the update uses it: test_momentum_update); the lr stays the epoch's (set once an epoch, as
+    without it); without the setting there is no per-step schedule."""
     from moco_xla.config import load_config
     from moco_xla.moco_v3 import momentum_at
     from moco_xla.schedule import lr_at_epoch
@@ -68,13 +72,6 @@ def test_m_cosine_raises_the_v2_key_momentum_to_one_and_leaves_the_lr_per_epoch(
     assert all(b > a for a, b in zip(ms, ms[1:])) and ms[-1] < 1.0
     assert lrs == pytest.approx([lr_at_epoch(cfg.train, s // 10) for s in range(40)])
     assert opt.param_groups[0]["lr"] == 123.0  # the epoch loop sets the lr, not the step schedule
-    model.set_momentum(0.25)
-    q, k = next(model.encoder_q.parameters()), next(model.encoder_k.parameters())
-    with torch.no_grad():
-        k.copy_(q + 1.0)
-    want = 0.25 * (q + 1.0) + 0.75 * q
-    model.momentum_update_key_encoder()
-    torch.testing.assert_close(k, want.detach())
     plain = load_config("tiny", sets[:2])
     assert step_schedule(plain, build_model(plain, make_runtime("local")), opt, steps_per_epoch=10) is None
 

@@ -2,10 +2,9 @@
 
 Pre-training splits the MoCo presets (DEVICE_PRESETS) between host and accelerator:
 ``CropViews`` decodes each image once (only the rectangle its two crops cover) and makes both
-views' random resized crop as uint8,
-channels last (a quarter of float32's bytes to the device), and data.device_augment does the
-flip, the turn to channels-first, the colour jitter, grayscale, blur and normalisation on the
-batch inside the step.
+views' random resized crop as uint8, channels last (a quarter of float32's bytes to the device),
+and data.device_augment does the flip, the turn to channels-first, the colour jitter, grayscale,
+blur and normalisation on the batch inside the step.
 ``pretrain_transform`` is the same augmentation made whole on the host (float, normalised):
 the digits presets use it for pre-training, evaluation uses it where it wants augmented views.
 
