@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 SIZE = 224
+WHOLE_IMAGE_ROW = "moco_xla, the whole JPEG decoded (where _jpeg_region is not built)"
+AS_CROPVIEWS_ROW = "decode only (as CropViews: the crops' rectangle, at the DCT scale they allow)"
 # vCPUs per chip of TPU hosts (the v5e count from Google's v5e page, VM types; v6e and v4 as issue 28 gives them)
 TPU_HOSTS = {"v5e-8 (ct5lp-hightpu-8t: 224 vCPUs, 8 chips)": 28, "v6e-8 (180 vCPUs, 8 chips)": 22.5,
              "v4-8 (240 vCPUs, 4 chips)": 60}
@@ -284,11 +286,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         "official (PIL, main_moco.py aug+)": (official_pipeline(), jpegs),
         "moco_xla before (decode_bytes + v2 preset)": (moco_xla_before(), jpegs),
         "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(), jpegs),
-        "moco_xla, the whole JPEG decoded (where _jpeg_region is not built)": (moco_xla_whole_image(), jpegs),
+        WHOLE_IMAGE_ROW: (moco_xla_whole_image(), jpegs),
         "decode only (PIL, full scale)": (decode_pil(), jpegs),
         "decode only (torchvision.io, full scale)": (decode_torchvision(), jpegs),
         "decode only (simplejpeg, full scale)": (decode_simplejpeg(), jpegs),
-        "decode only (as CropViews: the crops' rectangle, at the DCT scale they allow)": (decode_reduced(), jpegs),
+        AS_CROPVIEWS_ROW: (decode_reduced(), jpegs),
     }, rounds)
     small = interleaved({
         "moco_xla before (small_v2 preset)": (moco_xla_before(32, "small_v2"), cifar),
@@ -298,10 +300,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     large = interleaved({
         "official (PIL, main_moco.py aug+)": (official_pipeline(), large_jpegs),
         "moco_xla (CropViews, uint8 to the device)": (moco_xla_now(), large_jpegs),
-        "moco_xla, the whole JPEG decoded (where _jpeg_region is not built)": (moco_xla_whole_image(), large_jpegs),
+        WHOLE_IMAGE_ROW: (moco_xla_whole_image(), large_jpegs),
         "moco_xla, every JPEG decoded whole at full scale": (moco_xla_full_scale(), large_jpegs),
         "decode only (simplejpeg, full scale)": (decode_simplejpeg(), large_jpegs),
-        "decode only (as CropViews: the crops' rectangle, at the DCT scale they allow)": (decode_reduced(), large_jpegs),
+        AS_CROPVIEWS_ROW: (decode_reduced(), large_jpegs),
     }, rounds)
     stages = moco_xla_stages(jpegs, rounds)
     shard = shard_rows(photo_jpegs(40 if quick else 288, seed=1), rounds)
