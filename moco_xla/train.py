@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import data
+from .averaging import WeightAverage
 from .checkpoint import CheckpointStore, Position, checkpoint_dir, load_checkpoint, restore, save_checkpoint
 from .config import Config, validate_world
 from .errors import Preempted, UserError
@@ -33,7 +34,7 @@ from .moco_v3 import MoCoV3, build_moco_v3, momentum_at
 from .optim import build_optimizer as build_train_optimizer
 from .schedule import lr_at_epoch, lr_at_step, set_lr
 from .eval.pixel_knn import PixelReference
-from .eval.readout import knn_readout
+from .eval.readout import knn_readout, monitored_encoder
 from .profiling import GraphWatch, StepProfiler
 from .records import RecordsMirror, records_url
 from .report import MetricsWriter, lines_up_to, write_summary
@@ -50,6 +51,8 @@ def build_model(cfg: Config, rt: Runtime) -> MoCo | MoCoV3:
         else:
             encoder = build_encoder(cfg.model, rt)
             model = MoCo(encoder, rt, cfg.model.dim, m.K, m.m, m.T, m.symmetric, m.shuffle, m.debias).to(rt.device)
+        if cfg.train.average_from:  # the query encoder's weights averaged over the last epochs
+            model.encoder_avg = WeightAverage(model.encoder_q).to(rt.device)
     to_channels_last(model, cfg.model, rt.device)  # model.channels_last (CUDA ResNets by default)
     rt.sync_module(model)  # PJRT replica threads initialise nondeterministically
     return model
@@ -276,6 +279,8 @@ def end_epoch(s: Session, epoch: int, run: EpochRun) -> None:
     stop = s.guard.agree()
     epoch_log: dict[str, Any] = {}
     means = rt.all_reduce(run.sums, op="mean")  # one collective per epoch
+    if _averaging(cfg, epoch):
+        s.model.encoder_avg.update(s.model.encoder_q)
     rt.add_step_closure(_read_epoch, (epoch_log, means, s.steps_per_epoch))
     rt.mark_step()
     wall = time.time() - run.t0
@@ -310,7 +315,7 @@ def evaluate(s: Session, epoch: int) -> float:
     # fork_rng: evaluating (its DataLoaders draw seeds) must not shift training's RNG stream
     with s.watch.region("knn"), torch.random.fork_rng(devices=[]):
         rt.sync_batchnorm_stats(s.model)
-        encoder = s.model.encoder_q if cfg.eval.knn_encoder == "query" else s.model.encoder_k
+        encoder = monitored_encoder(s.model, cfg.eval.knn_encoder, averaged_yet=_averaging(cfg, epoch))
         features = knn_readout(encoder, cfg.eval.knn_layer)
         pos.knn_top1 = float(knn_accuracy(
             rt, features, s.bundle.bank, s.bundle.test, s.bundle.num_classes, cfg.eval.knn_k,
@@ -373,6 +378,11 @@ def trim_metrics(out_dir: Path, global_step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(f"{line}\n" for line in keep))
     os.replace(tmp, path)
+
+
+def _averaging(cfg: Config, epoch: int) -> bool:
+    """Whether epoch (0-based) is one of those train.average_from averages."""
+    return 0 < cfg.train.average_from <= epoch + 1
 
 
 def _knn_due(cfg: Config, epoch: int) -> bool:

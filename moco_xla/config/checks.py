@@ -27,6 +27,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (t.stop_every >= 1, "train.stop_every", f"must be >= 1, got {t.stop_every}"),
         (t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}"),
         (t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0"),
+        (0 <= t.average_from <= t.epochs, "train.average_from",
+         f"must be in [0, train.epochs={t.epochs}] (0: no weight average), got {t.average_from}"),
         (0 <= m.m < 1, "moco.m", f"must be in [0, 1), got {m.m}"),
         (m.T > 0, "moco.T", f"must be > 0, got {m.T}"),
         (m.K >= 1, "moco.K", f"must be >= 1, got {m.K}"),
@@ -57,6 +59,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
          "valid: backbone, or mlp_hidden with model.mlp true and moco.version 1 or 2"),
         (e.knn_layer != "projection" or m.version in (1, 2), "eval.knn_layer",
          f"is projection, which reads a MoCo v1/v2 head, but moco.version={m.version}; valid: backbone"),
+        (e.knn_encoder != "averaged" or t.average_from >= 1, "eval.knn_encoder",
+         "is averaged, but train.average_from is 0 (no weight average is kept); valid: query, key, or "
+         "averaged with train.average_from >= 1"),
         (not (d.dataset == "imagenet" and e.max_bank == 0), "eval.max_bank",
          "is 0 (the whole train set): for ImageNet that gathers 1.28 M x D fp32 features (10.5 GB at "
          "D 2048) onto every replica, above a TPU core's memory; set it, e.g. eval.max_bank=65536"),

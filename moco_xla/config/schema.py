@@ -73,6 +73,8 @@ class TrainConfig:
     collapse_warn: bool = True       # warn when the loss sits at the uniform-logits value
     compile: bool = False            # torch.compile both encoders (CUDA/CPU; slower on CPU as measured)
     compile_backend: str = "inductor"  # inductor | aot_eager (traces without generating kernels) | eager
+    average_from: int = 0            # > 0: also keep the uniform average of the query encoder's weights at the
+                                     # ends of epochs average_from..epochs (SWA; averaging.py), 0 = off
 
 
 @dataclass
@@ -191,7 +193,8 @@ class EvalConfig:
     knn_layer: str = "backbone"      # the features the kNN reads: backbone (pooled) | mlp_hidden (the v1/v2
                                      # projection MLP's hidden layer, after its ReLU) | projection (the v1/v2
                                      # head's output): eval/readout.py
-    knn_encoder: str = "query"       # the encoder the kNN reads: query | key (its momentum average)
+    knn_encoder: str = "query"       # the encoder the kNN reads: query | key (its momentum average) | averaged
+                                     # (its weights averaged from epoch train.average_from on)
     knn_centre: bool = False         # subtract the bank's mean feature before the L2 normalisation (as the
                                      # raw-pixel reference does to the pixels): eval/knn.py
     batch_size: int = 256
@@ -235,7 +238,7 @@ CHOICES = {
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "eval.knn_bn": ("running", "recompute"),
     "eval.knn_layer": ("backbone", "mlp_hidden", "projection"),
-    "eval.knn_encoder": ("query", "key"),
+    "eval.knn_encoder": ("query", "key", "averaged"),
     "eval.semisup.pixel_input": ("stored", "fed"),
     "eval.semisup.distill.teacher_view": ("crop", "clean"),
     "eval.semisup.distill.targets": ("soft", "hard"),

@@ -74,12 +74,16 @@ class Encoders:
         return copy.deepcopy(self._pretrained).to(rt.device).eval()
 
     def knn_features(self, rt: Runtime) -> nn.Module:
-        """The features the kNN reads, as ``pretrained``: the query or key encoder (eval.knn_encoder)
+        """The features the kNN reads, as ``pretrained``: the query, key or averaged encoder (eval.knn_encoder)
         up to eval.knn_layer, built as pre-training built it (backbone, then head)."""
         if self._knn is None:
             m, e = self.cfg.model, self.cfg.eval
             backbone, feat_dim = build_eval_backbone(self.cfg)
             encoder, prefix = Encoder(backbone, feat_dim, m.dim, m.mlp), encoder_prefix(e.knn_encoder)
+            if e.knn_encoder == "averaged" and not int(self.model_state().get("encoder_avg.n_averaged", 0)):
+                raise UserError(f"checkpoint {self.ckpt} was written before epoch train.average_from="
+                                f"{self.cfg.train.average_from}: no weights averaged yet; valid: "
+                                "eval.knn_encoder=query or key, or a later checkpoint")
             if e.knn_layer == "backbone":  # the backbone alone: MoCo v3's heads are not models.Encoder's
                 load_weights(backbone, self.model_state(), prefix + "backbone.", self.ckpt)
             else:

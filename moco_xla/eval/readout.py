@@ -6,8 +6,10 @@ Layers (``eval.knn_layer``):
   low-dimensional output the contrastive loss sees.
 - ``projection``: the head's output, the space in which the loss compares queries and keys.
 
-Encoders (``eval.knn_encoder``): ``query``, the encoder SGD trains, or ``key``, its momentum
-average (the "teacher" that DINO and BYOL evaluate). docs/digits.md compares them on the digits.
+Encoders (``eval.knn_encoder``): ``query``, the encoder SGD trains, ``key``, its momentum
+average (the "teacher" that DINO and BYOL evaluate), or ``averaged``, the uniform average of its
+weights at the ends of the last epochs (``train.average_from``; averaging.py). docs/digits.md
+compares them on the digits.
 
 During pre-training the readout shares the encoder's modules, so the monitor reads the current
 weights; the eval command builds the same encoder from a checkpoint (``Encoders.knn_features``)
@@ -35,6 +37,14 @@ def hidden_layers(head: nn.Module) -> list[nn.Module]:
     return [head[0], head[1]]
 
 
+def monitored_encoder(model: nn.Module, knn_encoder: str, averaged_yet: bool) -> nn.Module:
+    """The encoder ``eval.knn_encoder`` names in a pre-training MoCo; ``averaged`` before the first
+    averaged epoch (``averaged_yet`` false) is the query encoder, which it will average."""
+    if knn_encoder == "averaged":
+        return model.encoder_avg.encoder if averaged_yet else model.encoder_q
+    return model.encoder_q if knn_encoder == "query" else model.encoder_k
+
+
 def encoder_prefix(knn_encoder: str) -> str:
     """Where ``eval.knn_encoder``'s weights sit in a MoCo state dict."""
-    return {"query": "encoder_q.", "key": "encoder_k."}[knn_encoder]
+    return {"query": "encoder_q.", "key": "encoder_k.", "averaged": "encoder_avg.encoder."}[knn_encoder]
