@@ -32,9 +32,10 @@ def launch(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
 
 
 def test_four_replicas_train_without_recompiling_and_resume_exactly(tmp_path):
-    """With moco.m_cosine as well: a key momentum that changes every step compiles no new graph."""
+    """With moco.m_cosine and train.average_from as well: a key momentum that changes every step and
+    the weight average's update at every epoch's end compile no new graph, and resume exactly."""
     a, b = tmp_path / "a", tmp_path / "b"
-    tiny = TINY + ["--set", "moco.m_cosine=true"]
+    tiny = TINY + ["--set", "moco.m_cosine=true", "--set", "train.average_from=1", "--set", "eval.knn_encoder=averaged"]
     p = launch(tiny + ["--out", str(a)])
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((a / "summary.json").read_text())
@@ -48,6 +49,7 @@ def test_four_replicas_train_without_recompiling_and_resume_exactly(tmp_path):
     p = launch(tiny + ["--out", str(b), "--resume", str(first)])
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training_state(final_checkpoint(a), final_checkpoint(b))
+    assert int(final_checkpoint(a)["model"]["encoder_avg.n_averaged"]) == 2  # the ends of epochs 1 and 2
 
 
 def test_precise_bn_knn_compiles_once_and_reads_no_host_value(tmp_path):
