@@ -144,6 +144,17 @@ def lines_up_to(text: str, global_step: int) -> list[str]:
     return keep
 
 
+def trim_metrics(out_dir: Path, global_step: int) -> None:
+    """Drop records past the resumed step (and a line cut by a kill): the rerun writes them again."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = lines_up_to(path.read_text(), global_step)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):

@@ -12,7 +12,6 @@ mid-epoch included; SIGTERM and NaN/inf losses are agreed on across replicas by
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from .eval.pixel_knn import PixelReference
 from .eval.readout import knn_readout, monitored_encoder
 from .profiling import GraphWatch, StepProfiler
 from .records import RecordsMirror, records_url
-from .report import MetricsWriter, lines_up_to, write_summary
+from .report import MetricsWriter, trim_metrics, write_summary
 from .runtime import Runtime
 
 
@@ -367,17 +366,6 @@ def _preempted(path: str, pos: Position, steps_per_epoch: int) -> None:
     raise Preempted(f"stopped on SIGTERM after global step {pos.global_step} (epoch {pos.epoch + 1}, "
                     f"step {pos.step}/{steps_per_epoch}); checkpoint {path}. Rerun the same command "
                     f"with --resume auto to continue")
-
-
-def trim_metrics(out_dir: Path, global_step: int) -> None:
-    """Drop records past the resumed step (and a line cut by a kill): the rerun writes them again."""
-    path = out_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = lines_up_to(path.read_text(), global_step)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in keep))
-    os.replace(tmp, path)
 
 
 def _averaging(cfg: Config, epoch: int) -> bool:
