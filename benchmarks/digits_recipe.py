@@ -820,10 +820,10 @@ test digits read, once per seed.
 At 8x8, width 32: 98.00 / 97.67 / 96.00 (mean 97.22), in 38-43 s a run; width 64: 98.33 / 94.67 /
 97.67 (96.89), 84-86 s; the shipped quickstart at 16 px on the same VM 98.33 / 98.67 / 98.00 (98.33).
 Neither passed; configs/digits.yaml is unchanged and the test digits were not read. The stored grid
-costs a point or more on the mean and widens the spread between seeds at either width: the blur of
-the upsampling that costs the pixels' kNN a point does not cost the network, and the 16-px view's
-finer grid of crop positions (the crops resized to 16 px, not 8) and its four stages' larger maps
-are worth more to it than the compute they take. (Seed 0 of both shared the machine with a CI
+costs a point or more on the mean and widens the spread between seeds at either width. Not
+measured, a likely reading: the upsampling's blur, which costs the pixels' kNN a point, does not
+cost the network, while the 16-px view's finer crops (resized to 16 px, not 8) and its stages'
+larger maps are worth more to it than the compute they take. (Seed 0 of both shared the machine with a CI
 rehearsal, hence their long wall.)
 """
 
