@@ -158,7 +158,7 @@ def build_moco_v3(cfg, rt: Runtime) -> MoCoV3:
                                        m.stop_grad_conv1)
     else:
         backbone, feat_dim = build_backbone(m.arch, m.in_channels, m.small_stem, m.width,
-                                            norm_layer(m.bn_splits, m.sync_bn, rt))
+                                            norm_layer(m.bn_splits, m.sync_bn, rt), m.depth)
         zero_init_residual(backbone)
     proj_layers = v.proj_layers or (3 if vit else 2)
     projector = build_mlp(proj_layers, feat_dim, v.mlp_dim, m.dim, rt)

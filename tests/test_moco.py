@@ -179,3 +179,25 @@ def test_small_resnet_size_matches_the_quickstart_claim():
     enc = build_encoder(cfg.model)
     n = sum(p.numel() for p in enc.backbone.parameters())
     assert 1.0e6 < n < 1.5e6
+
+
+def test_small_resnet_depth_stacks_blocks_per_stage_and_keeps_depth_1s_names():
+    """model.depth: BasicBlocks per stage; depth 1 is the network (and state dict names) it always was;
+    pre-training's encoder and the eval command's backbone build the deeper one; other archs refuse it."""
+    from moco_xla.config import load_config
+    from moco_xla.errors import UserError
+    from moco_xla.eval.encoder import build_eval_backbone
+    from moco_xla.models import BasicBlock, SmallResNet
+    shallow, deep = SmallResNet(1, 8), SmallResNet(1, 8, depth=3)
+    assert sum(isinstance(m, BasicBlock) for m in shallow.modules()) == 4
+    assert sum(isinstance(m, BasicBlock) for m in deep.modules()) == 12
+    assert len(shallow.layers) == 4 and "layers.3.downsample.0.weight" in shallow.state_dict()  # its old names
+    assert len(deep.layers) == 12 and "layers.9.downsample.0.weight" in deep.state_dict()  # stage 4's first block
+    assert deep(torch.randn(2, 1, 16, 16)).shape == (2, 64) and deep.out_dim == shallow.out_dim == 64
+    cfg = load_config("tiny", ["model.depth=2"])
+    assert sum(isinstance(m, BasicBlock) for m in build_encoder(cfg.model).modules()) == 8
+    assert sum(isinstance(m, BasicBlock) for m in build_eval_backbone(cfg)[0].modules()) == 8
+    with pytest.raises(UserError, match=r"model.depth.*must be >= 1, got 0"):
+        load_config("tiny", ["model.depth=0"])
+    with pytest.raises(UserError, match=r"model.depth.*model.arch=resnet18.*valid: model.depth=1, or model.arch"):
+        load_config("tiny", ["model.depth=2", "model.arch=resnet18", "model.in_channels=3"])

@@ -39,6 +39,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (cfg.model.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {cfg.model.in_channels}"),
         (cfg.model.bn_splits >= 1, "model.bn_splits", f"must be >= 1, got {cfg.model.bn_splits}"),
         (cfg.model.width >= 1, "model.width", f"must be >= 1, got {cfg.model.width}"),
+        (cfg.model.depth >= 1, "model.depth", f"must be >= 1, got {cfg.model.depth}"),
+        (cfg.model.depth == 1 or cfg.model.arch == "small_resnet", "model.depth",
+         f"is {cfg.model.depth}, but sets small_resnet's blocks per stage and model.arch={cfg.model.arch} "
+         "takes its depth from its name; valid: model.depth=1, or model.arch=small_resnet"),
         (d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}"),
         (d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}"),
         (d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {d.shuffle_buffer}"),

@@ -30,6 +30,7 @@ class ModelConfig:
     in_channels: int = 1
     small_stem: bool = True          # 3x3 stride-1 stem, no max-pool (28-32 px images)
     width: int = 32                  # small_resnet base width
+    depth: int = 1                   # small_resnet: BasicBlocks per stage (the ResNets: model.arch's own)
     dim: int = 128                   # feature dimension of the head
     mlp: bool = True                 # v2 MLP head (v1: linear)
     bn_splits: int = 8               # Split BN sub-batches (1 = plain BN on each replica)

@@ -29,7 +29,7 @@ def build_eval_backbone(cfg: Config) -> tuple[nn.Module, int]:
     m = cfg.model
     if is_vit(m.arch):  # MoCo v3's ViTs (no BN in the backbone)
         return build_vit(m.arch, cfg.data.image_size, m.patch_size, m.in_channels, m.width, m.stop_grad_conv1)
-    return build_backbone(m.arch, m.in_channels, m.small_stem, m.width, nn.BatchNorm2d)
+    return build_backbone(m.arch, m.in_channels, m.small_stem, m.width, nn.BatchNorm2d, m.depth)
 
 
 def load_encoder(ckpt_path: str) -> tuple[Config, nn.Module]:
