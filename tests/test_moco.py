@@ -14,11 +14,11 @@ from moco_xla.runtime import make_runtime
 
 
 def linear_moco(K: int = 8, dim: int = 3, m: float = 0.9, T: float = 0.5, symmetric: bool = False,
-                debias: float = 0.0) -> MoCo:
+                debias: float = 0.0, nn_positive: bool = False) -> MoCo:
     torch.manual_seed(0)
     enc = nn.Linear(4, dim, bias=False)
     return MoCo(enc, make_runtime("local"), dim=dim, K=K, m=m, T=T, symmetric=symmetric, shuffle="gather",
-                debias=debias)
+                debias=debias, nn_positive=nn_positive)
 
 
 def test_queue_enqueue_order_and_wrap_around():
@@ -122,6 +122,26 @@ def test_debiased_loss_equals_hand_computed_form(T):
     want = _debiased_infonce(f(x_q), f(x_k), queue, T, 0.1)
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4)
     assert abs(float(loss) - float(_infonce(f(x_q), f(x_k), queue, T))) > 1e-3  # not plain InfoNCE
+
+
+def test_nn_positive_is_the_queues_nearest_key_and_no_negative():
+    """moco.nn_positive: each query's positive is the queue key nearest (cosine) to its own key, and
+    the loss is InfoNCE over that positive and the other K - 1 keys; the key itself is enqueued."""
+    model = linear_moco(K=8, m=0.0, T=0.5, nn_positive=True)
+    x_q, x_k = torch.randn(4, 4), torch.randn(4, 4)
+    queue = model.queue.clone()
+    loss, _ = model(x_q, x_k)
+    f = lambda x: F.normalize(x @ model.encoder_q.weight.t(), dim=1).detach()  # noqa: E731
+    q, k = f(x_q), f(x_k)
+    losses = []
+    for i in range(4):
+        nearest = int((k[i] @ queue).argmax())
+        others = [j for j in range(8) if j != nearest]
+        logits = torch.cat([(q[i] @ queue[:, nearest])[None], q[i] @ queue[:, others]]) / 0.5
+        losses.append(-F.log_softmax(logits, dim=0)[0])
+    torch.testing.assert_close(loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-5)
+    assert abs(float(loss) - float(_infonce(q, k, queue, 0.5))) > 1e-3  # not the key as the positive
+    torch.testing.assert_close(model.queue[:, :4], k.t())  # the keys themselves join the queue
 
 
 def test_debiased_loss_floor_and_uniform_logits():

@@ -35,6 +35,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (0 <= m.debias < 1, "moco.debias", f"must be in [0, 1) (0: plain InfoNCE), got {m.debias}"),
         (m.debias == 0 or m.version != 3, "moco.debias",
          "is for the queue's negatives (moco.version 1 or 2); MoCo v3 takes 0"),
+        (not m.nn_positive or m.version != 3, "moco.nn_positive",
+         "draws the positive from the queue (moco.version 1 or 2); MoCo v3 has no queue: valid there: false"),
+        (not (m.nn_positive and m.debias), "moco.nn_positive",
+         "and moco.debias are exclusive (the debiased loss corrects for the key as the positive); valid: "
+         "one of them"),
         (cfg.model.dim >= 1, "model.dim", f"must be >= 1, got {cfg.model.dim}"),
         (cfg.model.in_channels in (1, 3), "model.in_channels", f"must be 1 or 3, got {cfg.model.in_channels}"),
         (cfg.model.bn_splits >= 1, "model.bn_splits", f"must be >= 1, got {cfg.model.bn_splits}"),
