@@ -922,6 +922,13 @@ settings only if its three-seed validation mean (seeds 0-2) is at least 99.33 (a
 shipped quickstart's 98.33 on this VM), within the 3-minute budget (`digits_recipe.py test`, alone
 on the machine); if both pass, the higher mean, on a tie the cheaper (batch 128); only then are the
 test digits read, once per seed.
+
+The shipped settings with it: 87.00 / 90.67 / 62.33 (mean 80.00); `q20_b64_fine` with it: 99.00 /
+99.33 / 84.67 (94.33). Neither passed; configs/digits.yaml is unchanged and the test digits were not
+read. Where it held, the nearest neighbour as the positive gave the two highest single-seed scores
+of the batch-64 trials on this VM; on three of the six runs it fell apart (12 to 35 points below the
+pixels): a neighbour of another digit, once taken as the positive, pulls the two digits together,
+and the next neighbours are more often wrong.
 """
 
 
