@@ -24,12 +24,12 @@ class MoCo(nn.Module):
 
     def __init__(self, encoder_q: nn.Module, runtime: Runtime, dim: int = 128, K: int = 65536,
                  m: float = 0.999, T: float = 0.07, symmetric: bool = False,
-                 shuffle: str = "gather", debias: float = 0.0, nn_positive: bool = False) -> None:
+                 shuffle: str = "gather", debias: float = 0.0, nn_weight: float = 0.0) -> None:
         super().__init__()
         self.rt = runtime
         self.K, self.m, self.T = K, m, T
         self.debias = debias  # tau+: the share of the queue's keys expected to be of the query's class
-        self.nn_positive = nn_positive  # the positive is the queue's nearest key to the key (NNCLR)
+        self.nn_weight = nn_weight  # the loss's share whose positive is the queue's nearest key to the key
         self.symmetric = symmetric
         self.shuffle = resolve_mode(runtime, shuffle)  # all_to_all falls back to gather where missing
         self.encoder_q = encoder_q
@@ -77,25 +77,25 @@ class MoCo(nn.Module):
 
     def contrastive_loss(self, im_q: torch.Tensor, im_k: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """InfoNCE with the positive at index 0; logits, softmax and loss in fp32. With
-        ``nn_positive`` the positive is the queue's nearest key to the key, and that column of the
-        queue is no negative of its query."""
+        """InfoNCE with the positive at index 0; logits, softmax and loss in fp32. With ``nn_weight``
+        > 0 that share of the loss is InfoNCE whose positive is the queue's nearest key to the key,
+        that column of the queue no negative of its query (nn_weight 1: NNCLR's loss alone)."""
         q = self.query(im_q)
         k = self.key(im_k)
         # Under bf16/fp16 autocast q @ queue would run in low precision: bf16 keeps 8 bits
         # of mantissa, so at T = 0.07 a logit could be off by about 0.05. Keep this part fp32.
         with torch.autocast(q.device.type, enabled=False):
             queue = self.queue.clone().detach()
-            positive = k
-            if self.nn_positive:
-                positive, column = self.nearest_key(k, queue)
-            l_pos = (q * positive).sum(dim=1, keepdim=True)
+            l_pos = (q * k).sum(dim=1, keepdim=True)
             l_neg = self.rt.precise_matmul(q, queue)  # TPU: highest precision
-            if self.nn_positive:
-                l_neg = l_neg.scatter(1, column[:, None], float("-inf"))
             logits = torch.cat([l_pos, l_neg], dim=1) / self.T
-            loss = infonce(logits, self.debias, self.T)
             acc = (logits.argmax(dim=1) == 0).float().mean()
+            loss = infonce(logits, self.debias, self.T) if self.nn_weight < 1 else 0.0
+            if self.nn_weight > 0:
+                neighbour, column = self.nearest_key(k, queue)
+                l_nn = (q * neighbour).sum(dim=1, keepdim=True)
+                nn_logits = torch.cat([l_nn, l_neg.scatter(1, column[:, None], float("-inf"))], dim=1) / self.T
+                loss = (1 - self.nn_weight) * loss + self.nn_weight * infonce(nn_logits)
         return loss, acc, k
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -50,7 +50,7 @@ def build_model(cfg: Config, rt: Runtime) -> MoCo | MoCoV3:
         else:
             encoder = build_encoder(cfg.model, rt)
             model = MoCo(encoder, rt, cfg.model.dim, m.K, m.m, m.T, m.symmetric, m.shuffle, m.debias,
-                         m.nn_positive).to(rt.device)
+                         m.nn_weight).to(rt.device)
         if cfg.train.average_from:  # the query encoder's weights averaged over the last epochs
             model.encoder_avg = WeightAverage(model.encoder_q).to(rt.device)
     to_channels_last(model, cfg.model, rt.device)  # model.channels_last (CUDA ResNets by default)

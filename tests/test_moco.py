@@ -14,11 +14,11 @@ from moco_xla.runtime import make_runtime
 
 
 def linear_moco(K: int = 8, dim: int = 3, m: float = 0.9, T: float = 0.5, symmetric: bool = False,
-                debias: float = 0.0, nn_positive: bool = False) -> MoCo:
+                debias: float = 0.0, nn_weight: float = 0.0) -> MoCo:
     torch.manual_seed(0)
     enc = nn.Linear(4, dim, bias=False)
     return MoCo(enc, make_runtime("local"), dim=dim, K=K, m=m, T=T, symmetric=symmetric, shuffle="gather",
-                debias=debias, nn_positive=nn_positive)
+                debias=debias, nn_weight=nn_weight)
 
 
 def test_queue_enqueue_order_and_wrap_around():
@@ -124,23 +124,33 @@ def test_debiased_loss_equals_hand_computed_form(T):
     assert abs(float(loss) - float(_infonce(f(x_q), f(x_k), queue, T))) > 1e-3  # not plain InfoNCE
 
 
-def test_nn_positive_is_the_queues_nearest_key_and_no_negative():
-    """moco.nn_positive: each query's positive is the queue key nearest (cosine) to its own key, and
-    the loss is InfoNCE over that positive and the other K - 1 keys; the key itself is enqueued."""
-    model = linear_moco(K=8, m=0.0, T=0.5, nn_positive=True)
+def _nn_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:
+    """Hand-written InfoNCE whose positive is the queue key nearest (cosine) to each key, over the
+    other K - 1 keys as negatives."""
+    losses = []
+    for i in range(q.shape[0]):
+        nearest = int((k[i] @ queue).argmax())
+        others = [j for j in range(queue.shape[1]) if j != nearest]
+        logits = torch.cat([(q[i] @ queue[:, nearest])[None], q[i] @ queue[:, others]]) / T
+        losses.append(-F.log_softmax(logits, dim=0)[0])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_nn_weight_mixes_the_key_and_the_queues_nearest_key_as_positives(weight):
+    """moco.nn_weight w: the loss is (1 - w) InfoNCE with the key as the positive plus w InfoNCE with
+    the queue's nearest key to the key as the positive (that key then no negative); the key itself is
+    enqueued, as without it."""
+    model = linear_moco(K=8, m=0.0, T=0.5, nn_weight=weight)
     x_q, x_k = torch.randn(4, 4), torch.randn(4, 4)
     queue = model.queue.clone()
     loss, _ = model(x_q, x_k)
     f = lambda x: F.normalize(x @ model.encoder_q.weight.t(), dim=1).detach()  # noqa: E731
     q, k = f(x_q), f(x_k)
-    losses = []
-    for i in range(4):
-        nearest = int((k[i] @ queue).argmax())
-        others = [j for j in range(8) if j != nearest]
-        logits = torch.cat([(q[i] @ queue[:, nearest])[None], q[i] @ queue[:, others]]) / 0.5
-        losses.append(-F.log_softmax(logits, dim=0)[0])
-    torch.testing.assert_close(loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-5)
-    assert abs(float(loss) - float(_infonce(q, k, queue, 0.5))) > 1e-3  # not the key as the positive
+    plain = _infonce(q, k, queue, 0.5)
+    want = (1 - weight) * plain + weight * _nn_infonce(q, k, queue, 0.5)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    assert abs(float(loss) - float(plain)) > 1e-3  # not the key alone as the positive
     torch.testing.assert_close(model.queue[:, :4], k.t())  # the keys themselves join the queue
 
 

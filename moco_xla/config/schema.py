@@ -49,7 +49,7 @@ class MocoConfig:
     symmetric: bool = True           # both crops serve as query in turn
     shuffle: str = "gather"          # gather | all_to_all | none
     debias: float = 0.0              # v1/v2: tau+ of the debiased InfoNCE (share of same-class negatives); 0 = InfoNCE
-    nn_positive: bool = False        # v1/v2: the positive is the queue's nearest key to the key (NNCLR)
+    nn_weight: float = 0.0           # v1/v2: the loss's share whose positive is the queue's nearest key (NNCLR: 1)
     version: int = 2                 # 1/2: queue MoCo (moco.py); 3: MoCo v3, the batch as negatives (moco_v3.py)
     mlp_dim: int = 4096              # v3: hidden width of the projector and predictor MLPs
     proj_layers: int = 0             # v3: projector depth; 0 = the official code's (ResNet 2, ViT 3)
