@@ -30,6 +30,7 @@ class MoCo(nn.Module):
         self.K, self.m, self.T = K, m, T
         self.debias = debias  # tau+: the share of the queue's keys expected to be of the query's class
         self.nn_weight = nn_weight  # the loss's share whose positive is the queue's nearest key to the key
+        self.nn_now = nn_weight  # this step's share (moco.nn_warmup_epochs: the schedule raises it to nn_weight)
         self.symmetric = symmetric
         self.shuffle = resolve_mode(runtime, shuffle)  # all_to_all falls back to gather where missing
         self.encoder_q = encoder_q
@@ -42,6 +43,10 @@ class MoCo(nn.Module):
     def set_momentum(self, m: float) -> None:
         """The momentum of the next step's update (moco.m_cosine: the schedule sets it every step)."""
         self.m = m
+
+    def set_nn_weight(self, weight: float) -> None:
+        """The next step's share of the loss whose positive is the queue's nearest key (the warm-up)."""
+        self.nn_now = weight
 
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
@@ -90,12 +95,13 @@ class MoCo(nn.Module):
             l_neg = self.rt.precise_matmul(q, queue)  # TPU: highest precision
             logits = torch.cat([l_pos, l_neg], dim=1) / self.T
             acc = (logits.argmax(dim=1) == 0).float().mean()
-            loss = infonce(logits, self.debias, self.T) if self.nn_weight < 1 else 0.0
+            loss = infonce(logits, self.debias, self.T)
             if self.nn_weight > 0:
                 neighbour, column = self.nearest_key(k, queue)
                 l_nn = (q * neighbour).sum(dim=1, keepdim=True)
                 nn_logits = torch.cat([l_nn, l_neg.scatter(1, column[:, None], float("-inf"))], dim=1) / self.T
-                loss = (1 - self.nn_weight) * loss + self.nn_weight * infonce(nn_logits)
+                w = torch.tensor(self.nn_now, device=q.device)  # data, not a constant: a warm-up compiles once
+                loss = (1 - w) * loss + w * infonce(nn_logits)
         return loss, acc, k
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, dict]:

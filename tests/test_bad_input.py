@@ -43,6 +43,8 @@ CASES = [
      "'moco.nn_weight' draws the positive from the queue (moco.version 1 or 2)", "main", {}),
     ("nn-weight-debias", ["--set", "moco.nn_weight=0.5", "--set", "moco.debias=0.1"],
      "'moco.nn_weight' and moco.debias are exclusive", "main", {}),
+    ("nn-warmup-without-weight", ["--set", "moco.nn_warmup_epochs=2"],
+     "'moco.nn_warmup_epochs' is 2, but warms up moco.nn_weight, which is 0", "main", {}),
     ("epochs-0", ["--set", "train.epochs=0"], "'train.epochs' must be >= 1", "main", {}),
     ("bad-choice", ["--set", "train.schedule=linear"], "valid: cosine, step, constant", "main", {}),
     ("crop-scale-0", ["--set", "data.crop_min_scale=0"], "'data.crop_min_scale' must be in (0, 1] or null", "main", {}),

@@ -34,10 +34,10 @@ def launch(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
 def test_four_replicas_train_without_recompiling_and_resume_exactly(tmp_path):
     """With moco.m_cosine, train.average_from and moco.nn_weight as well: a key momentum that changes
     every step, the weight average's update at every epoch's end and a second positive drawn from
-    the queue compile no new graph, and resume exactly."""
+    the queue, its share warmed up step by step to 1, compile no new graph, and resume exactly."""
     a, b = tmp_path / "a", tmp_path / "b"
     tiny = TINY + ["--set", "moco.m_cosine=true", "--set", "train.average_from=1", "--set", "eval.knn_encoder=averaged",
-                   "--set", "moco.nn_weight=0.5"]
+                   "--set", "moco.nn_weight=1", "--set", "moco.nn_warmup_epochs=1"]
     p = launch(tiny + ["--out", str(a)])
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((a / "summary.json").read_text())
