@@ -44,7 +44,11 @@ DOC = ROOT / "docs" / "digits.md"
 VAL = ["data.val_size=300"]  # 300 of the 1,257 training digits score the trials; the test digits are not read
 # The quickstart's settings when the trials began, which each trial's overrides then change: moco.m,
 # eval.knn_bn, data.crop_min_scale and eval.knn_layer are what the trials chose for configs/digits.yaml since.
-TRIAL_BASE = ["moco.m=0.99", "eval.knn_bn=running", "data.crop_min_scale=null", "eval.knn_layer=backbone"]
+TRIAL_BASE = ["moco.m=0.99", "eval.knn_bn=running", "data.crop_min_scale=null", "eval.knn_layer=backbone",
+              # and every other setting configs/digits.yaml has changed since, at its value then: a trial
+              # means the same run whatever the quickstart ships now
+              "train.epochs=40", "train.batch_size=128", "train.lr=0.03", "model.bn_splits=8", "data.augment=digits",
+              "moco.nn_weight=0", "moco.nn_warmup_epochs=0"]
 SHIPPED = ["moco.m=0.995", "eval.knn_bn=recompute"]  # trial m0.995_pbn: the second and third rounds' base
 CROP08 = [*SHIPPED, "data.crop_min_scale=0.8"]  # trial pbn_crop0.8: the fourth round's base
 QUICK20 = [*CROP08, "train.epochs=20"]  # trial crop0.8_20ep: the fifth round's base
@@ -197,6 +201,9 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
                                  [*Q20_SHIPPED, "train.batch_size=64", "train.lr=0.015", "moco.m=0.9975",
                                   "model.bn_splits=4", "data.augment=digits_fine", "moco.nn_weight=1",
                                   "moco.nn_warmup_epochs=15", "train.epochs=30"]),
+    # rounds 20-24 ran on another VM (AMD EPYC family 26 model 2) than rounds 13-19 and q20_shipped (family 25
+    # model 17): the settings shipped before round 24, rerun on it
+    "q20_shipped_f26": ("the quickstart as shipped before round 24, rerun on the VM of rounds 20-24", Q20_SHIPPED),
 }
 
 
@@ -321,21 +328,23 @@ def seeds(text: str = "0,1,2", machine: str = "") -> None:
 
 
 def retire(name: str, out: Path) -> None:
-    """Keep an earlier quickstart's row (and run) as ``previous-NAME`` when configs/digits.yaml has
-    changed since: the table then shows the quickstart before and after the change."""
-    from moco_xla.config import load_config
+    """Keep an earlier quickstart's row (and run) as ``previous-NAME`` (``previous2-NAME`` where that
+    is taken, and so on) when configs/digits.yaml has changed since: the table then shows the
+    quickstart before and after each change."""
     record = TRIALS_DIR / f"{name}-test.json"
     if not record.exists():
         return
     old = json.loads(record.read_text())
-    current = load_config("digits", [f"train.seed={old['seed']}"]).to_dict()
-    if old.get("config") == current:
+    if "config" in old and is_shipped(old):
         return
-    old.update(name=f"previous-{name}", what="the quickstart as shipped before the current configs/digits.yaml")
-    (TRIALS_DIR / f"previous-{name}-test.json").write_text(json.dumps(old, indent=1) + "\n")
+    generation = next(g for g in ["", *map(str, range(2, 100))]
+                      if not (TRIALS_DIR / f"previous{g}-{name}-test.json").exists())  # earlier ones stay
+    old.update(name=f"previous{generation}-{name}",
+               what="the quickstart as shipped before the current configs/digits.yaml")
+    (TRIALS_DIR / f"previous{generation}-{name}-test.json").write_text(json.dumps(old, indent=1) + "\n")
     record.unlink()
     if out.exists():
-        out.rename(out.with_name(f"digits-previous-{name}"))
+        out.rename(out.with_name(f"digits-previous{generation}-{name}"))
 
 
 def pixels() -> None:
@@ -480,7 +489,7 @@ def report() -> None:
     RESULTS.write_text(json.dumps(trials, indent=1) + "\n")
     pixel = json.loads(PIXELS.read_text())
     val = [t for t in trials if t["split"] == "val"]
-    test = [t for t in trials if t["split"] == "test"]
+    test = [mark_superseded(t) for t in trials if t["split"] == "test"]
     lines = [DOC_HEAD, "", f"Raw-pixel kNN (`digits_recipe.py pixels`): validation {pixel['val']['stored']:.2f} "
              f"as stored, {pixel['val']['upsampled']:.2f} at 16 px; test {pixel['test']['stored']:.2f} as stored, "
              f"{pixel['test']['upsampled']:.2f} at 16 px.", "",
@@ -492,6 +501,36 @@ def report() -> None:
         lines += [goal_line(machine, rows, pixel), ""]
     DOC.write_text("\n".join(lines) + DOC_TAIL)
     print(f"wrote {RESULTS} and {DOC}: {len(val)} validation trials, {len(test)} test runs")
+
+
+def mark_superseded(run: dict) -> dict:
+    """A quickstart row (``seeds``) whose recorded config is not configs/digits.yaml's now says so
+    in the tables: the rows of another machine are not retired (``retire``) when the config changes."""
+    if not run["name"].startswith("quickstart-") or "config" not in run or is_shipped(run):
+        return run
+    where = run["what"].partition(", on ")[2]
+    return {**run, "shipped": False, "what": "the quickstart as shipped before the current configs/digits.yaml"
+            + (f", on {where}" if where else "")}
+
+
+def is_shipped(run: dict) -> bool:
+    """``run`` (a ``seeds`` row) had configs/digits.yaml's settings as they are now, but for options
+    added to the schema since it ran, at their defaults."""
+    from moco_xla.config import Config, load_config
+    return _same(run["config"], load_config("digits", [f"train.seed={run['seed']}"]).to_dict(), Config().to_dict())
+
+
+def _same(recorded: dict, current: dict, defaults: dict) -> bool:
+    for key, value in current.items():
+        if key not in recorded:
+            if value != defaults[key]:
+                return False
+        elif isinstance(value, dict) and isinstance(recorded[key], dict):
+            if not _same(recorded[key], value, defaults[key]):
+                return False
+        elif recorded[key] != value:
+            return False
+    return set(recorded) <= set(current)
 
 
 def quickstart_rows(test: list[dict]) -> dict[str, list[dict]]:
@@ -508,7 +547,8 @@ def goal_line(machine: str, rows: list[dict], pixel: dict) -> str:
     """Issue 30's digits goal on one machine's quickstart rows: MoCo - the stored pixels, every seed."""
     margins = [gains(t, pixel)[0] for t in rows]
     where = f" on {rows[0]['cpu']} (`{machine}` rows)" if machine else ""
-    return (f"The quickstart as shipped{where}, MoCo - pixels (8x8, as stored) on the test digits: "
+    when = " before the current configs/digits.yaml" if rows[0].get("shipped") is False else ""
+    return (f"The quickstart as shipped{when}{where}, MoCo - pixels (8x8, as stored) on the test digits: "
             f"{' / '.join(f'{g:+.2f}' for g in margins)} on seeds {', '.join(str(t['seed']) for t in rows)} "
             f"(issue 30's goal: at least +1 on every seed, {'met' if min(margins) >= 1.0 else 'not met'}).")
 
@@ -530,7 +570,7 @@ six rounds below quotes. `digits_recipe.py pixels` measures both on both splits;
 every run, whichever its monitor printed, against both. Trials are scored on a validation split of the
 training digits (`data.val_size=300`); the test digits are read only by the quickstart as shipped
 (and by one trial's budget check, `digits_recipe.py test`). Each trial changes the settings the
-quickstart had when the trials began (m 0.99, `eval.knn_bn=running`, the preset's own crops, the kNN on the backbone; `TRIAL_BASE`). The trials ran
+quickstart had when the trials began (m 0.99, `eval.knn_bn=running`, the preset's own crops, the kNN on the backbone, 40 epochs at batch 128 and learning rate 0.03, Split BN 8; `TRIAL_BASE`, which pins them, so a trial is the same run whatever configs/digits.yaml ships). The trials ran
 niced on one thread, two at a time; the quickstart's runs had the idle 2-core machine to themselves
 (all threads, not niced), so their wall column (`wall_s`, kNN monitors included) is what a user sees."""
 
@@ -1002,14 +1042,28 @@ machine); if both pass, the higher mean, on a tie the shorter warm-up; only then
 read, once per seed.
 
 Warm-up 10: 99.00 / 99.00 / 99.33 (mean 99.11); warm-up 15: 99.67 / 99.00 / 99.33 (**99.33**). The
-15-epoch warm-up passed, at the rule's bound itself (one validation digit more on one seed and it
+15-epoch warm-up passed, at the rule's bound itself (one validation digit fewer on one seed and it
 would not have), the first trial in twenty-four rounds to pass; as the quickstart on all 1,257
 training digits, alone on the machine, seed 0 took 98 s (`digits_recipe.py test`, within the
-3-minute budget). **configs/digits.yaml now takes its settings**: batch 64, learning rate 0.015, key
+3-minute budget). **configs/digits.yaml takes its settings**: batch 64, learning rate 0.015, key
 momentum 0.9975, Split BN 4, the crops on the 16-px grid (`digits_fine`), 30 epochs, the queue's
 nearest key as the positive after a 15-epoch warm-up (`moco.nn_weight: 1`, `moco.nn_warmup_epochs:
-15`). The test digits, read once per seed with the quickstart as shipped (`digits_recipe.py seeds`),
-are in the seeds table at the top of this page.
+15`).
+
+Rounds 20-24 ran on another VM than the rule's reference: an AMD EPYC family 26 model 2 (AVX-512),
+where `q20_shipped` and rounds 13-19 had family 25 model 17. The shipped settings rerun on it
+(`q20_shipped_f26`): 98.33 / 98.67 / 98.00, the other VM's figures seed for seed, so the rule's bar
+(99.33) is a point above them here too. (A first rerun ran while configs/digits.yaml already held
+the new settings, which the trials' overrides did not all pin, and scored a run of neither; it was
+discarded, and `TRIAL_BASE` now pins every setting the quickstart has changed since the trials
+began.)
+
+The test digits, read once per seed with the quickstart as shipped (`digits_recipe.py seeds`, alone
+on the machine, 110-121 s): **98.33 / 97.96 / 97.59%, +1.30 / +0.93 / +0.56** over the pixels; the
+settings before, on the same VM (`quickstart-f26-seed*`, 68-77 s): 98.33 / 97.96 / 97.04%, +1.30 /
++0.93 / +0.00, the family-25 VM's figures exactly. Seed 2 gained three test digits, seeds 0 and 1
+none: issue 30's goal for the digits (+1 on every seed) is still **not met**, seed 1 one test digit
+short of it and seed 2 three.
 """
 
 

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The shortest digits pre-training (the quickstart at width 16 for 12 epochs instead of 32 for 20)
 # whose probe still clearly beats a random-init encoder and raw pixels with 50 labels.
-PRETRAIN_SET = ["train.epochs=12", "model.width=16", "eval.knn_every=6", "checkpoint.every=12",
-                "train.log_every=3"]
+PRETRAIN_SET = ["train.epochs=12", "moco.nn_warmup_epochs=6", "model.width=16", "eval.knn_every=6",
+                "checkpoint.every=12", "train.log_every=3"]
 
 
 def tiny_checkpoint(directory: Path) -> tuple[Path, nn.Module]:

@@ -15,21 +15,33 @@ def shipped_seeds(machine: str = "") -> list[dict]:
     return [t for t in json.loads(RESULTS.read_text()) if t["name"].startswith(f"quickstart-{machine}seed")]
 
 
-def test_seed_rows_are_the_shipped_quickstart():
-    """Each seed's row, on every machine recorded, was run with configs/digits.yaml as it is now (only
-    the seed set): a change to the quickstart's config makes the recorded figures stale, and this fails
-    until they are rerun."""
+def is_shipped(t: dict) -> bool:
+    """The row was run with configs/digits.yaml as it is now (only the seed set)."""
     from moco_xla.config import Config, load_config
+    shipped = load_config("digits").to_dict()
+    shipped["train"]["seed"] = t["seed"]
+    try:
+        return t["config"] == without_new_defaults(shipped, t["config"], Config().to_dict())
+    except AssertionError:  # a setting added since, which configs/digits.yaml now sets
+        return False
+
+
+def test_seed_rows_are_the_shipped_quickstart():
+    """Each seed's shipped row was run with configs/digits.yaml as it is now (only the seed set): a
+    change to the quickstart's config makes the recorded figures stale, and this fails until they are
+    rerun. Another machine's rows (``seeds S MACHINE``), where not rerun, are called what they are: the
+    quickstart before the current config."""
     rows = shipped_seeds()
     assert sorted(t["seed"] for t in rows) == [0, 1, 2]
     other = shipped_seeds("avx512-")  # the VM of rounds 13-14 (docs/digits.md)
     assert sorted(t["seed"] for t in other) == [0, 1, 2] and "AVX-512" in other[0]["cpu"]
+    docs = (ROOT / "docs" / "digits.md").read_text()
     for t in rows + other:
         assert t["overrides"] == [f"train.seed={t['seed']}"] and t["split"] == "test"
         assert abs(t["gain"] - (t["knn_top1"] - t["pixel_knn_top1"])) < 1e-9
-        shipped = load_config("digits").to_dict()
-        shipped["train"]["seed"] = t["seed"]
-        assert t["config"] == without_new_defaults(shipped, t["config"], Config().to_dict())
+    assert all(is_shipped(t) for t in rows)
+    for t in other:
+        assert is_shipped(t) or f"| {t['name']} | the quickstart as shipped before the current" in docs
 
 
 def without_new_defaults(current: dict, recorded: dict, defaults: dict) -> dict:
