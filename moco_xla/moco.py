@@ -30,7 +30,7 @@ class MoCo(nn.Module):
         self.K, self.m, self.T = K, m, T
         self.debias = debias  # tau+: the share of the queue's keys expected to be of the query's class
         self.nn_weight = nn_weight  # the loss's share whose positive is the queue's nearest key to the key
-        self.nn_now = nn_weight  # this step's share (moco.nn_warmup_epochs: the schedule raises it to nn_weight)
+        self.nn_warmup_steps = 0  # steps over which that share rises from 0 (moco.nn_warmup_epochs; step_schedule)
         self.symmetric = symmetric
         self.shuffle = resolve_mode(runtime, shuffle)  # all_to_all falls back to gather where missing
         self.encoder_q = encoder_q
@@ -39,14 +39,19 @@ class MoCo(nn.Module):
             p.requires_grad = False
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if nn_weight > 0:  # steps taken, for the warm-up: a device counter, as the queue pointer
+            self.register_buffer("nn_step", torch.zeros(()))
 
     def set_momentum(self, m: float) -> None:
         """The momentum of the next step's update (moco.m_cosine: the schedule sets it every step)."""
         self.m = m
 
-    def set_nn_weight(self, weight: float) -> None:
-        """The next step's share of the loss whose positive is the queue's nearest key (the warm-up)."""
-        self.nn_now = weight
+    def nn_share(self) -> torch.Tensor | float:
+        """This step's share of the loss whose positive is the queue's nearest key: nn_weight, or during
+        the warm-up nn_weight (step + 1) / nn_warmup_steps, computed on the device (no host value)."""
+        if not self.nn_warmup_steps:
+            return self.nn_weight
+        return self.nn_weight * ((self.nn_step + 1) / self.nn_warmup_steps).clamp(max=1.0)
 
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
@@ -100,7 +105,7 @@ class MoCo(nn.Module):
                 neighbour, column = self.nearest_key(k, queue)
                 l_nn = (q * neighbour).sum(dim=1, keepdim=True)
                 nn_logits = torch.cat([l_nn, l_neg.scatter(1, column[:, None], float("-inf"))], dim=1) / self.T
-                w = torch.tensor(self.nn_now, device=q.device)  # data, not a constant: a warm-up compiles once
+                w = self.nn_share()
                 loss = (1 - w) * loss + w * infonce(nn_logits)
         return loss, acc, k
 
@@ -113,6 +118,8 @@ class MoCo(nn.Module):
         else:
             loss, acc, k = self.contrastive_loss(im_q, im_k)
         self.dequeue_and_enqueue(k)
+        if self.nn_weight > 0:
+            self.nn_step.add_(1)
         return loss, {"loss": loss.detach(), "acc": acc.detach()}
 
     def uniform_loss(self) -> float:

@@ -69,20 +69,18 @@ def build_optimizer(cfg: Config, model: MoCo | MoCoV3) -> torch.optim.Optimizer:
 def step_schedule(cfg: Config, model: MoCo | MoCoV3, optimizer: torch.optim.Optimizer,
                   steps_per_epoch: int) -> Callable[[int], float] | None:
     """MoCo v3 sets lr and momentum before every step (main_moco.py); v1/v2 set the momentum
-    before every step where moco.m_cosine asks for v3's schedule (their lr stays per epoch), and
-    the nearest-key loss's share during moco.nn_warmup_epochs; None otherwise. The returned
-    function gives the step's lr."""
+    before every step where moco.m_cosine asks for v3's schedule (their lr stays per epoch); None
+    otherwise. The returned function gives the step's lr. (v1/v2's nearest-key warm-up is set here
+    once, in steps; the model counts them on the device.)"""
     v3 = isinstance(model, MoCoV3)
-    nn_warmup = 0 if v3 else cfg.moco.nn_warmup_epochs * steps_per_epoch
-    if not (v3 or cfg.moco.m_cosine or nn_warmup):
+    if not v3:
+        model.nn_warmup_steps = cfg.moco.nn_warmup_epochs * steps_per_epoch
+    if not (v3 or cfg.moco.m_cosine):
         return None
     total = cfg.train.epochs * steps_per_epoch
 
     def before_step(global_step: int) -> float:
-        if v3 or cfg.moco.m_cosine:
-            model.set_momentum(momentum_at(cfg.moco.m, global_step / total))
-        if nn_warmup:
-            model.set_nn_weight(cfg.moco.nn_weight * min(1.0, (global_step + 1) / nn_warmup))
+        model.set_momentum(momentum_at(cfg.moco.m, global_step / total))
         if not v3:
             return lr_at_epoch(cfg.train, global_step // steps_per_epoch)
         lr = lr_at_step(cfg.train, global_step, steps_per_epoch)
@@ -237,7 +235,7 @@ def train_one_epoch(s: Session, epoch: int) -> EpochRun:
     t0 = time.time()
     s.watch.enter("train")
     for step, (im_q, im_k) in enumerate(rt.device_loader(s.loader), start=start):
-        if s.before_step is not None:  # MoCo v3: lr and momentum per step; v1/v2: m_cosine, nn warm-up
+        if s.before_step is not None:  # MoCo v3: lr and momentum per step; v1/v2 m_cosine: momentum
             lr = s.before_step(pos.global_step)
         im_q, im_k = s.augment(im_q), s.augment(im_k)
         with rt.autocast(cfg.train.precision):

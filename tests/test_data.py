@@ -134,7 +134,7 @@ def test_digits_preset_never_flips():
 def test_crop_min_scale_reaches_the_digits_views(crop_min_scale, whole):
     """data.crop_min_scale=1: every pre-training crop is the whole digit, so the views Gaussian blur
     leaves alone (half of them) are the evaluation image; the preset's own 0.4-1 crops (null) almost never are."""
-    cfg = load_config("digits", [f"data.crop_min_scale={crop_min_scale}"])
+    cfg = load_config("digits", ["data.augment=digits", f"data.crop_min_scale={crop_min_scale}"])
     bundle = data.build(cfg)
     torch.manual_seed(0)
     same = [torch.equal(view, bundle.bank[i][0]) for i in range(100) for view in bundle.pretrain[i][0]]

@@ -76,31 +76,28 @@ def test_m_cosine_raises_the_v2_key_momentum_to_one_and_leaves_the_lr_per_epoch(
     assert step_schedule(plain, build_model(plain, make_runtime("local")), opt, steps_per_epoch=10) is None
 
 
-def test_nn_warmup_raises_the_nearest_key_share_linearly_and_leaves_the_momentum():
-    """moco.nn_warmup_epochs: before every step the schedule sets the nearest-key loss's share,
-    rising linearly to moco.nn_weight over the warm-up's steps and held there; the key momentum and
-    the lr stay as without it; the loss at a share equals that mix (test_nn_weight_mixes...)."""
+def test_nn_warmup_raises_the_nearest_key_share_linearly_on_the_device():
+    """moco.nn_warmup_epochs: step_schedule gives the model the warm-up in steps (and no per-step
+    schedule where nothing else needs one); the model's share of the nearest-key loss rises linearly to
+    nn_weight over those steps, counted by a device buffer (checkpointed with the model), and each
+    step's loss is that mix of the two InfoNCE terms."""
     from moco_xla.config import load_config
-    from moco_xla.schedule import lr_at_epoch
     from moco_xla.train import build_model, build_optimizer, step_schedule
-    cfg = load_config("tiny", ["train.epochs=4", "moco.m=0.99", "moco.nn_weight=0.8", "moco.nn_warmup_epochs=2"])
+    cfg = load_config("tiny", ["train.epochs=4", "moco.nn_weight=0.8", "moco.nn_warmup_epochs=2"])
     model = build_model(cfg, make_runtime("local"))
-    before = step_schedule(cfg, model, build_optimizer(cfg, model), steps_per_epoch=10)
-    weights, lrs = [], []
-    for step in range(40):
-        lrs.append(before(step))
-        weights.append(model.nn_now)
-    assert weights[:20] == pytest.approx([0.8 * (s + 1) / 20 for s in range(20)])
-    assert weights[20:] == pytest.approx([0.8] * 20) and model.m == 0.99
-    assert lrs == pytest.approx([lr_at_epoch(cfg.train, s // 10) for s in range(40)])
+    assert step_schedule(cfg, model, build_optimizer(cfg, model), steps_per_epoch=10) is None
+    assert model.nn_warmup_steps == 20 and "nn_step" in model.state_dict()
     mixed = linear_moco(K=8, m=0.0, T=0.5, nn_weight=0.8)
-    mixed.set_nn_weight(0.2)
-    x_q, x_k = torch.randn(4, 4), torch.randn(4, 4)
-    queue = mixed.queue.clone()
-    loss, _ = mixed(x_q, x_k)
+    mixed.nn_warmup_steps = 4
     f = lambda x: F.normalize(x @ mixed.encoder_q.weight.t(), dim=1).detach()  # noqa: E731
-    want = 0.8 * _infonce(f(x_q), f(x_k), queue, 0.5) + 0.2 * _nn_infonce(f(x_q), f(x_k), queue, 0.5)
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    for step in range(6):
+        x_q, x_k = torch.randn(4, 4), torch.randn(4, 4)
+        queue = mixed.queue.clone()
+        loss, _ = mixed(x_q, x_k)
+        share = 0.8 * min(1.0, (step + 1) / 4)
+        want = (1 - share) * _infonce(f(x_q), f(x_k), queue, 0.5) + share * _nn_infonce(f(x_q), f(x_k), queue, 0.5)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    assert int(mixed.nn_step) == 6
 
 
 def _infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:

@@ -41,8 +41,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         (m.nn_weight == 0 or m.debias == 0, "moco.nn_weight",
          "and moco.debias are exclusive (the debiased loss corrects for the key as the positive); valid: "
          "one of them 0"),
-        (0 <= m.nn_warmup_epochs <= t.epochs, "moco.nn_warmup_epochs",
-         f"must be in [0, train.epochs={t.epochs}], got {m.nn_warmup_epochs}"),
+        (m.nn_warmup_epochs >= 0, "moco.nn_warmup_epochs", f"must be >= 0, got {m.nn_warmup_epochs}"),
         (m.nn_warmup_epochs == 0 or m.nn_weight > 0, "moco.nn_warmup_epochs",
          f"is {m.nn_warmup_epochs}, but warms up moco.nn_weight, which is 0; valid: moco.nn_weight > 0, or 0 here"),
         (cfg.model.dim >= 1, "model.dim", f"must be >= 1, got {cfg.model.dim}"),

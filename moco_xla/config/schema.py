@@ -50,7 +50,7 @@ class MocoConfig:
     shuffle: str = "gather"          # gather | all_to_all | none
     debias: float = 0.0              # v1/v2: tau+ of the debiased InfoNCE (share of same-class negatives); 0 = InfoNCE
     nn_weight: float = 0.0           # v1/v2: the loss's share whose positive is the queue's nearest key (NNCLR: 1)
-    nn_warmup_epochs: int = 0        # v1/v2: nn_weight rises linearly from 0 over these epochs (the key alone at first)
+    nn_warmup_epochs: int = 0        # v1/v2: the nearest-key share rises linearly from 0 to nn_weight over these epochs
     version: int = 2                 # 1/2: queue MoCo (moco.py); 3: MoCo v3, the batch as negatives (moco_v3.py)
     mlp_dim: int = 4096              # v3: hidden width of the projector and predictor MLPs
     proj_layers: int = 0             # v3: projector depth; 0 = the official code's (ResNet 2, ViT 3)
