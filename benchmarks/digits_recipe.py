@@ -53,6 +53,9 @@ SHIPPED = ["moco.m=0.995", "eval.knn_bn=recompute"]  # trial m0.995_pbn: the sec
 CROP08 = [*SHIPPED, "data.crop_min_scale=0.8"]  # trial pbn_crop0.8: the fourth round's base
 QUICK20 = [*CROP08, "train.epochs=20"]  # trial crop0.8_20ep: the fifth round's base
 Q20_SHIPPED = [*QUICK20, "eval.knn_layer=mlp_hidden"]  # configs/digits.yaml since the seventh round
+# trial q20_b64_fine (round 20): the base of rounds 21-24's trials and, with the neighbour, of the round-24 settings
+B64_FINE = [*Q20_SHIPPED, "train.batch_size=64", "train.lr=0.015", "moco.m=0.9975", "model.bn_splits=4",
+            "data.augment=digits_fine"]
 # moco_xla/configs/mocov3_digits.yaml's MoCo v3 settings, as overrides of configs/digits.yaml
 MOCOV3 = ["moco.version=3", "moco.m=0.99", "moco.T=0.2", "moco.mlp_dim=512", "moco.shuffle=none", "model.bn_splits=1",
           "model.sync_bn=true", "train.optimizer=lars", "train.lr=0.6", "train.scale_lr=true",
@@ -169,38 +172,27 @@ TRIALS: dict[str, tuple[str, list[str]]] = {
                 [*Q20_SHIPPED, "train.batch_size=32", "train.lr=0.0075", "moco.m=0.99875", "model.bn_splits=2"]),
     "q20_b64_fine": ("q20_b64 (batch 64, learning rate 0.015, key momentum 0.9975, Split BN 4) with the crops on "
                      "the 16-px view's grid (q20_fine_crops)",
-                     [*Q20_SHIPPED, "train.batch_size=64", "train.lr=0.015", "moco.m=0.9975", "model.bn_splits=4",
-                      "data.augment=digits_fine"]),
+                     B64_FINE),
     # twenty-first round: the positive drawn from the queue, its nearest key to the key (NNCLR; moco.nn_weight 1)
     "q20_nn": ("the quickstart with the queue's nearest key to the key as the positive (moco.nn_weight=1)",
                [*Q20_SHIPPED, "moco.nn_weight=1"]),
     "q20_b64_fine_nn": ("q20_b64_fine with the queue's nearest key as the positive",
-                        [*Q20_SHIPPED, "train.batch_size=64", "train.lr=0.015", "moco.m=0.9975", "model.bn_splits=4",
-                         "data.augment=digits_fine", "moco.nn_weight=1"]),
+                        [*B64_FINE, "moco.nn_weight=1"]),
     # twenty-second round: half the loss with the key as the positive, half with its nearest neighbour
     "q20_nn0.5": ("the quickstart with half its loss's positives the queue's nearest keys (moco.nn_weight=0.5)",
                   [*Q20_SHIPPED, "moco.nn_weight=0.5"]),
     "q20_b64_fine_nn0.5": ("q20_b64_fine with half its loss's positives the queue's nearest keys",
-                           [*Q20_SHIPPED, "train.batch_size=64", "train.lr=0.015", "moco.m=0.9975",
-                            "model.bn_splits=4", "data.augment=digits_fine", "moco.nn_weight=0.5"]),
+                           [*B64_FINE, "moco.nn_weight=0.5"]),
     # twenty-third round: the nearest key's share warmed up from 0 (moco.nn_warmup_epochs), to 1
     "q20_b64_fine_nn_w5": ("q20_b64_fine_nn with the nearest key's share rising from 0 to 1 over 5 epochs",
-                           [*Q20_SHIPPED, "train.batch_size=64", "train.lr=0.015", "moco.m=0.9975",
-                            "model.bn_splits=4", "data.augment=digits_fine", "moco.nn_weight=1",
-                            "moco.nn_warmup_epochs=5"]),
+                           [*B64_FINE, "moco.nn_weight=1", "moco.nn_warmup_epochs=5"]),
     "q20_b64_fine_nn_w10": ("q20_b64_fine_nn with the nearest key's share rising from 0 to 1 over 10 epochs",
-                            [*Q20_SHIPPED, "train.batch_size=64", "train.lr=0.015", "moco.m=0.9975",
-                             "model.bn_splits=4", "data.augment=digits_fine", "moco.nn_weight=1",
-                             "moco.nn_warmup_epochs=10"]),
+                            [*B64_FINE, "moco.nn_weight=1", "moco.nn_warmup_epochs=10"]),
     # twenty-fourth round: more epochs for the neighbour to work in (30, within the budget)
     "q20_b64_fine_nn_w10_30ep": ("q20_b64_fine_nn_w10 for 30 epochs (warm-up 10, then 20 with the neighbour alone)",
-                                 [*Q20_SHIPPED, "train.batch_size=64", "train.lr=0.015", "moco.m=0.9975",
-                                  "model.bn_splits=4", "data.augment=digits_fine", "moco.nn_weight=1",
-                                  "moco.nn_warmup_epochs=10", "train.epochs=30"]),
+                                 [*B64_FINE, "moco.nn_weight=1", "moco.nn_warmup_epochs=10", "train.epochs=30"]),
     "q20_b64_fine_nn_w15_30ep": ("q20_b64_fine_nn for 30 epochs with a 15-epoch warm-up (half the run, as w10 of 20)",
-                                 [*Q20_SHIPPED, "train.batch_size=64", "train.lr=0.015", "moco.m=0.9975",
-                                  "model.bn_splits=4", "data.augment=digits_fine", "moco.nn_weight=1",
-                                  "moco.nn_warmup_epochs=15", "train.epochs=30"]),
+                                 [*B64_FINE, "moco.nn_weight=1", "moco.nn_warmup_epochs=15", "train.epochs=30"]),
     # rounds 20-24 ran on another VM (AMD EPYC family 26 model 2) than rounds 13-19 and q20_shipped (family 25
     # model 17): the settings shipped before round 24, rerun on it
     "q20_shipped_f26": ("the quickstart as shipped before round 24, rerun on the VM of rounds 20-24", Q20_SHIPPED),

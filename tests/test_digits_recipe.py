@@ -3,8 +3,12 @@ for the quickstart as shipped (configs/digits.yaml with only the seed set)."""
 from __future__ import annotations
 
 import json
+import sys
 
 from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from digits_recipe import is_shipped  # noqa: E402  (the script's own test of a row against configs/digits.yaml)
 
 RESULTS = ROOT / "benchmarks" / "results" / "digits-recipe.json"
 PIXELS = ROOT / "benchmarks" / "results" / "digits-recipe-pixels.json"
@@ -13,17 +17,6 @@ PIXELS = ROOT / "benchmarks" / "results" / "digits-recipe-pixels.json"
 def shipped_seeds(machine: str = "") -> list[dict]:
     """The quickstart's rows on the test digits: the shipped ones, or another machine's (``seeds S MACHINE``)."""
     return [t for t in json.loads(RESULTS.read_text()) if t["name"].startswith(f"quickstart-{machine}seed")]
-
-
-def is_shipped(t: dict) -> bool:
-    """The row was run with configs/digits.yaml as it is now (only the seed set)."""
-    from moco_xla.config import Config, load_config
-    shipped = load_config("digits").to_dict()
-    shipped["train"]["seed"] = t["seed"]
-    try:
-        return t["config"] == without_new_defaults(shipped, t["config"], Config().to_dict())
-    except AssertionError:  # a setting added since, which configs/digits.yaml now sets
-        return False
 
 
 def test_seed_rows_are_the_shipped_quickstart():
@@ -42,21 +35,6 @@ def test_seed_rows_are_the_shipped_quickstart():
     assert all(is_shipped(t) for t in rows)
     for t in other:
         assert is_shipped(t) or f"| {t['name']} | the quickstart as shipped before the current" in docs
-
-
-def without_new_defaults(current: dict, recorded: dict, defaults: dict) -> dict:
-    """``current`` less the settings added to the schema since ``recorded`` was written, each of which
-    must be at its default (configs/digits.yaml does not set it): an option added later does not make
-    the recorded runs stale, a changed setting does."""
-    out = {}
-    for key, value in current.items():
-        if key not in recorded:
-            assert value == defaults[key], f"{key} is set in configs/digits.yaml and absent from the record"
-        elif isinstance(value, dict) and isinstance(recorded[key], dict):
-            out[key] = without_new_defaults(value, recorded[key], defaults[key])
-        else:
-            out[key] = value
-    return out
 
 
 def test_seed_rows_compare_against_the_digits_as_stored():
